@@ -1,0 +1,106 @@
+//! fieldsyncd: keeps an inspection handheld useful with no signal.
+//!
+//! - [`config`]: settings from TOML and drop-ins, validated once.
+//! - [`store`]: SQLite (WAL, full sync, group commit) and photo files.
+//! - [`domain`]: work orders, records, photos, stages, and the outbox.
+//! - [`service`]: protocol requests turned into store transactions and events.
+//! - [`bridge`]: the UI socket the touchscreen app speaks to.
+//! - [`systemd`], [`logging`]: the service's glue to its host.
+
+pub mod bridge;
+pub mod config;
+pub mod domain;
+pub mod logging;
+pub mod service;
+pub mod store;
+pub mod systemd;
+
+use std::sync::Arc;
+
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::service::Service;
+use crate::store::Store;
+
+/// Why the daemon could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot open the store")]
+    Store(#[from] store::StoreError),
+    #[error("cannot serve the UI socket")]
+    Bridge(#[from] bridge::BridgeError),
+    #[error("cannot load the seed work orders")]
+    Seed(#[from] service::SeedError),
+    #[error("cannot install signal handlers")]
+    Signals(#[source] std::io::Error),
+}
+
+impl RunError {
+    /// Problems an operator fixes in the configuration, as opposed to the machine.
+    pub fn is_config(&self) -> bool {
+        matches!(self, RunError::Seed(_))
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(settings: Settings) -> Result<(), RunError> {
+    let started = std::time::Instant::now();
+    let settings = Arc::new(settings);
+    let (store, report) = Store::open(&settings.state_dir)?;
+    let service = Service::new(
+        store.clone(),
+        (*settings).clone(),
+        report.damaged_moved_to.map(|p| p.display().to_string()),
+    );
+    if let Some(seed) = &settings.seed_work_orders {
+        let changed = service.seed_work_orders(seed).await?;
+        tracing::info!(path = %seed.display(), changed, "seed work orders loaded");
+    }
+    let (listener, origin) = bridge::listen(&settings)?;
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone())?;
+
+    let status = service.status().await.map(|s| s.unsent).unwrap_or(0);
+    let where_ = match &origin {
+        bridge::Origin::Systemd => "socket from systemd".to_owned(),
+        bridge::Origin::Bound(p) => p.display().to_string(),
+    };
+    tracing::info!(
+        state_dir = %settings.state_dir.display(),
+        socket = %where_,
+        unsent = status,
+        startup_ms = started.elapsed().as_millis() as u64,
+        "fieldsyncd ready"
+    );
+    systemd::ready(&format!("offline; {status} changes waiting"));
+    let watchdog = tokio::spawn(systemd::watchdog(store.clone(), shutdown.clone()));
+
+    bridge::serve(listener, service, settings.clone(), shutdown.clone()).await;
+
+    systemd::stopping();
+    tracing::info!("stopping: UI connections closed, closing the store");
+    let _ = watchdog.await;
+    // The writer finishes the jobs already queued, then checkpoints.
+    tokio::task::spawn_blocking(move || store.close())
+        .await
+        .ok();
+    if let bridge::Origin::Bound(path) = origin {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}
+
+fn spawn_signal_handler(shutdown: CancellationToken) -> Result<(), RunError> {
+    let mut term = signal(SignalKind::terminate()).map_err(RunError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(RunError::Signals)?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+        shutdown.cancel();
+    });
+    Ok(())
+}

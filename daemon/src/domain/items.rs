@@ -1,0 +1,539 @@
+//! What the inspector captures: records (completed work, checklist answers, defects,
+//! notes), photos attached to them, and stage moves; their edits and deletes while they
+//! are not yet delivered.
+
+use rusqlite::{params, Connection, OptionalExtension};
+use ui_bridge::{Item, ItemKind, RecordBody, SyncState};
+
+use super::outbox::{self, Action};
+use super::work_orders::{self, WorkOrderDoc};
+use super::DomainError;
+use crate::store::now_ms;
+use crate::store::photos::StoredPhoto;
+
+const ITEM_COLUMNS: &str =
+    "id, work_order_id, kind, record_id, body, sync_state, reason, created_ms, updated_ms";
+
+fn item_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Item> {
+    let kind: String = r.get(2)?;
+    let body: String = r.get(4)?;
+    let state: String = r.get(5)?;
+    Ok(Item {
+        id: r.get(0)?,
+        work_order_id: r.get(1)?,
+        kind: ItemKind::parse(&kind).unwrap_or(ItemKind::Note),
+        record_id: r.get(3)?,
+        body: serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+        state: SyncState::parse(&state).unwrap_or(SyncState::Waiting),
+        reason: r.get(6)?,
+        created_ms: r.get(7)?,
+        updated_ms: r.get(8)?,
+    })
+}
+
+pub fn load_item(conn: &Connection, id: &str) -> Result<Item, DomainError> {
+    conn.query_row(
+        &format!("SELECT {ITEM_COLUMNS} FROM items WHERE id = ?1 AND deleted = 0"),
+        [id],
+        item_row,
+    )
+    .optional()?
+    .ok_or_else(|| DomainError::UnknownItem(id.to_owned()))
+}
+
+pub fn load_items_of(conn: &Connection, work_order_id: &str) -> Result<Vec<Item>, DomainError> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {ITEM_COLUMNS} FROM items WHERE work_order_id = ?1 AND deleted = 0 ORDER BY created_ms, id"
+    ))?;
+    let items = stmt
+        .query_map([work_order_id], item_row)?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(items)
+}
+
+pub(super) fn insert_item(
+    conn: &Connection,
+    work_order_id: &str,
+    kind: ItemKind,
+    record_id: Option<&str>,
+    body: &serde_json::Value,
+    photo_sha256: Option<&str>,
+) -> Result<Item, DomainError> {
+    let id = uuid::Uuid::now_v7().to_string();
+    let now = now_ms();
+    conn.execute(
+        "INSERT INTO items (id, work_order_id, kind, record_id, body, photo_sha256, sync_state, created_ms, updated_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'waiting', ?7, ?7)",
+        params![id, work_order_id, kind.as_str(), record_id, body.to_string(), photo_sha256, now],
+    )?;
+    load_item(conn, &id)
+}
+
+fn body_json(record: &RecordBody) -> Result<serde_json::Value, DomainError> {
+    serde_json::to_value(record).map_err(|e| DomainError::InvalidRecord(e.to_string()))
+}
+
+/// Checks a record against its work order (checklist answers name template items and
+/// have the right type) and against common sense (no empty text).
+pub fn validate_record(doc: &WorkOrderDoc, record: &RecordBody) -> Result<(), DomainError> {
+    let bad = |m: String| Err(DomainError::InvalidRecord(m));
+    match record {
+        RecordBody::CompletedWork {
+            description,
+            materials,
+            ..
+        } => {
+            if description.trim().is_empty() {
+                return bad("completed work needs a description".into());
+            }
+            for m in materials {
+                if m.name.trim().is_empty() || !m.quantity.is_finite() || m.quantity < 0.0 {
+                    return bad(format!(
+                        "material {:?}: needs a name and a quantity of zero or more",
+                        m.name
+                    ));
+                }
+            }
+        }
+        RecordBody::Checklist { answers } => {
+            if answers.is_empty() {
+                return bad("a checklist record needs at least one answer".into());
+            }
+            let mut seen = std::collections::HashSet::new();
+            for a in answers {
+                let Some(item) = doc.checklist.iter().find(|c| c.id == a.item_id) else {
+                    return bad(format!(
+                        "work order {} has no checklist item {:?}",
+                        doc.id, a.item_id
+                    ));
+                };
+                if !seen.insert(&a.item_id) {
+                    return bad(format!("checklist item {:?} is answered twice", a.item_id));
+                }
+                let fits = match item.answer.as_str() {
+                    "bool" => a.value.is_boolean(),
+                    "number" => a.value.is_number(),
+                    _ => a.value.is_string(),
+                };
+                if !fits {
+                    return bad(format!(
+                        "checklist item {:?} takes a {} answer, not {}",
+                        a.item_id, item.answer, a.value
+                    ));
+                }
+            }
+        }
+        RecordBody::Defect { title, .. } => {
+            if title.trim().is_empty() {
+                return bad("a defect needs a title".into());
+            }
+        }
+        RecordBody::Note { text } => {
+            if text.trim().is_empty() {
+                return bad("a note needs some text".into());
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn add_record(
+    conn: &Connection,
+    work_order_id: &str,
+    record: &RecordBody,
+) -> Result<Item, DomainError> {
+    let doc = work_orders::doc(conn, work_order_id)?;
+    validate_record(&doc, record)?;
+    let body = body_json(record)?;
+    let item = insert_item(conn, work_order_id, record.kind(), None, &body, None)?;
+    outbox::append(
+        conn,
+        &item.id,
+        work_order_id,
+        item.kind,
+        Action::Create,
+        &body,
+    )?;
+    Ok(item)
+}
+
+/// Replaces an undelivered record's content. If its operation has not been sent, the edit
+/// folds into it (a refused one becomes waiting again: that is the resend); otherwise an
+/// update operation follows it.
+pub fn edit_record(
+    conn: &Connection,
+    item_id: &str,
+    record: &RecordBody,
+) -> Result<Item, DomainError> {
+    let item = load_item(conn, item_id)?;
+    if !item.kind.is_record() {
+        return Err(DomainError::NotEditable(format!(
+            "item {item_id} is a {}; only records can be edited",
+            item.kind.as_str()
+        )));
+    }
+    if record.kind() != item.kind {
+        return Err(DomainError::InvalidRecord(format!(
+            "item {item_id} is a {} record; an edit cannot make it a {}",
+            item.kind.as_str(),
+            record.kind().as_str()
+        )));
+    }
+    if item.state == SyncState::Delivered {
+        return Err(DomainError::AlreadyDelivered(item_id.to_owned()));
+    }
+    let doc = work_orders::doc(conn, &item.work_order_id)?;
+    validate_record(&doc, record)?;
+    let body = body_json(record)?;
+    match outbox::foldable_op(conn, item_id)? {
+        Some(seq) => {
+            conn.execute(
+                "UPDATE outbox SET payload = ?2, state = 'waiting', reason = NULL WHERE seq = ?1",
+                params![seq, body.to_string()],
+            )?;
+        }
+        None => {
+            outbox::append(
+                conn,
+                item_id,
+                &item.work_order_id,
+                item.kind,
+                Action::Update,
+                &body,
+            )?;
+        }
+    }
+    conn.execute(
+        "UPDATE items SET body = ?2, sync_state = 'waiting', reason = NULL, updated_ms = ?3 WHERE id = ?1",
+        params![item_id, body.to_string(), now_ms()],
+    )?;
+    load_item(conn, item_id)
+}
+
+/// What a delete did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Deleted {
+    pub item: Item,
+    /// True when nothing about the item ever left the device, so nothing will be sent.
+    pub sent_nothing: bool,
+    /// Items removed with it (the photos of a deleted record).
+    pub also_removed: Vec<Item>,
+    /// Photo hashes no longer named by any item: their files can go after the commit.
+    pub orphaned_photos: Vec<String>,
+}
+
+pub fn delete_item(conn: &Connection, item_id: &str) -> Result<Deleted, DomainError> {
+    let item = load_item(conn, item_id)?;
+    if item.kind == ItemKind::Stage {
+        return Err(DomainError::NotEditable(
+            "a stage move cannot be deleted".into(),
+        ));
+    }
+    if item.state == SyncState::Delivered {
+        return Err(DomainError::AlreadyDelivered(item_id.to_owned()));
+    }
+    let mut also_removed = Vec::new();
+    if item.kind.is_record() {
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {ITEM_COLUMNS} FROM items WHERE record_id = ?1 AND deleted = 0"
+        ))?;
+        let photos = stmt
+            .query_map([item_id], item_row)?
+            .collect::<Result<Vec<_>, _>>()?;
+        for photo in photos {
+            forget_or_send_delete(conn, &photo)?;
+            also_removed.push(photo);
+        }
+    }
+    let sent_nothing = forget_or_send_delete(conn, &item)?;
+    let mut orphaned_photos = Vec::new();
+    for i in std::iter::once(&item).chain(also_removed.iter()) {
+        if let Some(sha) = i.body.get("sha256").and_then(|s| s.as_str()) {
+            let named: bool = conn.query_row(
+                "SELECT EXISTS(SELECT 1 FROM items WHERE photo_sha256 = ?1)",
+                [sha],
+                |r| r.get(0),
+            )?;
+            if !named {
+                orphaned_photos.push(sha.to_owned());
+            }
+        }
+    }
+    Ok(Deleted {
+        item,
+        sent_nothing,
+        also_removed,
+        orphaned_photos,
+    })
+}
+
+/// An item nothing of which has left the device is removed with its operations. One that
+/// may have reached the back office keeps a hidden row and gets a delete operation.
+/// Returns whether nothing was ever sent.
+fn forget_or_send_delete(conn: &Connection, item: &Item) -> Result<bool, DomainError> {
+    let sent: bool = conn.query_row("SELECT sent FROM items WHERE id = ?1", [&item.id], |r| {
+        r.get(0)
+    })?;
+    if !sent {
+        conn.execute("DELETE FROM outbox WHERE item_id = ?1", [&item.id])?;
+        conn.execute("DELETE FROM items WHERE id = ?1", [&item.id])?;
+        return Ok(true);
+    }
+    // Operations not yet sent are superseded by the delete; one in flight stays so its
+    // acknowledgement still finds it.
+    conn.execute(
+        "DELETE FROM outbox WHERE item_id = ?1 AND state != 'in_progress'",
+        [&item.id],
+    )?;
+    outbox::append(
+        conn,
+        &item.id,
+        &item.work_order_id,
+        item.kind,
+        Action::Delete,
+        &serde_json::json!({}),
+    )?;
+    conn.execute(
+        "UPDATE items SET deleted = 1, sync_state = 'waiting', updated_ms = ?2 WHERE id = ?1",
+        params![item.id, now_ms()],
+    )?;
+    Ok(false)
+}
+
+/// Records a photo already stored durably by [`crate::store::PhotoDir::ingest`] as an
+/// item of `record_id`.
+pub fn attach_photo(
+    conn: &Connection,
+    record_id: &str,
+    photo: &StoredPhoto,
+    mime: Option<&str>,
+    caption: Option<&str>,
+) -> Result<Item, DomainError> {
+    let record = load_item(conn, record_id)?;
+    if !record.kind.is_record() {
+        return Err(DomainError::NotEditable(format!(
+            "photos attach to records; item {record_id} is a {}",
+            record.kind.as_str()
+        )));
+    }
+    let body = serde_json::json!({
+        "sha256": photo.sha256,
+        "size": photo.size,
+        "mime": mime.unwrap_or("image/jpeg"),
+        "caption": caption,
+    });
+    let item = insert_item(
+        conn,
+        &record.work_order_id,
+        ItemKind::Photo,
+        Some(record_id),
+        &body,
+        Some(&photo.sha256),
+    )?;
+    let mut payload = body;
+    payload["record_id"] = serde_json::Value::String(record_id.to_owned());
+    outbox::append(
+        conn,
+        &item.id,
+        &record.work_order_id,
+        ItemKind::Photo,
+        Action::Create,
+        &payload,
+    )?;
+    Ok(item)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::work_orders::{advance, upsert};
+    use ui_bridge::{ChecklistAnswer, ChecklistItem, Severity};
+
+    fn conn_with_work_order() -> Connection {
+        let mut conn = Connection::open_in_memory().unwrap();
+        crate::store::schema_for_tests(&mut conn);
+        let doc = WorkOrderDoc {
+            id: "WO-1".into(),
+            version: 1,
+            title: "Pump".into(),
+            stage: "new".into(),
+            workflow: vec!["new".into(), "accepted".into(), "done".into()],
+            scheduled_for: None,
+            description: None,
+            site: None,
+            checklist: vec![ChecklistItem {
+                id: "c1".into(),
+                text: "Valve closed?".into(),
+                answer: "bool".into(),
+            }],
+            attachments: vec![],
+        };
+        upsert(&conn, &doc).unwrap();
+        conn
+    }
+
+    fn note(t: &str) -> RecordBody {
+        RecordBody::Note { text: t.into() }
+    }
+
+    #[test]
+    fn an_edit_folds_into_the_waiting_operation() {
+        let conn = conn_with_work_order();
+        let item = add_record(&conn, "WO-1", &note("a")).unwrap();
+        edit_record(&conn, &item.id, &note("b")).unwrap();
+        let ops = outbox::list(&conn, None).unwrap();
+        assert_eq!(ops.len(), 1);
+        let payload: String = conn
+            .query_row("SELECT payload FROM outbox", [], |r| r.get(0))
+            .unwrap();
+        assert!(payload.contains("\"b\""));
+    }
+
+    #[test]
+    fn an_edit_after_sending_appends_an_update() {
+        let conn = conn_with_work_order();
+        let item = add_record(&conn, "WO-1", &note("a")).unwrap();
+        conn.execute("UPDATE outbox SET state = 'in_progress'", [])
+            .unwrap();
+        conn.execute("UPDATE items SET sent = 1", []).unwrap();
+        edit_record(&conn, &item.id, &note("b")).unwrap();
+        let ops = outbox::list(&conn, None).unwrap();
+        assert_eq!(
+            ops.iter().map(|o| o.action.as_str()).collect::<Vec<_>>(),
+            ["create", "update"]
+        );
+    }
+
+    #[test]
+    fn deleting_an_unsent_record_sends_nothing_and_takes_its_photos() {
+        let conn = conn_with_work_order();
+        let item = add_record(&conn, "WO-1", &note("a")).unwrap();
+        let photo = StoredPhoto {
+            sha256: "ab".repeat(32),
+            size: 3,
+        };
+        attach_photo(&conn, &item.id, &photo, None, None).unwrap();
+        let d = delete_item(&conn, &item.id).unwrap();
+        assert!(d.sent_nothing);
+        assert_eq!(d.also_removed.len(), 1);
+        assert_eq!(d.orphaned_photos, vec!["ab".repeat(32)]);
+        assert_eq!(outbox::unsent_count(&conn).unwrap(), 0);
+    }
+
+    #[test]
+    fn deleting_a_sent_record_queues_a_delete() {
+        let conn = conn_with_work_order();
+        let item = add_record(&conn, "WO-1", &note("a")).unwrap();
+        conn.execute("UPDATE outbox SET state = 'in_progress'", [])
+            .unwrap();
+        conn.execute("UPDATE items SET sent = 1", []).unwrap();
+        let d = delete_item(&conn, &item.id).unwrap();
+        assert!(!d.sent_nothing);
+        let ops = outbox::list(&conn, None).unwrap();
+        assert_eq!(
+            ops.iter().map(|o| o.action.as_str()).collect::<Vec<_>>(),
+            ["create", "delete"]
+        );
+        assert!(matches!(
+            load_item(&conn, &item.id),
+            Err(DomainError::UnknownItem(_))
+        ));
+    }
+
+    #[test]
+    fn delivered_items_do_not_change() {
+        let conn = conn_with_work_order();
+        let item = add_record(&conn, "WO-1", &note("a")).unwrap();
+        conn.execute("DELETE FROM outbox", []).unwrap();
+        conn.execute("UPDATE items SET sync_state = 'delivered'", [])
+            .unwrap();
+        assert!(matches!(
+            edit_record(&conn, &item.id, &note("b")),
+            Err(DomainError::AlreadyDelivered(_))
+        ));
+        assert!(matches!(
+            delete_item(&conn, &item.id),
+            Err(DomainError::AlreadyDelivered(_))
+        ));
+    }
+
+    #[test]
+    fn checklist_answers_follow_the_template() {
+        let conn = conn_with_work_order();
+        let ok = RecordBody::Checklist {
+            answers: vec![ChecklistAnswer {
+                item_id: "c1".into(),
+                value: true.into(),
+                comment: None,
+            }],
+        };
+        add_record(&conn, "WO-1", &ok).unwrap();
+        let wrong_type = RecordBody::Checklist {
+            answers: vec![ChecklistAnswer {
+                item_id: "c1".into(),
+                value: "yes".into(),
+                comment: None,
+            }],
+        };
+        assert!(matches!(
+            add_record(&conn, "WO-1", &wrong_type),
+            Err(DomainError::InvalidRecord(_))
+        ));
+        let unknown = RecordBody::Checklist {
+            answers: vec![ChecklistAnswer {
+                item_id: "zz".into(),
+                value: true.into(),
+                comment: None,
+            }],
+        };
+        assert!(matches!(
+            add_record(&conn, "WO-1", &unknown),
+            Err(DomainError::InvalidRecord(_))
+        ));
+        let defect = RecordBody::Defect {
+            title: "Leak".into(),
+            description: String::new(),
+            severity: Severity::High,
+            location: None,
+        };
+        edit_record(
+            &conn,
+            &add_record(&conn, "WO-1", &defect).unwrap().id,
+            &defect,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn stages_move_one_step_at_a_time() {
+        let conn = conn_with_work_order();
+        assert!(matches!(
+            advance(&conn, "WO-1", "done"),
+            Err(DomainError::StageJump { .. })
+        ));
+        advance(&conn, "WO-1", "accepted").unwrap();
+        advance(&conn, "WO-1", "done").unwrap();
+        assert!(matches!(
+            advance(&conn, "WO-1", "done"),
+            Err(DomainError::StageJump { .. })
+        ));
+        assert!(matches!(
+            advance(&conn, "WO-9", "x"),
+            Err(DomainError::UnknownWorkOrder(_))
+        ));
+    }
+
+    #[test]
+    fn a_newer_work_order_version_keeps_an_offline_stage_move() {
+        let conn = conn_with_work_order();
+        advance(&conn, "WO-1", "accepted").unwrap();
+        let mut doc = work_orders::doc(&conn, "WO-1").unwrap();
+        doc.version = 2;
+        doc.stage = "new".into();
+        doc.title = "Pump 2".into();
+        upsert(&conn, &doc).unwrap();
+        let wo = work_orders::get(&conn, "WO-1").unwrap();
+        assert_eq!(wo.summary.stage, "accepted");
+        assert_eq!(wo.summary.title, "Pump 2");
+    }
+}

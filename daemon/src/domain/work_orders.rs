@@ -1,0 +1,246 @@
+//! Work orders as the back office sends them, cached on the device, and the one-step
+//! stage rule.
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+use ui_bridge::{
+    Attachment, ChecklistItem, Item, ItemKind, WorkOrderChange, WorkOrderDetail, WorkOrderSummary,
+};
+
+use super::items::{insert_item, load_items_of};
+use super::outbox::{self, Action};
+use super::{next_stage, DomainError};
+use crate::store::now_ms;
+
+/// A work order as the dispatcher sends it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WorkOrderDoc {
+    pub id: String,
+    /// Grows with every change on the back office's side.
+    pub version: i64,
+    pub title: String,
+    pub stage: String,
+    /// Every stage in order; `advance_stage` moves one step along it.
+    pub workflow: Vec<String>,
+    #[serde(default)]
+    pub scheduled_for: Option<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub site: Option<String>,
+    #[serde(default)]
+    pub checklist: Vec<ChecklistItem>,
+    #[serde(default)]
+    pub attachments: Vec<Attachment>,
+}
+
+impl WorkOrderDoc {
+    pub fn validate(&self) -> Result<(), DomainError> {
+        let bad = |m: String| Err(DomainError::InvalidWorkOrder(m));
+        if self.id.is_empty() || self.id.len() > 128 {
+            return bad(format!("id {:?} must be 1 to 128 bytes", self.id));
+        }
+        if self.workflow.is_empty() {
+            return bad(format!("{}: the workflow is empty", self.id));
+        }
+        let mut seen = std::collections::HashSet::new();
+        if !self.workflow.iter().all(|s| seen.insert(s)) {
+            return bad(format!("{}: the workflow repeats a stage", self.id));
+        }
+        if !self.workflow.contains(&self.stage) {
+            return bad(format!(
+                "{}: stage {:?} is not in its workflow",
+                self.id, self.stage
+            ));
+        }
+        let mut ids = std::collections::HashSet::new();
+        if !self.checklist.iter().all(|c| ids.insert(&c.id)) {
+            return bad(format!("{}: the checklist repeats an item id", self.id));
+        }
+        if let Some(c) = self
+            .checklist
+            .iter()
+            .find(|c| !matches!(c.answer.as_str(), "bool" | "number" | "text"))
+        {
+            return bad(format!(
+                "{}: checklist item {} has answer type {:?}; expected bool, number or text",
+                self.id, c.id, c.answer
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Stores a work order from the back office. Returns what changed, or `None` when the
+/// device already has this version or a newer one.
+pub fn upsert(
+    conn: &Connection,
+    doc: &WorkOrderDoc,
+) -> Result<Option<WorkOrderChange>, DomainError> {
+    doc.validate()?;
+    let existing: Option<(i64, String)> = conn
+        .query_row(
+            "SELECT version, stage FROM work_orders WHERE id = ?1",
+            [&doc.id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let doc_json =
+        serde_json::to_string(doc).map_err(|e| DomainError::InvalidWorkOrder(e.to_string()))?;
+    let workflow = serde_json::to_string(&doc.workflow)
+        .map_err(|e| DomainError::InvalidWorkOrder(e.to_string()))?;
+    match existing {
+        None => {
+            conn.execute(
+                "INSERT INTO work_orders (id, version, title, stage, workflow, scheduled_for, doc, received_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![doc.id, doc.version, doc.title, doc.stage, workflow, doc.scheduled_for, doc_json, now_ms()],
+            )?;
+            Ok(Some(WorkOrderChange::Added))
+        }
+        Some((version, _)) if version >= doc.version => Ok(None),
+        Some((_, local_stage)) => {
+            // A stage move made offline and not yet delivered stays ahead of the back
+            // office's view until it is delivered or refused.
+            let pending_stage_move: bool = conn.query_row(
+                "SELECT EXISTS(SELECT 1 FROM outbox WHERE work_order_id = ?1 AND item_kind = 'stage')",
+                [&doc.id],
+                |r| r.get(0),
+            )?;
+            let local_ahead = pending_stage_move
+                && position(&doc.workflow, &local_stage) > position(&doc.workflow, &doc.stage);
+            let stage = if local_ahead {
+                &local_stage
+            } else {
+                &doc.stage
+            };
+            conn.execute(
+                "UPDATE work_orders SET version = ?2, title = ?3, stage = ?4, workflow = ?5,
+                        scheduled_for = ?6, doc = ?7, received_ms = ?8 WHERE id = ?1",
+                params![
+                    doc.id,
+                    doc.version,
+                    doc.title,
+                    stage,
+                    workflow,
+                    doc.scheduled_for,
+                    doc_json,
+                    now_ms()
+                ],
+            )?;
+            Ok(Some(WorkOrderChange::Changed))
+        }
+    }
+}
+
+fn position(workflow: &[String], stage: &str) -> Option<usize> {
+    workflow.iter().position(|s| s == stage)
+}
+
+struct Row {
+    id: String,
+    version: i64,
+    title: String,
+    stage: String,
+    workflow: Vec<String>,
+    scheduled_for: Option<String>,
+    doc: String,
+}
+
+fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
+    let workflow: String = r.get(4)?;
+    Ok(Row {
+        id: r.get(0)?,
+        version: r.get(1)?,
+        title: r.get(2)?,
+        stage: r.get(3)?,
+        workflow: serde_json::from_str(&workflow).unwrap_or_default(),
+        scheduled_for: r.get(5)?,
+        doc: r.get(6)?,
+    })
+}
+
+const COLUMNS: &str = "id, version, title, stage, workflow, scheduled_for, doc";
+
+fn summary(conn: &Connection, row: &Row) -> Result<WorkOrderSummary, DomainError> {
+    let unsent: i64 = conn.query_row(
+        "SELECT count(*) FROM outbox WHERE work_order_id = ?1",
+        [&row.id],
+        |r| r.get(0),
+    )?;
+    Ok(WorkOrderSummary {
+        id: row.id.clone(),
+        version: row.version,
+        title: row.title.clone(),
+        stage: row.stage.clone(),
+        next_stage: next_stage(&row.workflow, &row.stage).map(String::from),
+        scheduled_for: row.scheduled_for.clone(),
+        unsent: unsent as u64,
+    })
+}
+
+pub fn list(conn: &Connection) -> Result<Vec<WorkOrderSummary>, DomainError> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {COLUMNS} FROM work_orders ORDER BY scheduled_for DESC, id"
+    ))?;
+    let rows: Vec<Row> = stmt.query_map([], row)?.collect::<Result<_, _>>()?;
+    rows.iter().map(|r| summary(conn, r)).collect()
+}
+
+fn load(conn: &Connection, id: &str) -> Result<Row, DomainError> {
+    conn.query_row(
+        &format!("SELECT {COLUMNS} FROM work_orders WHERE id = ?1"),
+        [id],
+        row,
+    )
+    .optional()?
+    .ok_or_else(|| DomainError::UnknownWorkOrder(id.to_owned()))
+}
+
+/// The work order's cached document, for rules that look at its checklist.
+pub fn doc(conn: &Connection, id: &str) -> Result<WorkOrderDoc, DomainError> {
+    let r = load(conn, id)?;
+    serde_json::from_str(&r.doc).map_err(|e| DomainError::InvalidWorkOrder(e.to_string()))
+}
+
+pub fn get(conn: &Connection, id: &str) -> Result<WorkOrderDetail, DomainError> {
+    let r = load(conn, id)?;
+    let doc: WorkOrderDoc =
+        serde_json::from_str(&r.doc).map_err(|e| DomainError::InvalidWorkOrder(e.to_string()))?;
+    Ok(WorkOrderDetail {
+        summary: summary(conn, &r)?,
+        workflow: r.workflow,
+        checklist: doc.checklist,
+        attachments: doc.attachments,
+        description: doc.description,
+        site: doc.site,
+        items: load_items_of(conn, id)?,
+    })
+}
+
+/// Moves a work order exactly one stage forward, recorded as a stage item with its
+/// operation.
+pub fn advance(conn: &Connection, id: &str, to: &str) -> Result<Item, DomainError> {
+    let r = load(conn, id)?;
+    let next = next_stage(&r.workflow, &r.stage);
+    if next != Some(to) {
+        return Err(DomainError::StageJump {
+            work_order_id: id.to_owned(),
+            stage: r.stage.clone(),
+            next: next.map_or_else(
+                || "none (the workflow has ended)".into(),
+                |n| format!("{n:?}"),
+            ),
+            to: to.to_owned(),
+        });
+    }
+    conn.execute(
+        "UPDATE work_orders SET stage = ?2 WHERE id = ?1",
+        params![id, to],
+    )?;
+    let body = serde_json::json!({ "from": r.stage, "to": to });
+    let item = insert_item(conn, id, ItemKind::Stage, None, &body, None)?;
+    outbox::append(conn, &item.id, id, ItemKind::Stage, Action::Create, &body)?;
+    Ok(item)
+}

@@ -1,0 +1,324 @@
+//! The application layer between the UI socket and the store: each protocol request
+//! becomes one store transaction, and what changed goes out as events to subscribers.
+
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::sync::broadcast;
+use ui_bridge::{Event, Item, Request, Response, Status, WorkOrderChange, PROTOCOL_VERSION};
+
+use crate::config::Settings;
+use crate::domain::work_orders::{self, WorkOrderDoc};
+use crate::domain::{items, outbox, DomainError};
+use crate::store::Store;
+
+/// How many events a slow subscriber may fall behind before it is told to re-read.
+const EVENT_BACKLOG: usize = 1024;
+
+#[derive(Clone)]
+pub struct Service {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    events: broadcast::Sender<Event>,
+    settings: Settings,
+    damaged_store: Option<String>,
+}
+
+impl Service {
+    pub fn new(store: Store, settings: Settings, damaged_store: Option<String>) -> Service {
+        let (events, _) = broadcast::channel(EVENT_BACKLOG);
+        Service {
+            inner: Arc::new(Inner {
+                store,
+                events,
+                settings,
+                damaged_store,
+            }),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.inner.events.subscribe()
+    }
+
+    fn emit(&self, event: Event) {
+        // No subscriber is fine: nobody is looking.
+        let _ = self.inner.events.send(event);
+    }
+
+    fn emit_item(&self, item: &Item, gone: bool) {
+        self.emit(Event::ItemState {
+            item_id: item.id.clone(),
+            work_order_id: item.work_order_id.clone(),
+            kind: item.kind,
+            state: if gone { None } else { Some(item.state) },
+            reason: item.reason.clone(),
+        });
+    }
+
+    /// Answers one request. `fd` is the descriptor that came with the frame, if any.
+    pub async fn handle(
+        &self,
+        request: Request,
+        fd: Option<OwnedFd>,
+    ) -> Result<Response, DomainError> {
+        let store = &self.inner.store;
+        match request {
+            Request::Status => Ok(Response::Status(self.status().await?)),
+            Request::ListWorkOrders => {
+                let work_orders = store.read(|c| work_orders::list(c)).await?;
+                Ok(Response::WorkOrders { work_orders })
+            }
+            Request::GetWorkOrder { work_order_id } => {
+                let wo = store
+                    .read(move |c| work_orders::get(c, &work_order_id))
+                    .await?;
+                Ok(Response::WorkOrder(wo))
+            }
+            Request::AddRecord {
+                work_order_id,
+                record,
+            } => {
+                self.check_space(0)?;
+                let (item, unsent) = store
+                    .write(move |c| {
+                        let item = items::add_record(c, &work_order_id, &record)?;
+                        Ok::<_, DomainError>((item, outbox::unsent_count(c)?))
+                    })
+                    .await?;
+                tracing::info!(item_id = %item.id, work_order_id = %item.work_order_id, kind = item.kind.as_str(), "record captured");
+                self.after_change(&item, unsent);
+                Ok(Response::Item(item))
+            }
+            Request::EditRecord { item_id, record } => {
+                let (item, unsent) = store
+                    .write(move |c| {
+                        let item = items::edit_record(c, &item_id, &record)?;
+                        Ok::<_, DomainError>((item, outbox::unsent_count(c)?))
+                    })
+                    .await?;
+                tracing::info!(item_id = %item.id, "record edited");
+                self.after_change(&item, unsent);
+                Ok(Response::Item(item))
+            }
+            Request::DeleteItem { item_id } => {
+                let (deleted, unsent) = store
+                    .write(move |c| {
+                        let d = items::delete_item(c, &item_id)?;
+                        Ok::<_, DomainError>((d, outbox::unsent_count(c)?))
+                    })
+                    .await?;
+                // The rows are gone for good now; their files may follow.
+                for sha in &deleted.orphaned_photos {
+                    store.photos().remove(sha);
+                }
+                tracing::info!(item_id = %deleted.item.id, sent_nothing = deleted.sent_nothing, "item deleted");
+                for item in std::iter::once(&deleted.item).chain(&deleted.also_removed) {
+                    self.emit_item(item, true);
+                }
+                self.emit(Event::Unsent { count: unsent });
+                Ok(Response::Deleted {
+                    item_id: deleted.item.id,
+                    sent_nothing: deleted.sent_nothing,
+                })
+            }
+            Request::AttachPhoto {
+                record_id,
+                mime,
+                caption,
+            } => {
+                let fd = fd.ok_or(DomainError::MissingDescriptor)?;
+                self.attach_photo(record_id, fd, mime, caption).await
+            }
+            Request::AdvanceStage { work_order_id, to } => {
+                self.check_space(0)?;
+                let (item, unsent) = store
+                    .write(move |c| {
+                        let item = work_orders::advance(c, &work_order_id, &to)?;
+                        Ok::<_, DomainError>((item, outbox::unsent_count(c)?))
+                    })
+                    .await?;
+                tracing::info!(item_id = %item.id, work_order_id = %item.work_order_id, "stage advanced");
+                self.emit(Event::WorkOrder {
+                    work_order_id: item.work_order_id.clone(),
+                    change: WorkOrderChange::Changed,
+                });
+                self.after_change(&item, unsent);
+                Ok(Response::Item(item))
+            }
+            Request::Outbox { limit } => {
+                let operations = store.read(move |c| outbox::list(c, limit)).await?;
+                Ok(Response::Outbox { operations })
+            }
+            // The bridge answers `subscribe` itself; it owns the connection.
+            Request::Subscribe => Ok(Response::Subscribed),
+        }
+    }
+
+    async fn attach_photo(
+        &self,
+        record_id: String,
+        fd: OwnedFd,
+        mime: Option<String>,
+        caption: Option<String>,
+    ) -> Result<Response, DomainError> {
+        let store = self.inner.store.clone();
+        let limit = self.inner.settings.max_photo_bytes;
+        // Refuse before copying when the file alone would eat the reserve.
+        let size = nix::sys::stat::fstat(&fd)
+            .map(|s| s.st_size.max(0) as u64)
+            .unwrap_or(0);
+        self.check_space(size)?;
+        let copy_store = store.clone();
+        let photo = tokio::task::spawn_blocking(move || copy_store.photos().ingest(fd, limit))
+            .await
+            .map_err(|e| DomainError::InvalidRecord(format!("photo copy failed: {e}")))??;
+        let sha = photo.sha256.clone();
+        let result = store
+            .write(move |c| {
+                let item = items::attach_photo(
+                    c,
+                    &record_id,
+                    &photo,
+                    mime.as_deref(),
+                    caption.as_deref(),
+                )?;
+                Ok::<_, DomainError>((item, outbox::unsent_count(c)?))
+            })
+            .await;
+        match result {
+            Ok((item, unsent)) => {
+                tracing::info!(item_id = %item.id, sha256 = %sha, "photo attached");
+                self.after_change(&item, unsent);
+                Ok(Response::Item(item))
+            }
+            Err(e) => {
+                // The file is on disk but no row names it; drop it unless another
+                // item already uses the same bytes.
+                let named = store
+                    .read(move |c| {
+                        c.query_row(
+                            "SELECT EXISTS(SELECT 1 FROM items WHERE photo_sha256 = ?1)",
+                            [&sha],
+                            |r| r.get::<_, bool>(0),
+                        )
+                        .map_err(DomainError::from)
+                        .map(|named| (named, sha))
+                    })
+                    .await;
+                if let Ok((false, sha)) = named {
+                    store.photos().remove(&sha);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn after_change(&self, item: &Item, unsent: u64) {
+        self.emit_item(item, false);
+        self.emit(Event::Unsent { count: unsent });
+    }
+
+    /// Refuses new captures while free space is under the reserve (promise 2): what is
+    /// stored keeps its room to sync, and the inspector gets a clear error.
+    fn check_space(&self, extra: u64) -> Result<(), DomainError> {
+        let free = free_bytes(self.inner.store.state_dir());
+        let needed = self.inner.settings.min_free_bytes;
+        if free < needed.saturating_add(extra) {
+            return Err(DomainError::StorageLow { free, needed });
+        }
+        Ok(())
+    }
+
+    pub async fn status(&self) -> Result<Status, DomainError> {
+        let unsent = self.inner.store.read(|c| outbox::unsent_count(c)).await?;
+        let free = free_bytes(self.inner.store.state_dir());
+        Ok(Status {
+            daemon_version: env!("CARGO_PKG_VERSION").into(),
+            protocol: PROTOCOL_VERSION,
+            unsent,
+            link: "offline".into(),
+            broker: "not_configured".into(),
+            last_upload_ms: None,
+            last_download_ms: None,
+            last_error: None,
+            storage_free_bytes: free,
+            storage_low: free < self.inner.settings.min_free_bytes,
+            damaged_store: self.inner.damaged_store.clone(),
+        })
+    }
+
+    /// Loads work orders from a JSON file (an array, as the dispatcher sends them) into
+    /// the cache: the self-contained demo and tests use it in place of a back office.
+    pub async fn seed_work_orders(&self, path: &Path) -> Result<usize, SeedError> {
+        let text = std::fs::read_to_string(path).map_err(|source| SeedError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let docs: Vec<WorkOrderDoc> =
+            serde_json::from_str(&text).map_err(|e| SeedError::Parse {
+                path: path.to_owned(),
+                message: e.to_string(),
+            })?;
+        for doc in &docs {
+            doc.validate().map_err(|e| SeedError::Parse {
+                path: path.to_owned(),
+                message: e.to_string(),
+            })?;
+        }
+        let changes = self
+            .inner
+            .store
+            .write(move |c| {
+                let mut changes = Vec::new();
+                for doc in &docs {
+                    if let Some(change) = work_orders::upsert(c, doc)? {
+                        changes.push((doc.id.clone(), change));
+                    }
+                }
+                Ok::<_, DomainError>(changes)
+            })
+            .await
+            .map_err(SeedError::Store)?;
+        for (work_order_id, change) in &changes {
+            self.emit(Event::WorkOrder {
+                work_order_id: work_order_id.clone(),
+                change: *change,
+            });
+        }
+        Ok(changes.len())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SeedError {
+    #[error("cannot read work orders from {path}: {source}")]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("work orders in {path}: {message}")]
+    Parse {
+        path: std::path::PathBuf,
+        message: String,
+    },
+    #[error("cannot store the work orders: {0}")]
+    Store(DomainError),
+}
+
+/// Bytes an unprivileged writer may still use where the store lives.
+pub fn free_bytes(dir: &Path) -> u64 {
+    match nix::sys::statvfs::statvfs(dir) {
+        Ok(s) => (s.blocks_available() as u64).saturating_mul(s.fragment_size() as u64),
+        // Unknown is treated as plenty: the write itself will report a full disk.
+        Err(_) => u64::MAX,
+    }
+}

@@ -1,0 +1,104 @@
+//! Versioned schema migrations, tracked in `PRAGMA user_version`. Append new steps;
+//! never edit a released one, since devices in the field already ran it.
+
+use rusqlite::Connection;
+
+use super::StoreError;
+
+const MIGRATIONS: &[&str] = &[
+    // 1: work order cache, captured items, the outbox.
+    "
+    CREATE TABLE work_orders (
+        id            TEXT PRIMARY KEY,
+        version       INTEGER NOT NULL,
+        title         TEXT NOT NULL,
+        -- The stage as the device knows it: the back office's, or further when the
+        -- inspector advanced it offline.
+        stage         TEXT NOT NULL,
+        workflow      TEXT NOT NULL,   -- JSON array of stages, in order
+        scheduled_for TEXT,
+        doc           TEXT NOT NULL,   -- the work order as the back office sent it
+        received_ms   INTEGER NOT NULL
+    );
+
+    CREATE TABLE items (
+        id            TEXT PRIMARY KEY,
+        work_order_id TEXT NOT NULL REFERENCES work_orders(id),
+        kind          TEXT NOT NULL,
+        record_id     TEXT REFERENCES items(id),
+        body          TEXT NOT NULL,
+        photo_sha256  TEXT,
+        sync_state    TEXT NOT NULL,
+        reason        TEXT,
+        -- Set when a delete is waiting to reach the back office; the item is hidden.
+        deleted       INTEGER NOT NULL DEFAULT 0,
+        -- Set once any operation of the item has left the device: from then on a
+        -- delete has to be sent rather than simply forgotten.
+        sent          INTEGER NOT NULL DEFAULT 0,
+        created_ms    INTEGER NOT NULL,
+        updated_ms    INTEGER NOT NULL
+    );
+    CREATE INDEX items_by_work_order ON items(work_order_id, created_ms);
+    CREATE INDEX items_by_record ON items(record_id) WHERE record_id IS NOT NULL;
+    CREATE INDEX items_by_photo ON items(photo_sha256) WHERE photo_sha256 IS NOT NULL;
+
+    -- Delivered operations leave this table; what is here is unsent.
+    CREATE TABLE outbox (
+        seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+        op_id         TEXT NOT NULL UNIQUE,
+        item_id       TEXT NOT NULL,
+        work_order_id TEXT NOT NULL,
+        item_kind     TEXT NOT NULL,
+        action        TEXT NOT NULL,   -- create | update | delete
+        payload       TEXT NOT NULL,   -- JSON sent to the back office
+        state         TEXT NOT NULL,   -- waiting | in_progress | refused
+        reason        TEXT,
+        attempts      INTEGER NOT NULL DEFAULT 0,
+        created_ms    INTEGER NOT NULL
+    );
+    CREATE INDEX outbox_by_item ON outbox(item_id);
+    CREATE INDEX outbox_by_work_order ON outbox(work_order_id, seq);
+    ",
+];
+
+/// Brings the database to the newest schema; returns the version it is at.
+pub fn migrate(conn: &mut Connection) -> Result<usize, StoreError> {
+    let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if current as usize > MIGRATIONS.len() {
+        return Err(StoreError::TooNew {
+            found: current,
+            known: MIGRATIONS.len(),
+        });
+    }
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let version = index + 1;
+        let tx = conn
+            .transaction()
+            .map_err(|source| StoreError::Migrate { version, source })?;
+        tx.execute_batch(sql)
+            .and_then(|_| tx.pragma_update(None, "user_version", version as i64))
+            .and_then(|_| tx.commit())
+            .map_err(|source| StoreError::Migrate { version, source })?;
+        tracing::info!(version, "database schema migrated");
+    }
+    Ok(MIGRATIONS.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrating_twice_is_a_no_op() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        assert_eq!(migrate(&mut conn).unwrap(), MIGRATIONS.len());
+        assert_eq!(migrate(&mut conn).unwrap(), MIGRATIONS.len());
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        assert!(matches!(migrate(&mut conn), Err(StoreError::TooNew { .. })));
+    }
+}

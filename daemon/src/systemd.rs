@@ -1,0 +1,53 @@
+//! systemd glue: readiness, status lines and the watchdog. Every call is a no-op when the
+//! daemon was not started by systemd (`NOTIFY_SOCKET` unset).
+
+use std::time::Duration;
+
+use sd_notify::NotifyState;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::Store;
+
+pub fn ready(status: &str) {
+    notify(&[NotifyState::Ready, NotifyState::Status(status)]);
+}
+
+pub fn status(status: &str) {
+    notify(&[NotifyState::Status(status)]);
+}
+
+pub fn stopping() {
+    notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+}
+
+fn notify(states: &[NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(false, states) {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
+}
+
+/// Pings the watchdog at half its period, but only while the store's writer answers a
+/// trivial transaction: a wedged writer or event loop stops the pings and systemd
+/// restarts the daemon.
+pub async fn watchdog(store: Store, shutdown: CancellationToken) {
+    let mut usec = 0u64;
+    if !sd_notify::watchdog_enabled(false, &mut usec) {
+        return;
+    }
+    let period = Duration::from_micros(usec) / 2;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(period) => {}
+        }
+        let probe = store.write(|c| {
+            c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
+                .map_err(crate::store::StoreError::from)
+        });
+        match tokio::time::timeout(period, probe).await {
+            Ok(Ok(_)) if store.is_alive() => notify(&[NotifyState::Watchdog]),
+            Ok(Err(e)) => tracing::error!(error = %e, "store check failed; watchdog not fed"),
+            _ => tracing::error!("store writer did not answer; watchdog not fed"),
+        }
+    }
+}
