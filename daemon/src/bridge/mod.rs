@@ -42,10 +42,12 @@ pub enum Origin {
 /// Takes the socket systemd passed (`LISTEN_FDS`), or binds `settings.socket_path` with
 /// its mode and group set before anyone can be told the daemon is ready.
 pub fn listen(settings: &Settings) -> Result<(UnixListener, Origin), BridgeError> {
-    let passed = sd_notify::listen_fds()
+    // Leave the environment alone: other threads are running, and only the process named
+    // in LISTEN_PID acts on it anyway.
+    let passed = sd_notify::listen_fds_with_names(false)
         .map_err(BridgeError::Activation)?
         .next();
-    if let Some(fd) = passed {
+    if let Some((fd, _name)) = passed {
         // SAFETY: systemd hands us this descriptor and nothing else in the process owns it.
         let std_listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
         std_listener

@@ -32,11 +32,10 @@ fn item_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Item> {
 }
 
 pub fn load_item(conn: &Connection, id: &str) -> Result<Item, DomainError> {
-    conn.query_row(
-        &format!("SELECT {ITEM_COLUMNS} FROM items WHERE id = ?1 AND deleted = 0"),
-        [id],
-        item_row,
-    )
+    conn.prepare_cached(&format!(
+        "SELECT {ITEM_COLUMNS} FROM items WHERE id = ?1 AND deleted = 0"
+    ))?
+    .query_row([id], item_row)
     .optional()?
     .ok_or_else(|| DomainError::UnknownItem(id.to_owned()))
 }
@@ -61,12 +60,22 @@ pub(super) fn insert_item(
 ) -> Result<Item, DomainError> {
     let id = uuid::Uuid::now_v7().to_string();
     let now = now_ms();
-    conn.execute(
+    conn.prepare_cached(
         "INSERT INTO items (id, work_order_id, kind, record_id, body, photo_sha256, sync_state, created_ms, updated_ms)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'waiting', ?7, ?7)",
-        params![id, work_order_id, kind.as_str(), record_id, body.to_string(), photo_sha256, now],
-    )?;
-    load_item(conn, &id)
+    )?
+    .execute(params![id, work_order_id, kind.as_str(), record_id, body.to_string(), photo_sha256, now])?;
+    Ok(Item {
+        id,
+        work_order_id: work_order_id.to_owned(),
+        kind,
+        record_id: record_id.map(String::from),
+        body: body.clone(),
+        state: SyncState::Waiting,
+        reason: None,
+        created_ms: now,
+        updated_ms: now,
+    })
 }
 
 fn body_json(record: &RecordBody) -> Result<serde_json::Value, DomainError> {
@@ -142,8 +151,14 @@ pub fn add_record(
     work_order_id: &str,
     record: &RecordBody,
 ) -> Result<Item, DomainError> {
-    let doc = work_orders::doc(conn, work_order_id)?;
-    validate_record(&doc, record)?;
+    // Only checklist answers need the work order's document; the other kinds need only
+    // to know it exists, which keeps the capture path short.
+    if matches!(record, RecordBody::Checklist { .. }) {
+        validate_record(&work_orders::doc(conn, work_order_id)?, record)?;
+    } else {
+        work_orders::ensure_exists(conn, work_order_id)?;
+        validate_record(&WorkOrderDoc::placeholder(work_order_id), record)?;
+    }
     let body = body_json(record)?;
     let item = insert_item(conn, work_order_id, record.kind(), None, &body, None)?;
     outbox::append(

@@ -38,10 +38,11 @@ pub fn append(
 ) -> Result<String, DomainError> {
     // Version 7 ids sort by creation time, which keeps them readable in logs.
     let op_id = uuid::Uuid::now_v7().to_string();
-    conn.execute(
+    conn.prepare_cached(
         "INSERT INTO outbox (op_id, item_id, work_order_id, item_kind, action, payload, state, created_ms)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'waiting', ?7)",
-        params![
+    )?
+    .execute(params![
             op_id,
             item_id,
             work_order_id,
@@ -49,8 +50,7 @@ pub fn append(
             action.as_str(),
             payload.to_string(),
             now_ms()
-        ],
-    )?;
+        ])?;
     Ok(op_id)
 }
 
@@ -71,7 +71,10 @@ pub fn foldable_op(conn: &Connection, item_id: &str) -> Result<Option<i64>, Doma
 
 /// Operations still waiting for delivery, the figure the app shows.
 pub fn unsent_count(conn: &Connection) -> Result<u64, DomainError> {
-    Ok(conn.query_row("SELECT count(*) FROM outbox", [], |r| r.get::<_, i64>(0))? as u64)
+    let n: i64 = conn
+        .prepare_cached("SELECT value FROM counters WHERE name = 'unsent'")?
+        .query_row([], |r| r.get(0))?;
+    Ok(n.max(0) as u64)
 }
 
 pub fn list(conn: &Connection, limit: Option<u32>) -> Result<Vec<Operation>, DomainError> {

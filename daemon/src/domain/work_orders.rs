@@ -36,6 +36,22 @@ pub struct WorkOrderDoc {
 }
 
 impl WorkOrderDoc {
+    /// A document with no checklist, for validating records that do not look at it.
+    pub fn placeholder(id: &str) -> WorkOrderDoc {
+        WorkOrderDoc {
+            id: id.to_owned(),
+            version: 0,
+            title: String::new(),
+            stage: String::new(),
+            workflow: Vec::new(),
+            scheduled_for: None,
+            description: None,
+            site: None,
+            checklist: Vec::new(),
+            attachments: Vec::new(),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), DomainError> {
         let bad = |m: String| Err(DomainError::InvalidWorkOrder(m));
         if self.id.is_empty() || self.id.len() > 128 {
@@ -196,6 +212,17 @@ fn load(conn: &Connection, id: &str) -> Result<Row, DomainError> {
     )
     .optional()?
     .ok_or_else(|| DomainError::UnknownWorkOrder(id.to_owned()))
+}
+
+pub fn ensure_exists(conn: &Connection, id: &str) -> Result<(), DomainError> {
+    let found = conn
+        .prepare_cached("SELECT 1 FROM work_orders WHERE id = ?1")?
+        .exists([id])?;
+    if found {
+        Ok(())
+    } else {
+        Err(DomainError::UnknownWorkOrder(id.to_owned()))
+    }
 }
 
 /// The work order's cached document, for rules that look at its checklist.

@@ -57,6 +57,15 @@ const MIGRATIONS: &[&str] = &[
         created_ms    INTEGER NOT NULL
     );
     CREATE INDEX outbox_by_item ON outbox(item_id);
+
+    -- The unsent count is read after every capture; keeping it here makes that O(1)
+    -- however long the queue grows.
+    CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+    INSERT INTO counters VALUES ('unsent', 0);
+    CREATE TRIGGER outbox_counted_in AFTER INSERT ON outbox
+        BEGIN UPDATE counters SET value = value + 1 WHERE name = 'unsent'; END;
+    CREATE TRIGGER outbox_counted_out AFTER DELETE ON outbox
+        BEGIN UPDATE counters SET value = value - 1 WHERE name = 'unsent'; END;
     CREATE INDEX outbox_by_work_order ON outbox(work_order_id, seq);
     ",
 ];

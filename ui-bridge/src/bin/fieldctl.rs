@@ -1,1 +1,444 @@
-fn main() {}
+//! `fieldctl`: every ui-bridge request from the command line, for field support, scripts
+//! and tests. Readable output by default, `--json` for machines.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use ui_bridge::{
+    ChecklistAnswer, Client, ClientError, Event, Item, Material, Operation, RecordBody, Severity,
+    Status, SyncState, WorkOrderDetail, WorkOrderSummary,
+};
+
+/// Talk to the fieldsync daemon over its UI socket.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    /// The daemon's socket [default: $FIELDSYNC_SOCKET, else /run/fieldsync/ui.sock, else
+    /// ./fieldsync-state/ui.sock]
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    /// Print the daemon's answers as JSON, one object per line.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Unsent changes, link, last upload and download, storage.
+    Status,
+    /// The cached work orders.
+    WorkOrders,
+    /// One work order with everything captured for it.
+    WorkOrder { id: String },
+    /// Capture a record on a work order.
+    Add {
+        work_order: String,
+        #[command(subcommand)]
+        record: RecordArgs,
+    },
+    /// Replace an undelivered record's content.
+    Edit {
+        item: String,
+        #[command(subcommand)]
+        record: RecordArgs,
+    },
+    /// Delete an undelivered record or photo.
+    Delete { item: String },
+    /// Attach a photo file to a record (the file is passed to the daemon as an open
+    /// descriptor, never as a path).
+    AttachPhoto {
+        record: String,
+        file: PathBuf,
+        #[arg(long)]
+        mime: Option<String>,
+        #[arg(long)]
+        caption: Option<String>,
+    },
+    /// Move a work order one stage forward.
+    Advance { work_order: String, stage: String },
+    /// Operations waiting for delivery, oldest first.
+    Outbox {
+        #[arg(long)]
+        limit: Option<u32>,
+    },
+    /// Print events as they happen until interrupted.
+    Watch,
+}
+
+#[derive(Subcommand)]
+enum RecordArgs {
+    /// A free-text note.
+    Note { text: String },
+    /// A defect found on site.
+    Defect {
+        #[arg(long)]
+        title: String,
+        /// low, medium, high or critical
+        #[arg(long, value_parser = parse_severity)]
+        severity: Severity,
+        #[arg(long, default_value = "")]
+        description: String,
+        #[arg(long)]
+        location: Option<String>,
+    },
+    /// Completed work with the materials used.
+    Work {
+        #[arg(long)]
+        description: String,
+        #[arg(long)]
+        minutes: Option<u32>,
+        /// NAME=QUANTITY UNIT, e.g. "gasket=2 pcs"; repeat for more
+        #[arg(long = "material", value_parser = parse_material)]
+        materials: Vec<Material>,
+    },
+    /// Checklist answers: ITEM=VALUE, where VALUE is true/false, a number, or text.
+    Checklist {
+        #[arg(required = true, value_parser = parse_answer)]
+        answers: Vec<ChecklistAnswer>,
+    },
+    /// A record given as the protocol's JSON, e.g. '{"kind":"note","text":"..."}'.
+    Json { record: String },
+}
+
+fn parse_severity(s: &str) -> Result<Severity, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned()))
+        .map_err(|_| "expected low, medium, high or critical".to_owned())
+}
+
+fn parse_material(s: &str) -> Result<Material, String> {
+    let (name, rest) = s.split_once('=').ok_or("expected NAME=QUANTITY UNIT")?;
+    let mut parts = rest.split_whitespace();
+    let quantity = parts
+        .next()
+        .and_then(|q| q.parse::<f64>().ok())
+        .ok_or("the quantity must be a number")?;
+    let unit = parts.collect::<Vec<_>>().join(" ");
+    Ok(Material {
+        code: None,
+        name: name.trim().to_owned(),
+        quantity,
+        unit: if unit.is_empty() { "pcs".into() } else { unit },
+    })
+}
+
+fn parse_answer(s: &str) -> Result<ChecklistAnswer, String> {
+    let (item, value) = s.split_once('=').ok_or("expected ITEM=VALUE")?;
+    // true/false and numbers are JSON; anything else is text.
+    let value = serde_json::from_str::<serde_json::Value>(value)
+        .ok()
+        .filter(|v| v.is_boolean() || v.is_number())
+        .unwrap_or_else(|| serde_json::Value::String(value.to_owned()));
+    Ok(ChecklistAnswer {
+        item_id: item.to_owned(),
+        value,
+        comment: None,
+    })
+}
+
+impl RecordArgs {
+    fn into_body(self) -> Result<RecordBody, String> {
+        Ok(match self {
+            RecordArgs::Note { text } => RecordBody::Note { text },
+            RecordArgs::Defect {
+                title,
+                severity,
+                description,
+                location,
+            } => RecordBody::Defect {
+                title,
+                description,
+                severity,
+                location,
+            },
+            RecordArgs::Work {
+                description,
+                minutes,
+                materials,
+            } => RecordBody::CompletedWork {
+                description,
+                duration_minutes: minutes,
+                materials,
+            },
+            RecordArgs::Checklist { answers } => RecordBody::Checklist { answers },
+            RecordArgs::Json { record } => {
+                serde_json::from_str(&record).map_err(|e| format!("record JSON: {e}"))?
+            }
+        })
+    }
+}
+
+fn default_socket() -> PathBuf {
+    if let Some(p) = std::env::var_os("FIELDSYNC_SOCKET") {
+        return p.into();
+    }
+    let system = PathBuf::from("/run/fieldsync/ui.sock");
+    if system.exists() {
+        return system;
+    }
+    PathBuf::from("fieldsync-state/ui.sock")
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let socket = cli.socket.clone().unwrap_or_else(default_socket);
+    match run(cli, socket).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Usage(msg)) => {
+            eprintln!("fieldctl: {msg}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Client(e @ ClientError::Connect { .. })) => {
+            eprintln!("fieldctl: {e}\n(is fieldsyncd running? --socket or FIELDSYNC_SOCKET choose another socket)");
+            ExitCode::from(3)
+        }
+        Err(Failure::Client(e)) => {
+            eprintln!("fieldctl: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+enum Failure {
+    Usage(String),
+    Client(ClientError),
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        Failure::Client(e)
+    }
+}
+
+async fn run(cli: Cli, socket: PathBuf) -> Result<(), Failure> {
+    let json = cli.json;
+    let mut client = Client::connect(&socket).await?;
+    match cli.command {
+        Command::Status => {
+            let s = client.status().await?;
+            print(json, &s, print_status);
+        }
+        Command::WorkOrders => {
+            let list = client.work_orders().await?;
+            print(json, &list, |l| l.iter().for_each(print_summary));
+        }
+        Command::WorkOrder { id } => {
+            let wo = client.work_order(&id).await?;
+            print(json, &wo, print_detail);
+        }
+        Command::Add { work_order, record } => {
+            let body = record.into_body().map_err(Failure::Usage)?;
+            let item = client.add_record(&work_order, body).await?;
+            print(json, &item, print_item);
+        }
+        Command::Edit { item, record } => {
+            let body = record.into_body().map_err(Failure::Usage)?;
+            let item = client.edit_record(&item, body).await?;
+            print(json, &item, print_item);
+        }
+        Command::Delete { item } => {
+            let sent_nothing = client.delete_item(&item).await?;
+            let out = serde_json::json!({ "item_id": item, "sent_nothing": sent_nothing });
+            print(json, &out, |_| {
+                if sent_nothing {
+                    println!("deleted {item}; nothing about it had been sent");
+                } else {
+                    println!("deleted {item}; the deletion will be sent to the back office");
+                }
+            });
+        }
+        Command::AttachPhoto {
+            record,
+            file,
+            mime,
+            caption,
+        } => {
+            let f = File::open(&file)
+                .map_err(|e| Failure::Usage(format!("cannot open {}: {e}", file.display())))?;
+            let mime = mime.or_else(|| guess_mime(&file).map(String::from));
+            let item = client
+                .attach_photo(&record, &f, mime.as_deref(), caption.as_deref())
+                .await?;
+            print(json, &item, print_item);
+        }
+        Command::Advance { work_order, stage } => {
+            let item = client.advance_stage(&work_order, &stage).await?;
+            print(json, &item, print_item);
+        }
+        Command::Outbox { limit } => {
+            let ops = client.outbox(limit).await?;
+            print(json, &ops, |ops| {
+                if ops.is_empty() {
+                    println!("nothing waits for delivery");
+                }
+                ops.iter().for_each(print_op)
+            });
+        }
+        Command::Watch => {
+            client.subscribe().await?;
+            loop {
+                let ev = client.next_event().await?;
+                print(json, &ev, print_event);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn guess_mime(path: &std::path::Path) -> Option<&'static str> {
+    match path.extension()?.to_str()?.to_ascii_lowercase().as_str() {
+        "jpg" | "jpeg" => Some("image/jpeg"),
+        "png" => Some("image/png"),
+        "heic" => Some("image/heic"),
+        "webp" => Some("image/webp"),
+        _ => None,
+    }
+}
+
+fn print<T: serde::Serialize>(json: bool, value: &T, human: impl FnOnce(&T)) {
+    if json {
+        println!("{}", serde_json::to_string(value).unwrap_or_default());
+    } else {
+        human(value);
+    }
+}
+
+fn when(ms: Option<i64>) -> String {
+    match ms {
+        Some(ms) if ms > 0 => {
+            let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms as u64);
+            humantime::format_rfc3339_seconds(t).to_string()
+        }
+        _ => "never".into(),
+    }
+}
+
+fn state_word(s: SyncState) -> &'static str {
+    match s {
+        SyncState::Waiting => "waiting",
+        SyncState::InProgress => "sending",
+        SyncState::Delivered => "delivered",
+        SyncState::Refused => "REFUSED",
+    }
+}
+
+fn print_status(s: &Status) {
+    println!("fieldsyncd {} (protocol {})", s.daemon_version, s.protocol);
+    println!("link:           {} (broker {})", s.link, s.broker);
+    println!("unsent changes: {}", s.unsent);
+    println!("last upload:    {}", when(s.last_upload_ms));
+    println!("last download:  {}", when(s.last_download_ms));
+    if let Some(e) = &s.last_error {
+        println!("last error:     {e}");
+    }
+    println!(
+        "storage:        {} MiB free{}",
+        s.storage_free_bytes / (1024 * 1024),
+        if s.storage_low {
+            " (LOW: new captures refused)"
+        } else {
+            ""
+        }
+    );
+    if let Some(p) = &s.damaged_store {
+        println!("damaged store moved aside to {p}");
+    }
+}
+
+fn print_summary(w: &WorkOrderSummary) {
+    println!(
+        "{:<12} {:<10} next: {:<10} unsent: {:<3} {} {}",
+        w.id,
+        w.stage,
+        w.next_stage.as_deref().unwrap_or("-"),
+        w.unsent,
+        w.scheduled_for.as_deref().unwrap_or(""),
+        w.title
+    );
+}
+
+fn print_detail(w: &WorkOrderDetail) {
+    print_summary(&w.summary);
+    if let Some(site) = &w.site {
+        println!("  site: {site}");
+    }
+    if let Some(d) = &w.description {
+        println!("  {d}");
+    }
+    println!("  workflow: {}", w.workflow.join(" -> "));
+    for c in &w.checklist {
+        println!("  checklist {}: {} ({})", c.id, c.text, c.answer);
+    }
+    for a in &w.attachments {
+        println!("  attachment {}: {} ({} bytes)", a.id, a.name, a.size);
+    }
+    for i in &w.items {
+        print!("  ");
+        print_item(i);
+    }
+}
+
+fn print_item(i: &Item) {
+    let reason = i
+        .reason
+        .as_deref()
+        .map(|r| format!(" ({r})"))
+        .unwrap_or_default();
+    println!(
+        "{} {:<14} {:<9}{} {}",
+        i.id,
+        i.kind.as_str(),
+        state_word(i.state),
+        reason,
+        i.body
+    );
+}
+
+fn print_op(o: &Operation) {
+    let reason = o
+        .reason
+        .as_deref()
+        .map(|r| format!(" ({r})"))
+        .unwrap_or_default();
+    println!(
+        "{} {} {:<6} {:<14} item {} {}{}",
+        when(Some(o.created_ms)),
+        o.work_order_id,
+        o.action,
+        o.item_kind.as_str(),
+        o.item_id,
+        state_word(o.state),
+        reason
+    );
+}
+
+fn print_event(e: &Event) {
+    match e {
+        Event::ItemState {
+            item_id,
+            work_order_id,
+            kind,
+            state,
+            reason,
+        } => println!(
+            "item {item_id} ({} on {work_order_id}): {}{}",
+            kind.as_str(),
+            state.map_or("deleted", state_word),
+            reason
+                .as_deref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default()
+        ),
+        Event::Unsent { count } => println!("unsent changes: {count}"),
+        Event::WorkOrder {
+            work_order_id,
+            change,
+        } => println!("work order {work_order_id}: {change:?}"),
+        Event::Link { link, broker } => println!("link: {link}, broker: {broker}"),
+        Event::Lagged { missed } => println!("(missed {missed} events; state re-read advised)"),
+    }
+}
