@@ -88,9 +88,14 @@ def main():
         for line in difflib.unified_diff(current.splitlines(), wanted.splitlines(), lineterm="", n=0)
         if line[:1] in "+-" and "crate://" in line
     ]
-    print(f"{INC.relative_to(REPO)} does not match Cargo.lock.", file=sys.stderr)
-    for line in changes:
-        print(f"  {line.strip().rstrip(' \\')}", file=sys.stderr)
+    if not INC.exists():
+        print(f"{INC.relative_to(REPO)} is missing.", file=sys.stderr)
+    else:
+        print(f"{INC.relative_to(REPO)} does not match Cargo.lock:", file=sys.stderr)
+        for line in changes[:20]:
+            print("  " + line.rstrip(" \\"), file=sys.stderr)
+        if len(changes) > 20:
+            print(f"  ... and {len(changes) - 20} more", file=sys.stderr)
     print("Run: scripts/gen-crates-inc.py", file=sys.stderr)
     return 1
 

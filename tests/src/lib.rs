@@ -1,1 +1,299 @@
+//! The integration harness: starts the real `fieldsyncd` binary in a temporary folder
+//! with its own socket, hands out clients, kills and restarts it, and reads its database
+//! directly when a test needs to look behind the socket.
 
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+use ui_bridge::Client;
+
+/// Work orders every test daemon starts with.
+pub const WORK_ORDERS: &str = r#"[
+  {"id":"WO-1","version":1,"title":"Pump station","stage":"new",
+   "workflow":["new","accepted","on_site","completed"],"scheduled_for":"2026-11-23",
+   "checklist":[{"id":"valves","text":"Valves closed","answer":"bool"},
+                {"id":"vibration","text":"Vibration mm/s","answer":"number"},
+                {"id":"remarks","text":"Remarks","answer":"text"}]},
+  {"id":"WO-2","version":1,"title":"Hydrant","stage":"accepted",
+   "workflow":["new","accepted","on_site","completed"]}
+]"#;
+
+/// Where cargo put the workspace's binaries for the profile these tests were built with.
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test executable path");
+        // target/<profile>/deps/<test> -> target/<profile>
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test executable lives in target/<profile>/deps")
+            .to_owned();
+        build_binaries(&dir);
+        dir
+    })
+}
+
+/// Builds `fieldsyncd` and `fieldctl` with the tests' own profile, so a plain
+/// `cargo test` never runs a stale daemon.
+fn build_binaries(dir: &Path) {
+    let profile = dir.file_name().and_then(|n| n.to_str()).unwrap_or("debug");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args([
+        "build",
+        "--quiet",
+        "-p",
+        "fieldsyncd",
+        "-p",
+        "fieldsync-ui-bridge",
+        "--bins",
+    ]);
+    match profile {
+        "debug" => {}
+        "release" => {
+            cmd.arg("--release");
+        }
+        other => {
+            cmd.args(["--profile", other]);
+        }
+    }
+    let status = cmd
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "building fieldsyncd and fieldctl failed");
+}
+
+pub fn fieldsyncd_bin() -> PathBuf {
+    bin_dir().join("fieldsyncd")
+}
+
+pub fn fieldctl_bin() -> PathBuf {
+    bin_dir().join("fieldctl")
+}
+
+/// Options for a test daemon.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Extra TOML appended to the generated config (sections may repeat keys' sections
+    /// only once, so use keys of `[store]` and `[ui]` through the fields below).
+    pub store: String,
+    pub ui: String,
+    pub work_orders: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            store: "min_free_bytes = 0\n".into(),
+            ui: String::new(),
+            work_orders: WORK_ORDERS.into(),
+        }
+    }
+}
+
+/// A running `fieldsyncd` with its own state folder and socket.
+pub struct Daemon {
+    pub dir: TempDir,
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    pub config: PathBuf,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    pub fn start() -> Daemon {
+        Daemon::start_with(Options::default())
+    }
+
+    pub fn start_with(options: Options) -> Daemon {
+        let dir = tempfile::Builder::new()
+            .prefix("fieldsync-test")
+            .tempdir()
+            .expect("temp dir");
+        let state_dir = dir.path().join("state");
+        let socket = dir.path().join("ui.sock");
+        let config = dir.path().join("fieldsyncd.toml");
+        std::fs::write(dir.path().join("work-orders.json"), &options.work_orders)
+            .expect("write work orders");
+        std::fs::write(
+            &config,
+            format!(
+                "[store]\nstate_dir = \"state\"\n{}\n[ui]\nsocket = \"ui.sock\"\n{}\n[log]\nlevel = \"info\"\nformat = \"text\"\n[dev]\nseed_work_orders = \"work-orders.json\"\n",
+                options.store, options.ui
+            ),
+        )
+        .expect("write config");
+        let mut d = Daemon {
+            dir,
+            state_dir,
+            socket,
+            config,
+            child: None,
+        };
+        d.spawn();
+        d
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("fieldsyncd.log")
+    }
+
+    /// The daemon's log so far, for assertion messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Starts the binary and waits until its socket answers.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "daemon already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("log file");
+        let child = Command::new(fieldsyncd_bin())
+            .arg("--config")
+            .arg(&self.config)
+            .env_remove("RUST_LOG")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("LISTEN_FDS")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .expect("fieldsyncd starts");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!(
+                        "fieldsyncd exited with {status} before it was ready:\n{}",
+                        self.log()
+                    );
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "fieldsyncd not ready in 20 s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.socket)
+            .await
+            .expect("connect to fieldsyncd")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGKILL: the daemon gets no chance to clean up.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!(
+                    "fieldsyncd did not stop within 15 s of SIGTERM:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// A read-only look at the database, as the daemon left it.
+    pub fn db(&self) -> rusqlite::Connection {
+        let conn = rusqlite::Connection::open_with_flags(
+            self.state_dir.join("fieldsync.db"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE,
+        )
+        .expect("open database");
+        conn.busy_timeout(Duration::from_secs(5))
+            .expect("busy timeout");
+        conn
+    }
+
+    /// Counts of rows in the tables the UI changes, to show that a refused request left
+    /// everything as it was.
+    pub fn snapshot(&self) -> (i64, i64, i64) {
+        let db = self.db();
+        let count = |t: &str| -> i64 {
+            db.query_row(&format!("SELECT count(*) FROM {t}"), [], |r| r.get(0))
+                .expect("count")
+        };
+        (count("items"), count("outbox"), count("work_orders"))
+    }
+
+    /// Marks every operation delivered, the way the back office's acknowledgements will.
+    pub fn deliver_everything(&self) {
+        let db = self.db();
+        db.execute_batch(
+            "BEGIN;
+             UPDATE items SET sync_state = 'delivered', sent = 1;
+             DELETE FROM outbox;
+             COMMIT;",
+        )
+        .expect("mark delivered");
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The SHA-256 of bytes, in lowercase hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// A photo-like file of `size` random bytes in `dir`.
+pub fn photo_file(dir: &Path, name: &str, size: usize) -> (PathBuf, Vec<u8>) {
+    use rand::RngCore;
+    let mut bytes = vec![0u8; size];
+    rand::rng().fill_bytes(&mut bytes);
+    let path = dir.join(name);
+    std::fs::write(&path, &bytes).expect("write photo");
+    (path, bytes)
+}

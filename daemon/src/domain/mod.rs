@@ -64,6 +64,11 @@ impl DomainError {
             DomainError::Photo(PhotoError::NotRegularFile) => ErrorCode::NotRegularFile,
             DomainError::Photo(PhotoError::TooLarge { .. }) => ErrorCode::PhotoTooLarge,
             DomainError::Photo(PhotoError::Read(_)) => ErrorCode::BadRequest,
+            DomainError::Photo(PhotoError::Io { source, .. })
+                if source.raw_os_error() == Some(nix::errno::Errno::ENOSPC as i32) =>
+            {
+                ErrorCode::StorageLow
+            }
             DomainError::Photo(PhotoError::Io { .. }) => ErrorCode::StorageUnavailable,
             DomainError::StorageLow { .. } | DomainError::Store(StoreError::Full) => {
                 ErrorCode::StorageLow

@@ -1,0 +1,466 @@
+//! Bad input of every kind gets a clear error, the daemon keeps serving, and nothing
+//! stored changes.
+
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+use fieldsync_tests::{fieldctl_bin, fieldsyncd_bin, photo_file, Daemon, Options};
+use ui_bridge::{ErrorCode, RecordBody, Request, ResponseResult, ServerFrame};
+
+fn note(text: &str) -> RecordBody {
+    RecordBody::Note { text: text.into() }
+}
+
+/// Sends a raw line and returns the error code of the answer.
+async fn raw_error(c: &mut ui_bridge::Client, line: &[u8]) -> (Option<u64>, ErrorCode) {
+    c.send_raw_with_fd(line, None).await.unwrap();
+    match c.read_frame().await.unwrap() {
+        ServerFrame::Response(r) => match r.result {
+            ResponseResult::Error(e) => (r.id, e.code),
+            ResponseResult::Ok(ok) => panic!("expected an error, got {ok:?}"),
+        },
+        ServerFrame::Event(e) => panic!("expected an error, got event {e:?}"),
+    }
+}
+
+#[tokio::test]
+async fn broken_frames_get_errors_and_the_connection_goes_on() {
+    let d = Daemon::start();
+    let mut c = d.client().await;
+    c.add_record("WO-1", note("before")).await.unwrap();
+    let before = d.snapshot();
+
+    assert_eq!(
+        raw_error(&mut c, b"{not json\n").await,
+        (None, ErrorCode::MalformedJson)
+    );
+    assert_eq!(
+        raw_error(&mut c, b"\"just a string\"\n").await,
+        (None, ErrorCode::BadRequest)
+    );
+    assert_eq!(
+        raw_error(
+            &mut c,
+            br#"{"v":1,"id":5,"request":{"type":"launch_rocket"}}"#
+                .iter()
+                .chain(b"\n")
+                .copied()
+                .collect::<Vec<_>>()
+                .as_slice()
+        )
+        .await,
+        (Some(5), ErrorCode::UnknownRequest)
+    );
+    assert_eq!(
+        raw_error(
+            &mut c,
+            b"{\"v\":9,\"id\":6,\"request\":{\"type\":\"status\"}}\n"
+        )
+        .await,
+        (Some(6), ErrorCode::UnsupportedVersion)
+    );
+    // Wrong types: a number where a string belongs, a missing field, an unknown field.
+    for line in [
+        &b"{\"v\":1,\"id\":7,\"request\":{\"type\":\"get_work_order\",\"work_order_id\":17}}\n"[..],
+        b"{\"v\":1,\"id\":7,\"request\":{\"type\":\"add_record\",\"work_order_id\":\"WO-1\"}}\n",
+        b"{\"v\":1,\"id\":7,\"request\":{\"type\":\"add_record\",\"work_order_id\":\"WO-1\",\"record\":{\"kind\":\"note\",\"text\":\"x\",\"extra\":1}}}\n",
+        b"{\"v\":1,\"id\":7,\"request\":{\"type\":\"add_record\",\"work_order_id\":\"WO-1\",\"record\":{\"kind\":\"defect\",\"title\":\"x\",\"severity\":\"apocalyptic\"}}}\n",
+    ] {
+        assert_eq!(raw_error(&mut c, line).await, (Some(7), ErrorCode::BadRequest));
+    }
+    // An oversize frame (the default limit is 64 KiB), sent in pieces and then whole.
+    let mut big = b"{\"v\":1,\"id\":8,\"request\":{\"type\":\"add_record\",\"work_order_id\":\"WO-1\",\"record\":{\"kind\":\"note\",\"text\":\"".to_vec();
+    big.extend(std::iter::repeat_n(b'a', 200_000));
+    big.extend_from_slice(b"\"}}}\n");
+    assert_eq!(
+        raw_error(&mut c, &big).await,
+        (None, ErrorCode::FrameTooLarge)
+    );
+    // Domain errors.
+    let err = c.add_record("WO-404", note("x")).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::UnknownWorkOrder));
+    let err = c.add_record("WO-1", note("   ")).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::InvalidRecord));
+    let err = c.edit_record("no-such-item", note("x")).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::UnknownItem));
+
+    assert_eq!(d.snapshot(), before, "refused requests changed nothing");
+    // Same connection, and another one, still served.
+    assert_eq!(c.status().await.unwrap().unsent, 1);
+    let mut other = d.client().await;
+    assert_eq!(other.status().await.unwrap().unsent, 1);
+}
+
+#[tokio::test]
+async fn photos_need_a_regular_file_within_the_size_limit() {
+    let d = Daemon::start_with(Options {
+        store: "min_free_bytes = 0\nmax_photo_bytes = 100000\n".into(),
+        ..Options::default()
+    });
+    let mut c = d.client().await;
+    let record = c.add_record("WO-1", note("with photo")).await.unwrap();
+    let before = d.snapshot();
+
+    let (big, _) = photo_file(d.dir.path(), "big.jpg", 100_001);
+    let err = c
+        .attach_photo(&record.id, &File::open(&big).unwrap(), None, None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::PhotoTooLarge));
+
+    let dir = File::open(d.dir.path()).unwrap();
+    let err = c
+        .attach_photo(&record.id, &dir, None, None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotRegularFile));
+
+    let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let err = c
+        .attach_photo(&record.id, &a, None, None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotRegularFile));
+    drop(b);
+
+    let err = c
+        .call(Request::AttachPhoto {
+            record_id: record.id.clone(),
+            mime: None,
+            caption: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::MissingDescriptor));
+
+    let (ok, _) = photo_file(d.dir.path(), "ok.jpg", 1000);
+    let err = c
+        .attach_photo("no-such-record", &File::open(&ok).unwrap(), None, None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::UnknownItem));
+
+    assert_eq!(d.snapshot(), before);
+    let photos: Vec<_> = walk(&d.state_dir.join("photos"));
+    assert!(photos.is_empty(), "no photo file left behind: {photos:?}");
+
+    // A write-only descriptor cannot be read.
+    let wo = std::fs::OpenOptions::new().write(true).open(&ok).unwrap();
+    let err = c
+        .call_with_fd(
+            Request::AttachPhoto {
+                record_id: record.id.clone(),
+                mime: None,
+                caption: None,
+            },
+            wo.as_fd(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::BadRequest));
+    c.attach_photo(&record.id, &File::open(&ok).unwrap(), None, None)
+        .await
+        .unwrap();
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        if e.path().is_dir() {
+            out.extend(walk(&e.path()));
+        } else {
+            out.push(e.path());
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_peer_that_is_not_allowed_is_refused() {
+    // Anyone may connect to the file; the daemon decides by peer credentials.
+    let d = Daemon::start_with(Options {
+        ui: "socket_mode = \"0666\"\nallowed_uids = [4242]\n".into(),
+        ..Options::default()
+    });
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test switches users and needs root"
+    );
+    // The temp folder must be reachable for the other user.
+    std::fs::set_permissions(
+        d.dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let out = Command::new(fieldctl_bin())
+        .args(["--socket"])
+        .arg(&d.socket)
+        .arg("status")
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("unauthorized"), "{stderr}");
+    assert!(d.log().contains("user not allowed"), "{}", d.log());
+    // And the allowed user is still served.
+    let mut c = d.client().await;
+    assert_eq!(c.status().await.unwrap().unsent, 0);
+}
+
+#[tokio::test]
+async fn connections_beyond_the_cap_are_told_busy() {
+    let d = Daemon::start_with(Options {
+        ui: "max_connections = 2\n".into(),
+        ..Options::default()
+    });
+    let mut a = d.client().await;
+    let mut b = d.client().await;
+    a.status().await.unwrap();
+    b.status().await.unwrap();
+    let mut c = d.client().await;
+    let err = c.status().await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Busy));
+    drop(a);
+    // The slot frees up once the first client leaves.
+    let mut ok = false;
+    for _ in 0..100 {
+        let mut again = d.client().await;
+        if again.status().await.is_ok() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(ok, "a slot freed up");
+}
+
+fn run_with_config(
+    dir: &std::path::Path,
+    main: &str,
+    dropin: Option<&str>,
+) -> (Option<i32>, String) {
+    std::fs::write(dir.join("f.toml"), main).unwrap();
+    if let Some(text) = dropin {
+        std::fs::create_dir_all(dir.join("config.d")).unwrap();
+        std::fs::write(dir.join("config.d/50-site.toml"), text).unwrap();
+    }
+    let out = Command::new(fieldsyncd_bin())
+        .arg("--config")
+        .arg(dir.join("f.toml"))
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_config_names_file_and_key_and_exits_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, err) = run_with_config(
+        dir.path(),
+        "[store]\nstate_dir = \"s\"\nmax_photo_byte = 5\n",
+        None,
+    );
+    assert_eq!(code, Some(78), "{err}");
+    assert!(
+        err.contains("f.toml") && err.contains("max_photo_byte"),
+        "{err}"
+    );
+
+    let (code, err) = run_with_config(
+        dir.path(),
+        "[store]\nstate_dir = \"s\"\n",
+        Some("[ui]\nmax_connections = \"lots\"\n"),
+    );
+    assert_eq!(code, Some(78), "{err}");
+    assert!(
+        err.contains("50-site.toml") && err.contains("max_connections"),
+        "{err}"
+    );
+
+    let (code, err) = run_with_config(dir.path(), "[store\n", None);
+    std::fs::remove_dir_all(dir.path().join("config.d")).unwrap();
+    assert_eq!(code, Some(78), "{err}");
+    assert!(err.contains("f.toml"), "{err}");
+
+    let (code, err) = run_with_config(
+        dir.path(),
+        "[dev]\nseed_work_orders = \"missing.json\"\n[store]\nstate_dir = \"s\"\n",
+        None,
+    );
+    assert_eq!(code, Some(78), "{err}");
+    assert!(err.contains("missing.json"), "{err}");
+}
+
+#[test]
+fn a_state_folder_the_daemon_cannot_write_is_a_clear_error() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test switches users and needs root"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("f.toml"),
+        "[store]\nstate_dir = \"state\"\n",
+    )
+    .unwrap();
+    let out = Command::new(fieldsyncd_bin())
+        .arg("--config")
+        .arg(dir.path().join("f.toml"))
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("not writable") && err.contains("state"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn low_storage_refuses_new_captures_and_keeps_what_is_stored() {
+    let mut d = Daemon::start();
+    let mut c = d.client().await;
+    let kept = c.add_record("WO-1", note("kept")).await.unwrap();
+    drop(c);
+    // Restart with a reserve larger than any disk.
+    d.kill();
+    let text = std::fs::read_to_string(&d.config)
+        .unwrap()
+        .replace("min_free_bytes = 0", "min_free_bytes = 1000000000000000");
+    std::fs::write(&d.config, text).unwrap();
+    d.spawn();
+    let mut c = d.client().await;
+    let before = d.snapshot();
+    let err = c.add_record("WO-1", note("new")).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::StorageLow));
+    assert!(err.to_string().contains("storage is low"), "{err}");
+    let (p, _) = photo_file(d.dir.path(), "p.jpg", 100);
+    let err = c
+        .attach_photo(&kept.id, &File::open(&p).unwrap(), None, None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::StorageLow));
+    let status = c.status().await.unwrap();
+    assert!(status.storage_low);
+    assert_eq!(status.unsent, 1);
+    // What is stored can still be fixed or removed, which frees space.
+    c.edit_record(&kept.id, note("kept, edited")).await.unwrap();
+    assert_eq!(d.snapshot(), before);
+}
+
+#[tokio::test]
+async fn a_full_disk_refuses_captures_and_loses_nothing() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test mounts a small tmpfs and needs root"
+    );
+    let mut d = Daemon::start();
+    d.kill();
+    // Move the state onto a 3 MiB tmpfs.
+    let small = d.dir.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let status = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=3m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(status.success(), "mount tmpfs");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(small.clone());
+    let text = std::fs::read_to_string(&d.config)
+        .unwrap()
+        .replace("state_dir = \"state\"", "state_dir = \"small/state\"");
+    std::fs::write(&d.config, text).unwrap();
+    d.state_dir = small.join("state");
+    d.spawn();
+    let mut c = d.client().await;
+    let record = c.add_record("WO-1", note("first")).await.unwrap();
+    let mut acked = vec![record.id.clone()];
+    let mut refused = None;
+    for i in 0..40 {
+        let (p, _) = photo_file(d.dir.path(), &format!("p{i}.jpg"), 200_000);
+        match c
+            .attach_photo(&record.id, &File::open(&p).unwrap(), None, None)
+            .await
+        {
+            Ok(item) => acked.push(item.id),
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    let err = refused.expect("the disk filled up");
+    assert_eq!(err.code(), Some(ErrorCode::StorageLow), "{err}");
+    // Small records may still fit or be refused; either way each answer is clear.
+    for i in 0..50 {
+        match c
+            .add_record("WO-1", note(&format!("note {i} {}", "x".repeat(2000))))
+            .await
+        {
+            Ok(item) => acked.push(item.id),
+            Err(e) => assert!(
+                matches!(
+                    e.code(),
+                    Some(ErrorCode::StorageLow) | Some(ErrorCode::StorageUnavailable)
+                ),
+                "{e}"
+            ),
+        }
+    }
+    assert_eq!(c.status().await.unwrap().unsent as usize, acked.len());
+    drop(c);
+    d.kill();
+    let db = d.db();
+    let ok: String = db
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(ok, "ok");
+    for id in &acked {
+        let n: i64 = db
+            .query_row("SELECT count(*) FROM items WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(n, 1, "acknowledged item {id} is stored");
+    }
+}
+
+#[tokio::test]
+async fn a_damaged_database_is_moved_aside_and_reported() {
+    let mut d = Daemon::start();
+    d.kill();
+    let db = d.state_dir.join("fieldsync.db");
+    let _ = std::fs::remove_file(d.state_dir.join("fieldsync.db-wal"));
+    let _ = std::fs::remove_file(d.state_dir.join("fieldsync.db-shm"));
+    let junk = b"this is not a database, but it may hold someone's work".repeat(100);
+    std::fs::write(&db, &junk).unwrap();
+    d.spawn();
+    let mut c = d.client().await;
+    let status = c.status().await.unwrap();
+    let moved = status.damaged_store.expect("reported");
+    assert_eq!(std::fs::read(&moved).unwrap(), junk, "kept byte for byte");
+    // The daemon works on a fresh store.
+    c.add_record("WO-1", note("after")).await.unwrap();
+}

@@ -1,0 +1,287 @@
+//! Capture with no network, through the real socket of the real daemon: every record
+//! kind, photos by descriptor, edit and delete before delivery, the stage rule, the
+//! unsent count, and events.
+
+use std::fs::File;
+
+use fieldsync_tests::{photo_file, sha256_hex, Daemon};
+use ui_bridge::{
+    ChecklistAnswer, ErrorCode, Event, ItemKind, Material, RecordBody, Severity, SyncState,
+    WorkOrderChange,
+};
+
+fn note(text: &str) -> RecordBody {
+    RecordBody::Note { text: text.into() }
+}
+
+#[tokio::test]
+async fn every_kind_of_capture_is_stored_and_waits() {
+    let d = Daemon::start();
+    let mut c = d.client().await;
+    assert_eq!(c.status().await.unwrap().unsent, 0);
+
+    let work = c
+        .add_record(
+            "WO-1",
+            RecordBody::CompletedWork {
+                description: "Replaced seal on P1".into(),
+                duration_minutes: Some(45),
+                materials: vec![Material {
+                    code: Some("S-12".into()),
+                    name: "Seal".into(),
+                    quantity: 2.0,
+                    unit: "pcs".into(),
+                }],
+            },
+        )
+        .await
+        .unwrap();
+    let checklist = c
+        .add_record(
+            "WO-1",
+            RecordBody::Checklist {
+                answers: vec![
+                    ChecklistAnswer {
+                        item_id: "valves".into(),
+                        value: true.into(),
+                        comment: None,
+                    },
+                    ChecklistAnswer {
+                        item_id: "vibration".into(),
+                        value: 2.5.into(),
+                        comment: None,
+                    },
+                    ChecklistAnswer {
+                        item_id: "remarks".into(),
+                        value: "fine".into(),
+                        comment: Some("ok".into()),
+                    },
+                ],
+            },
+        )
+        .await
+        .unwrap();
+    let defect = c
+        .add_record(
+            "WO-1",
+            RecordBody::Defect {
+                title: "Cracked flange".into(),
+                description: "Hairline crack".into(),
+                severity: Severity::High,
+                location: Some("P2 outlet".into()),
+            },
+        )
+        .await
+        .unwrap();
+    let n = c
+        .add_record("WO-2", note("Gate locked, key at office"))
+        .await
+        .unwrap();
+
+    let (path, bytes) = photo_file(d.dir.path(), "flange.jpg", 300_000);
+    let photo = c
+        .attach_photo(
+            &defect.id,
+            &File::open(&path).unwrap(),
+            Some("image/jpeg"),
+            Some("crack"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(photo.kind, ItemKind::Photo);
+    assert_eq!(photo.record_id.as_deref(), Some(defect.id.as_str()));
+    let sha = sha256_hex(&bytes);
+    assert_eq!(photo.body["sha256"], sha);
+    assert_eq!(photo.body["size"], 300_000);
+    let stored = d.state_dir.join("photos").join(&sha[..2]).join(&sha);
+    assert_eq!(std::fs::read(stored).unwrap(), bytes);
+
+    for item in [&work, &checklist, &defect, &n, &photo] {
+        assert_eq!(item.state, SyncState::Waiting);
+    }
+    assert_eq!(c.status().await.unwrap().unsent, 5);
+    let wo = c.work_order("WO-1").await.unwrap();
+    assert_eq!(wo.items.len(), 4);
+    assert_eq!(wo.summary.unsent, 4);
+    let ops = c.outbox(None).await.unwrap();
+    assert_eq!(ops.len(), 5);
+    assert!(ops
+        .iter()
+        .all(|o| o.action == "create" && o.state == SyncState::Waiting));
+
+    // Everything survives a restart.
+    drop(c);
+    let mut d = d;
+    d.restart();
+    let mut c = d.client().await;
+    assert_eq!(c.status().await.unwrap().unsent, 5);
+    assert_eq!(c.work_order("WO-1").await.unwrap().items.len(), 4);
+}
+
+#[tokio::test]
+async fn edits_fold_and_deletes_send_nothing_before_delivery() {
+    let d = Daemon::start();
+    let mut c = d.client().await;
+    let item = c.add_record("WO-1", note("first")).await.unwrap();
+    let (path, _) = photo_file(d.dir.path(), "p.jpg", 10_000);
+    let photo = c
+        .attach_photo(&item.id, &File::open(&path).unwrap(), None, None)
+        .await
+        .unwrap();
+    let edited = c.edit_record(&item.id, note("second")).await.unwrap();
+    assert_eq!(edited.body["text"], "second");
+    // The edit folded into the waiting create: still two operations.
+    let ops = c.outbox(None).await.unwrap();
+    assert_eq!(ops.len(), 2);
+    let payload: String = d
+        .db()
+        .query_row(
+            "SELECT payload FROM outbox WHERE item_id = ?1",
+            [&item.id],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(payload.contains("second"), "{payload}");
+
+    let err = c
+        .edit_record(
+            &item.id,
+            RecordBody::Defect {
+                title: "x".into(),
+                description: String::new(),
+                severity: Severity::Low,
+                location: None,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::InvalidRecord));
+
+    assert!(
+        c.delete_item(&item.id).await.unwrap(),
+        "nothing had been sent"
+    );
+    assert_eq!(c.status().await.unwrap().unsent, 0);
+    assert!(c.work_order("WO-1").await.unwrap().items.is_empty());
+    let sha = photo.body["sha256"].as_str().unwrap().to_owned();
+    assert!(
+        !d.state_dir
+            .join("photos")
+            .join(&sha[..2])
+            .join(&sha)
+            .exists(),
+        "photo file removed"
+    );
+    let err = c.edit_record(&item.id, note("third")).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::UnknownItem));
+}
+
+#[tokio::test]
+async fn delivered_items_can_no_longer_be_edited_or_deleted() {
+    let d = Daemon::start();
+    let mut c = d.client().await;
+    let item = c.add_record("WO-1", note("done")).await.unwrap();
+    d.deliver_everything();
+    let before = d.snapshot();
+    let err = c.edit_record(&item.id, note("changed")).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::AlreadyDelivered));
+    let err = c.delete_item(&item.id).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::AlreadyDelivered));
+    assert_eq!(d.snapshot(), before);
+    let wo = c.work_order("WO-1").await.unwrap();
+    assert_eq!(wo.items[0].state, SyncState::Delivered);
+    assert_eq!(wo.items[0].body["text"], "done");
+}
+
+#[tokio::test]
+async fn stages_move_one_step_forward_only() {
+    let d = Daemon::start();
+    let mut c = d.client().await;
+    let err = c.advance_stage("WO-1", "on_site").await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::StageJump));
+    let err = c.advance_stage("WO-1", "new").await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::StageJump));
+    let err = c.advance_stage("WO-404", "accepted").await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::UnknownWorkOrder));
+    let moved = c.advance_stage("WO-1", "accepted").await.unwrap();
+    assert_eq!(moved.kind, ItemKind::Stage);
+    assert_eq!(moved.body["from"], "new");
+    assert_eq!(moved.body["to"], "accepted");
+    let wo = c.work_order("WO-1").await.unwrap();
+    assert_eq!(wo.summary.stage, "accepted");
+    assert_eq!(wo.summary.next_stage.as_deref(), Some("on_site"));
+    c.advance_stage("WO-1", "on_site").await.unwrap();
+    c.advance_stage("WO-1", "completed").await.unwrap();
+    let err = c.advance_stage("WO-1", "completed").await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::StageJump));
+    assert_eq!(c.status().await.unwrap().unsent, 3);
+    let err = c.delete_item(&moved.id).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotEditable));
+}
+
+#[tokio::test]
+async fn subscribers_see_item_unsent_and_work_order_events() {
+    let d = Daemon::start();
+    let mut watcher = d.client().await;
+    watcher.subscribe().await.unwrap();
+    let mut c = d.client().await;
+    let item = c.add_record("WO-2", note("hello")).await.unwrap();
+    assert_eq!(
+        watcher.next_event().await.unwrap(),
+        Event::ItemState {
+            item_id: item.id.clone(),
+            work_order_id: "WO-2".into(),
+            kind: ItemKind::Note,
+            state: Some(SyncState::Waiting),
+            reason: None,
+        }
+    );
+    assert_eq!(
+        watcher.next_event().await.unwrap(),
+        Event::Unsent { count: 1 }
+    );
+    c.advance_stage("WO-2", "on_site").await.unwrap();
+    assert_eq!(
+        watcher.next_event().await.unwrap(),
+        Event::WorkOrder {
+            work_order_id: "WO-2".into(),
+            change: WorkOrderChange::Changed
+        }
+    );
+    assert!(matches!(
+        watcher.next_event().await.unwrap(),
+        Event::ItemState {
+            kind: ItemKind::Stage,
+            ..
+        }
+    ));
+    assert_eq!(
+        watcher.next_event().await.unwrap(),
+        Event::Unsent { count: 2 }
+    );
+    c.delete_item(&item.id).await.unwrap();
+    assert!(matches!(
+        watcher.next_event().await.unwrap(),
+        Event::ItemState { state: None, .. }
+    ));
+    assert_eq!(
+        watcher.next_event().await.unwrap(),
+        Event::Unsent { count: 1 }
+    );
+    // The subscriber can still make requests on the same connection.
+    assert_eq!(watcher.status().await.unwrap().unsent, 1);
+}
+
+#[tokio::test]
+async fn sigterm_stops_cleanly_and_removes_the_socket() {
+    let mut d = Daemon::start();
+    let mut c = d.client().await;
+    c.add_record("WO-1", note("kept")).await.unwrap();
+    assert_eq!(d.stop(), Some(0));
+    assert!(!d.socket.exists());
+    let db = d.db();
+    let n: i64 = db
+        .query_row("SELECT count(*) FROM items", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 1);
+}
