@@ -3,18 +3,26 @@
 
 use std::os::fd::OwnedFd;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+
+use rusqlite::Connection;
 
 use tokio::sync::broadcast;
 use ui_bridge::{Event, Item, Request, Response, Status, WorkOrderChange, PROTOCOL_VERSION};
 
 use crate::config::Settings;
 use crate::domain::work_orders::{self, WorkOrderDoc};
-use crate::domain::{items, outbox, DomainError};
+use crate::domain::{items, journal, outbox, DomainError};
 use crate::store::Store;
 
 /// How many events a slow subscriber may fall behind before it is told to re-read.
 const EVENT_BACKLOG: usize = 1024;
+/// Journal rows that trigger a fold; large enough to share index pages between many
+/// captures, small enough that a fold is quick.
+const FOLD_BATCH: u64 = 128;
+/// Quiet time after the last capture before the journal is folded anyway.
+const FOLD_IDLE: std::time::Duration = std::time::Duration::from_millis(200);
 
 #[derive(Clone)]
 pub struct Service {
@@ -26,6 +34,10 @@ struct Inner {
     events: broadcast::Sender<Event>,
     settings: Settings,
     damaged_store: Option<String>,
+    /// Set by captures, cleared by folds: whether the journal may hold rows.
+    journal_dirty: AtomicBool,
+    /// Wakes the idle folder after a capture.
+    captured: tokio::sync::Notify,
 }
 
 impl Service {
@@ -37,7 +49,68 @@ impl Service {
                 events,
                 settings,
                 damaged_store,
+                journal_dirty: AtomicBool::new(true),
+                captured: tokio::sync::Notify::new(),
             }),
+        }
+    }
+
+    /// A change: the journal is folded first in the same transaction, so the change
+    /// sees (and orders after) every capture before it.
+    async fn change<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, DomainError> + Send + 'static,
+    ) -> Result<T, DomainError> {
+        self.inner
+            .store
+            .write(move |c| {
+                journal::fold(c)?;
+                f(c)
+            })
+            .await
+    }
+
+    /// A read of the folded tables.
+    async fn query<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, DomainError> + Send + 'static,
+    ) -> Result<T, DomainError> {
+        self.fold().await?;
+        self.inner.store.read(f).await
+    }
+
+    /// Folds the journal if captures may be waiting in it. Needs no fsync of its own: the
+    /// captures are already durable in the journal.
+    pub async fn fold(&self) -> Result<(), DomainError> {
+        if self.inner.journal_dirty.swap(false, Ordering::AcqRel) {
+            let result = self.inner.store.write_lazy(journal::fold).await;
+            if result.is_err() {
+                self.inner.journal_dirty.store(true, Ordering::Release);
+            }
+            result?;
+        }
+        Ok(())
+    }
+
+    /// Folds the journal after captures go quiet, so it stays short even when nothing
+    /// reads. Runs until the store closes.
+    pub async fn fold_when_idle(self, shutdown: tokio_util::sync::CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.inner.captured.notified() => {}
+            }
+            // Each new capture restarts the wait.
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = self.inner.captured.notified() => continue,
+                    _ = tokio::time::sleep(FOLD_IDLE) => break,
+                }
+            }
+            if let Err(e) = self.fold().await {
+                tracing::warn!(error = %e, "folding the capture journal failed; retried later");
+            }
         }
     }
 
@@ -74,7 +147,7 @@ impl Service {
         match request {
             Request::Status => Ok(Response::Status(self.status().await?)),
             Request::ListWorkOrders => {
-                let work_orders = store.read(|c| work_orders::list(c)).await?;
+                let work_orders = self.query(|c| work_orders::list(c)).await?;
                 Ok(Response::WorkOrders { work_orders })
             }
             Request::GetWorkOrder { work_order_id } => {
@@ -88,21 +161,32 @@ impl Service {
                 record,
             } => {
                 self.check_space(0)?;
-                let (item, unsent) = store
+                let (item, unsent, staged) = store
                     .write(move |c| {
                         let item = items::add_record(c, &work_order_id, &record)?;
-                        Ok::<_, DomainError>((item, outbox::unsent_count(c)?))
+                        Ok::<_, DomainError>((item, journal::unsent(c)?, journal::staged(c)?))
                     })
                     .await?;
+                self.inner.journal_dirty.store(true, Ordering::Release);
                 tracing::info!(item_id = %item.id, work_order_id = %item.work_order_id, kind = item.kind.as_str(), "record captured");
                 self.after_change(&item, unsent);
+                if staged >= FOLD_BATCH {
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = this.fold().await {
+                            tracing::warn!(error = %e, "folding the capture journal failed; retried later");
+                        }
+                    });
+                } else {
+                    self.inner.captured.notify_one();
+                }
                 Ok(Response::Item(item))
             }
             Request::EditRecord { item_id, record } => {
-                let (item, unsent) = store
-                    .write(move |c| {
+                let (item, unsent) = self
+                    .change(move |c| {
                         let item = items::edit_record(c, &item_id, &record)?;
-                        Ok::<_, DomainError>((item, outbox::unsent_count(c)?))
+                        Ok((item, journal::unsent(c)?))
                     })
                     .await?;
                 tracing::info!(item_id = %item.id, "record edited");
@@ -110,10 +194,10 @@ impl Service {
                 Ok(Response::Item(item))
             }
             Request::DeleteItem { item_id } => {
-                let (deleted, unsent) = store
-                    .write(move |c| {
+                let (deleted, unsent) = self
+                    .change(move |c| {
                         let d = items::delete_item(c, &item_id)?;
-                        Ok::<_, DomainError>((d, outbox::unsent_count(c)?))
+                        Ok((d, journal::unsent(c)?))
                     })
                     .await?;
                 // The rows are gone for good now; their files may follow.
@@ -140,10 +224,10 @@ impl Service {
             }
             Request::AdvanceStage { work_order_id, to } => {
                 self.check_space(0)?;
-                let (item, unsent) = store
-                    .write(move |c| {
+                let (item, unsent) = self
+                    .change(move |c| {
                         let item = work_orders::advance(c, &work_order_id, &to)?;
-                        Ok::<_, DomainError>((item, outbox::unsent_count(c)?))
+                        Ok((item, journal::unsent(c)?))
                     })
                     .await?;
                 tracing::info!(item_id = %item.id, work_order_id = %item.work_order_id, "stage advanced");
@@ -155,7 +239,7 @@ impl Service {
                 Ok(Response::Item(item))
             }
             Request::Outbox { limit } => {
-                let operations = store.read(move |c| outbox::list(c, limit)).await?;
+                let operations = self.query(move |c| outbox::list(c, limit)).await?;
                 Ok(Response::Outbox { operations })
             }
             // The bridge answers `subscribe` itself; it owns the connection.
@@ -239,7 +323,7 @@ impl Service {
     }
 
     pub async fn status(&self) -> Result<Status, DomainError> {
-        let unsent = self.inner.store.read(|c| outbox::unsent_count(c)).await?;
+        let unsent = self.inner.store.read(|c| journal::unsent(c)).await?;
         let free = free_bytes(self.inner.store.state_dir());
         Ok(Status {
             daemon_version: env!("CARGO_PKG_VERSION").into(),
@@ -275,16 +359,14 @@ impl Service {
             })?;
         }
         let changes = self
-            .inner
-            .store
-            .write(move |c| {
+            .change(move |c| {
                 let mut changes = Vec::new();
                 for doc in &docs {
                     if let Some(change) = work_orders::upsert(c, doc)? {
                         changes.push((doc.id.clone(), change));
                     }
                 }
-                Ok::<_, DomainError>(changes)
+                Ok(changes)
             })
             .await
             .map_err(SeedError::Store)?;

@@ -1,1 +1,109 @@
-fn main() {}
+//! Capture throughput through the real socket, side by side with raw SQLite doing one
+//! durable 1 KiB row per commit (WAL, synchronous=FULL) on the same disk in the same run.
+//!
+//! cargo bench -p fieldsync-tests --bench capture
+//!
+//! Goals: sequential single captures >= 0.8x the raw commit rate; 8 concurrent clients
+//! >= 3x the raw single-commit rate (group commit shares one fsync).
+
+use std::time::Instant;
+
+use fieldsync_tests::Daemon;
+use ui_bridge::{Client, RecordBody};
+
+const N: usize = 3000;
+
+fn raw_sqlite_commits(n: usize) -> f64 {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let conn = rusqlite::Connection::open(dir.path().join("raw.db")).expect("open");
+    conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get::<_, String>(0))
+        .expect("wal");
+    conn.execute_batch(
+        "PRAGMA synchronous=FULL;
+         CREATE TABLE t (id INTEGER PRIMARY KEY, body BLOB NOT NULL);",
+    )
+    .expect("schema");
+    let body = vec![b'x'; 1024];
+    let start = Instant::now();
+    for _ in 0..n {
+        conn.execute("INSERT INTO t (body) VALUES (?1)", [&body])
+            .expect("insert");
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+fn note(worker: usize, i: usize) -> RecordBody {
+    // About 1 KiB of text, like the raw rows.
+    let mut text = format!("worker {worker} reading {i}: ");
+    while text.len() < 1024 {
+        text.push_str("pressure nominal, ");
+    }
+    RecordBody::Note { text }
+}
+
+async fn sequential(d: &Daemon, n: usize) -> f64 {
+    let mut c = d.client().await;
+    let start = Instant::now();
+    for i in 0..n {
+        c.add_record("WO-1", note(0, i)).await.expect("capture");
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+async fn concurrent(d: &Daemon, clients: usize, per_client: usize) -> f64 {
+    let mut conns = Vec::new();
+    for _ in 0..clients {
+        conns.push(Client::connect(&d.socket).await.expect("connect"));
+    }
+    let start = Instant::now();
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(w, mut c)| {
+            tokio::spawn(async move {
+                for i in 0..per_client {
+                    c.add_record("WO-1", note(w, i)).await.expect("capture");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("client task");
+    }
+    (clients * per_client) as f64 / start.elapsed().as_secs_f64()
+}
+
+#[tokio::main]
+async fn main() {
+    // Build (release) and start the daemon before timing anything.
+    let d = Daemon::start();
+    // Warm both sides once so file creation is not timed.
+    raw_sqlite_commits(200);
+    sequential(&d, 200).await;
+
+    let mut rows = Vec::new();
+    for run in 1..=3 {
+        let raw = raw_sqlite_commits(N);
+        let seq = sequential(&d, N).await;
+        let conc = concurrent(&d, 8, N / 2).await;
+        rows.push((run, raw, seq, conc));
+    }
+    println!("| run | raw SQLite commits/s | sequential captures/s | ratio | 8 clients captures/s | ratio |");
+    println!("|---|---|---|---|---|---|");
+    for (run, raw, seq, conc) in &rows {
+        println!(
+            "| {run} | {raw:.0} | {seq:.0} | {:.2}x | {conc:.0} | {:.2}x |",
+            seq / raw,
+            conc / raw
+        );
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let seq_ratio = median(rows.iter().map(|r| r.2 / r.1).collect());
+    let conc_ratio = median(rows.iter().map(|r| r.3 / r.1).collect());
+    println!(
+        "\nmedian: sequential {seq_ratio:.2}x (goal >= 0.8x), 8 clients {conc_ratio:.2}x (goal >= 3x)"
+    );
+}

@@ -254,17 +254,35 @@ impl Daemon {
 
     /// Counts of rows in the tables the UI changes, to show that a refused request left
     /// everything as it was.
-    pub fn snapshot(&self) -> (i64, i64, i64) {
+    pub fn snapshot(&self) -> (i64, i64, i64, i64) {
         let db = self.db();
         let count = |t: &str| -> i64 {
             db.query_row(&format!("SELECT count(*) FROM {t}"), [], |r| r.get(0))
                 .expect("count")
         };
-        (count("items"), count("outbox"), count("work_orders"))
+        (
+            count("items"),
+            count("captures"),
+            count("outbox"),
+            count("work_orders"),
+        )
+    }
+
+    /// Whether a captured item is on disk, folded or still in the capture journal.
+    pub fn item_stored(db: &rusqlite::Connection, id: &str) -> bool {
+        db.query_row(
+            "SELECT (SELECT count(*) FROM items WHERE id = ?1) + (SELECT count(*) FROM captures WHERE item_id = ?1)",
+            [id],
+            |r| r.get::<_, i64>(0),
+        )
+        .expect("look up item")
+            == 1
     }
 
     /// Marks every operation delivered, the way the back office's acknowledgements will.
-    pub fn deliver_everything(&self) {
+    pub async fn deliver_everything(&self) {
+        // Reading the outbox folds the capture journal first.
+        self.client().await.outbox(None).await.expect("outbox");
         let db = self.db();
         db.execute_batch(
             "BEGIN;

@@ -438,12 +438,10 @@ async fn a_full_disk_refuses_captures_and_loses_nothing() {
         .unwrap();
     assert_eq!(ok, "ok");
     for id in &acked {
-        let n: i64 = db
-            .query_row("SELECT count(*) FROM items WHERE id = ?1", [id], |r| {
-                r.get(0)
-            })
-            .unwrap();
-        assert_eq!(n, 1, "acknowledged item {id} is stored");
+        assert!(
+            Daemon::item_stored(&db, id),
+            "acknowledged item {id} is stored"
+        );
     }
 }
 

@@ -133,6 +133,7 @@ async fn edits_fold_and_deletes_send_nothing_before_delivery() {
     // The edit folded into the waiting create: still two operations.
     let ops = c.outbox(None).await.unwrap();
     assert_eq!(ops.len(), 2);
+    c.outbox(None).await.unwrap();
     let payload: String = d
         .db()
         .query_row(
@@ -181,7 +182,7 @@ async fn delivered_items_can_no_longer_be_edited_or_deleted() {
     let d = Daemon::start();
     let mut c = d.client().await;
     let item = c.add_record("WO-1", note("done")).await.unwrap();
-    d.deliver_everything();
+    d.deliver_everything().await;
     let before = d.snapshot();
     let err = c.edit_record(&item.id, note("changed")).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::AlreadyDelivered));
@@ -276,12 +277,8 @@ async fn subscribers_see_item_unsent_and_work_order_events() {
 async fn sigterm_stops_cleanly_and_removes_the_socket() {
     let mut d = Daemon::start();
     let mut c = d.client().await;
-    c.add_record("WO-1", note("kept")).await.unwrap();
+    let item = c.add_record("WO-1", note("kept")).await.unwrap();
     assert_eq!(d.stop(), Some(0));
     assert!(!d.socket.exists());
-    let db = d.db();
-    let n: i64 = db
-        .query_row("SELECT count(*) FROM items", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(n, 1);
+    assert!(Daemon::item_stored(&d.db(), &item.id));
 }

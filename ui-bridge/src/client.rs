@@ -94,7 +94,17 @@ impl Client {
         })
         .map_err(|e| ClientError::BadFrame(e.to_string()))?;
         line.push(b'\n');
-        self.send_raw_with_fd(&line, fd).await?;
+        if let Err(e) = self.send_raw_with_fd(&line, fd).await {
+            // A daemon that refuses the connection (busy, unauthorized) says why and
+            // closes it, possibly before our request went out: read the reason.
+            return Err(match self.read_frame().await {
+                Ok(ServerFrame::Response(ResponseFrame {
+                    result: ResponseResult::Error(body),
+                    ..
+                })) => ClientError::Daemon(body),
+                _ => e,
+            });
+        }
         loop {
             match self.read_frame().await? {
                 ServerFrame::Event(ev) => self.events.push_back(ev.event),

@@ -146,6 +146,7 @@ pub fn validate_record(doc: &WorkOrderDoc, record: &RecordBody) -> Result<(), Do
     Ok(())
 }
 
+/// Captures a record: validated now, acknowledged once its journal row is durable.
 pub fn add_record(
     conn: &Connection,
     work_order_id: &str,
@@ -389,6 +390,13 @@ mod tests {
 
     fn note(t: &str) -> RecordBody {
         RecordBody::Note { text: t.into() }
+    }
+
+    /// A capture as the rest of the daemon sees it: folded out of the journal.
+    fn add_record(conn: &Connection, wo: &str, r: &RecordBody) -> Result<Item, DomainError> {
+        let item = super::add_record(conn, wo, r)?;
+        crate::domain::journal::fold(conn)?;
+        Ok(item)
     }
 
     #[test]

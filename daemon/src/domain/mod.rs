@@ -4,6 +4,7 @@
 //! connection inside a write job and never commit themselves.
 
 pub mod items;
+pub mod journal;
 pub mod outbox;
 pub mod work_orders;
 

@@ -61,6 +61,8 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("the store is shut down")]
     Closed,
+    #[error("cannot switch the database to full sync, so nothing is written")]
+    SyncMode,
 }
 
 impl StoreError {
@@ -84,7 +86,14 @@ pub struct OpenReport {
 }
 
 type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
-type Job = Box<dyn FnOnce(&Connection) -> (bool, Reply) + Send>;
+type RunFn = Box<dyn FnOnce(&Connection) -> (bool, Reply) + Send>;
+
+/// One unit of work for the writer thread.
+struct Job {
+    /// Whether the caller waits for its commit to reach stable storage.
+    durable: bool,
+    run: RunFn,
+}
 
 /// A handle to the store; cheap to clone.
 #[derive(Clone)]
@@ -190,8 +199,34 @@ impl Store {
         T: Send + 'static,
         E: From<StoreError> + Send + 'static,
     {
+        self.submit(true, f).await
+    }
+
+    /// Like [`Store::write`], for housekeeping that must be atomic but need not be
+    /// durable on its own: its commit skips the fsync, and the next durable commit (or
+    /// a checkpoint) carries it to disk. A power cut before then rolls it back whole.
+    pub async fn write_lazy<T, E>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+    ) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        self.submit(false, f).await
+    }
+
+    async fn submit<T, E>(
+        &self,
+        durable: bool,
+        f: impl FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+    ) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
         let (tx, rx) = oneshot::channel::<Result<T, E>>();
-        let job: Job = Box::new(move |conn| {
+        let run: RunFn = Box::new(move |conn| {
             let result = f(conn);
             let ok = result.is_ok();
             let reply: Reply = Box::new(move |commit| {
@@ -205,7 +240,9 @@ impl Store {
         {
             let jobs = self.inner.jobs.lock().map_err(|_| StoreError::Closed)?;
             let sender = jobs.as_ref().ok_or(StoreError::Closed)?;
-            sender.send(job).map_err(|_| StoreError::Closed)?;
+            sender
+                .send(Job { durable, run })
+                .map_err(|_| StoreError::Closed)?;
         }
         rx.await.map_err(|_| E::from(StoreError::Closed))?
     }
@@ -352,6 +389,7 @@ fn sweep_unreferenced_photos(conn: &Connection, photos: &PhotoDir) -> Result<(),
 }
 
 fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
+    let mut full_sync = true;
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_GROUP {
@@ -359,6 +397,24 @@ fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
                 Ok(job) => batch.push(job),
                 Err(_) => break,
             }
+        }
+        // A group with nothing durable in it commits without an fsync of its own.
+        let durable = batch.iter().any(|j| j.durable);
+        if durable != full_sync {
+            let mode = if durable { "FULL" } else { "NORMAL" };
+            if let Err(e) = conn.pragma_update(None, "synchronous", mode) {
+                tracing::error!(error = %e, "cannot switch synchronous mode");
+            } else {
+                full_sync = durable;
+            }
+        }
+        if durable && !full_sync {
+            // Never commit a durable job without FULL: fail the group rather than lie.
+            for job in batch {
+                let (_, reply) = fail_job(job, &conn);
+                reply(Err(StoreError::SyncMode));
+            }
+            continue;
         }
         run_group(&conn, batch);
     }
@@ -386,7 +442,7 @@ fn run_group(conn: &Connection, batch: Vec<Job>) {
             replies.push((false, reply));
             continue;
         }
-        let (ok, reply) = job(conn);
+        let (ok, reply) = (job.run)(conn);
         let end = if ok {
             conn.execute_batch("RELEASE job")
         } else {
@@ -420,7 +476,7 @@ fn run_group(conn: &Connection, batch: Vec<Job>) {
 /// is rolled back.
 fn fail_job(job: Job, conn: &Connection) -> (bool, Reply) {
     let _ = conn.execute_batch("SAVEPOINT doomed");
-    let out = job(conn);
+    let out = (job.run)(conn);
     let _ = conn.execute_batch("ROLLBACK TO doomed; RELEASE doomed");
     out
 }

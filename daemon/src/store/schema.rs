@@ -58,6 +58,19 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX outbox_by_item ON outbox(item_id);
 
+    -- New records land here first: one row per capture and no index to maintain, so
+    -- the fsync that acknowledges a capture writes as little as possible. They are
+    -- folded into items and outbox in batches (domain::journal).
+    CREATE TABLE captures (
+        seq           INTEGER PRIMARY KEY,
+        item_id       TEXT NOT NULL,
+        work_order_id TEXT NOT NULL,
+        kind          TEXT NOT NULL,
+        body          TEXT NOT NULL,
+        op_id         TEXT NOT NULL,
+        created_ms    INTEGER NOT NULL
+    );
+
     -- The unsent count is read after every capture; keeping it here makes that O(1)
     -- however long the queue grows.
     CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
