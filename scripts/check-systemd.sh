@@ -16,14 +16,16 @@ threshold="$(awk -v x="$max_exposure" 'BEGIN { printf "%d", x * 10 + 0.5 }')"
 
 die() { echo "check-systemd: $*" >&2; exit 1; }
 
-as_root() {
-    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo -n "$@"; fi
-}
+# tmpfiles must chown into the scratch root to show the ownership the device gets.
+if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null || die "run as root: tmpfiles needs to chown"
+    exec sudo -n "$0" "$@"
+fi
 
 if ! command -v systemd-analyze >/dev/null; then
     echo "check-systemd: installing systemd for systemd-analyze" >&2
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends systemd
+    env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends systemd
 fi
 
 # --offline and --threshold arrived in systemd 250.

@@ -76,14 +76,12 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     );
     systemd::ready(&format!("offline; {status} changes waiting"));
     let watchdog = tokio::spawn(systemd::watchdog(store.clone(), shutdown.clone()));
-    let folder = tokio::spawn(service.clone().fold_when_idle(shutdown.clone()));
 
     bridge::serve(listener, service, settings.clone(), shutdown.clone()).await;
 
     systemd::stopping();
     tracing::info!("stopping: UI connections closed, closing the store");
     let _ = watchdog.await;
-    let _ = folder.await;
     // The writer finishes the jobs already queued, then checkpoints.
     tokio::task::spawn_blocking(move || store.close())
         .await

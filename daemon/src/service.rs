@@ -21,8 +21,6 @@ const EVENT_BACKLOG: usize = 1024;
 /// Journal rows that trigger a fold; large enough to share index pages between many
 /// captures, small enough that a fold is quick.
 const FOLD_BATCH: u64 = 128;
-/// Quiet time after the last capture before the journal is folded anyway.
-const FOLD_IDLE: std::time::Duration = std::time::Duration::from_millis(200);
 
 #[derive(Clone)]
 pub struct Service {
@@ -36,8 +34,6 @@ struct Inner {
     damaged_store: Option<String>,
     /// Set by captures, cleared by folds: whether the journal may hold rows.
     journal_dirty: AtomicBool,
-    /// Wakes the idle folder after a capture.
-    captured: tokio::sync::Notify,
 }
 
 impl Service {
@@ -50,7 +46,6 @@ impl Service {
                 settings,
                 damaged_store,
                 journal_dirty: AtomicBool::new(true),
-                captured: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -90,28 +85,6 @@ impl Service {
             result?;
         }
         Ok(())
-    }
-
-    /// Folds the journal after captures go quiet, so it stays short even when nothing
-    /// reads. Runs until the store closes.
-    pub async fn fold_when_idle(self, shutdown: tokio_util::sync::CancellationToken) {
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = self.inner.captured.notified() => {}
-            }
-            // Each new capture restarts the wait.
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = self.inner.captured.notified() => continue,
-                    _ = tokio::time::sleep(FOLD_IDLE) => break,
-                }
-            }
-            if let Err(e) = self.fold().await {
-                tracing::warn!(error = %e, "folding the capture journal failed; retried later");
-            }
-        }
     }
 
     pub fn store(&self) -> &Store {
@@ -170,6 +143,8 @@ impl Service {
                 self.inner.journal_dirty.store(true, Ordering::Release);
                 tracing::info!(item_id = %item.id, work_order_id = %item.work_order_id, kind = item.kind.as_str(), "record captured");
                 self.after_change(&item, unsent);
+                // Left unfolded, the journal costs nothing but a longer fold later; the
+                // next read or change folds it, and so does a full batch.
                 if staged >= FOLD_BATCH {
                     let this = self.clone();
                     tokio::spawn(async move {
@@ -177,8 +152,6 @@ impl Service {
                             tracing::warn!(error = %e, "folding the capture journal failed; retried later");
                         }
                     });
-                } else {
-                    self.inner.captured.notify_one();
                 }
                 Ok(Response::Item(item))
             }

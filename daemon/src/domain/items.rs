@@ -160,17 +160,7 @@ pub fn add_record(
         work_orders::ensure_exists(conn, work_order_id)?;
         validate_record(&WorkOrderDoc::placeholder(work_order_id), record)?;
     }
-    let body = body_json(record)?;
-    let item = insert_item(conn, work_order_id, record.kind(), None, &body, None)?;
-    outbox::append(
-        conn,
-        &item.id,
-        work_order_id,
-        item.kind,
-        Action::Create,
-        &body,
-    )?;
-    Ok(item)
+    super::journal::stage(conn, work_order_id, record)
 }
 
 /// Replaces an undelivered record's content. If its operation has not been sent, the edit

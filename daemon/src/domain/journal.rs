@@ -51,8 +51,10 @@ pub fn stage(
 
 /// Captures still in the journal.
 pub fn staged(conn: &Connection) -> Result<u64, DomainError> {
+    // The journal is only ever emptied whole, so its rowids run 1..=n without gaps and
+    // the largest is the count: a b-tree lookup instead of a scan on every capture.
     let n: i64 = conn
-        .prepare_cached("SELECT count(*) FROM captures")?
+        .prepare_cached("SELECT coalesce(max(seq), 0) FROM captures")?
         .query_row([], |r| r.get(0))?;
     Ok(n as u64)
 }

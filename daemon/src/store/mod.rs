@@ -1,7 +1,12 @@
-//! The durable store: one SQLite database in WAL mode with `synchronous=FULL`, written by
-//! a single writer thread that commits concurrent captures together (group commit, one
-//! fsync for all of them), read through a separate connection, plus the photo files
-//! beside it ([`photos`]).
+//! The durable store: one SQLite database in WAL mode with `synchronous=FULL`, with one
+//! write connection shared by group commit (concurrent captures share one transaction
+//! and one fsync), a separate read connection, and the photo files beside it
+//! ([`photos`]).
+//!
+//! Group commit without a writer thread: a job is queued, then its caller tries to take
+//! the write connection; whoever holds it commits everything queued, its own job and
+//! those of callers that arrived meanwhile. A lone capture thus commits on the thread
+//! that read its request, with no hand-off between threads on the hot path.
 //!
 //! Promise 1 lives here: a write's future resolves only after its transaction's COMMIT
 //! returned, and SQLite with `synchronous=FULL` in WAL mode fsyncs the log before COMMIT
@@ -10,8 +15,9 @@
 pub mod photos;
 mod schema;
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex, TryLockError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OpenFlags};
@@ -102,9 +108,10 @@ pub struct Store {
 }
 
 struct Inner {
-    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    /// Jobs waiting for the next group; `None` once the store is closed.
+    queue: Mutex<Option<VecDeque<Job>>>,
+    writer: Mutex<Writer>,
     reader: Mutex<Connection>,
-    writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     pub photos: PhotoDir,
     state_dir: PathBuf,
 }
@@ -160,19 +167,14 @@ impl Store {
         })?;
         reader.busy_timeout(std::time::Duration::from_secs(5))?;
 
-        let (tx, rx) = mpsc::channel::<Job>();
-        let writer_thread = std::thread::Builder::new()
-            .name("store-writer".into())
-            .spawn(move || writer_loop(conn, rx))
-            .map_err(|source| StoreError::NotWritable {
-                path: state_dir.to_owned(),
-                source,
-            })?;
         let store = Store {
             inner: Arc::new(Inner {
-                jobs: Mutex::new(Some(tx)),
+                queue: Mutex::new(Some(VecDeque::new())),
+                writer: Mutex::new(Writer {
+                    conn: Some(conn),
+                    full_sync: true,
+                }),
                 reader: Mutex::new(reader),
-                writer_thread: Mutex::new(Some(writer_thread)),
                 photos,
                 state_dir: state_dir.to_owned(),
             }),
@@ -238,12 +240,16 @@ impl Store {
             (ok, reply)
         });
         {
-            let jobs = self.inner.jobs.lock().map_err(|_| StoreError::Closed)?;
-            let sender = jobs.as_ref().ok_or(StoreError::Closed)?;
-            sender
-                .send(Job { durable, run })
-                .map_err(|_| StoreError::Closed)?;
+            let mut queue = self.inner.queue.lock().map_err(|_| StoreError::Closed)?;
+            queue
+                .as_mut()
+                .ok_or(StoreError::Closed)?
+                .push_back(Job { durable, run });
         }
+        // Commit here if nobody else is committing; otherwise the one who is will take
+        // this job in its next group. The commit blocks this worker thread for one
+        // fsync, which is the capture's latency anyway.
+        self.inner.commit_queued();
         rx.await.map_err(|_| E::from(StoreError::Closed))?
     }
 
@@ -274,30 +280,107 @@ impl Store {
         f(&conn)
     }
 
-    /// Stops the writer after the jobs already queued, so the database is left closed
-    /// and checkpointed.
+    /// Commits what is queued, then closes the write connection after a checkpoint, so
+    /// the database is left tidy. Later writes fail with [`StoreError::Closed`].
     pub fn close(&self) {
-        if let Ok(mut jobs) = self.inner.jobs.lock() {
-            jobs.take();
+        let leftover = self.inner.queue.lock().ok().and_then(|mut q| q.take());
+        let mut writer = match self.inner.writer.lock() {
+            Ok(w) => w,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(jobs) = leftover {
+            if !jobs.is_empty() {
+                writer.run(jobs.into_iter().collect());
+            }
         }
-        let handle = self
-            .inner
-            .writer_thread
-            .lock()
-            .ok()
-            .and_then(|mut h| h.take());
-        if let Some(handle) = handle {
-            let _ = handle.join();
+        if let Some(conn) = writer.conn.take() {
+            if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
+                tracing::warn!(error = %e, "checkpoint at shutdown failed");
+            }
         }
     }
 
-    /// Whether the writer is still running (the watchdog asks).
+    /// Whether the store still takes writes (the watchdog asks).
     pub fn is_alive(&self) -> bool {
         self.inner
-            .writer_thread
+            .queue
             .lock()
-            .map(|h| h.as_ref().is_some_and(|h| !h.is_finished()))
+            .map(|q| q.is_some())
             .unwrap_or(false)
+    }
+}
+
+impl Inner {
+    /// Runs queued jobs in groups while this caller can hold the write connection.
+    fn commit_queued(&self) {
+        loop {
+            let mut writer = match self.writer.try_lock() {
+                Ok(w) => w,
+                // Someone is committing and will find our job when it looks again.
+                Err(TryLockError::WouldBlock) => return,
+                Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            };
+            let batch: Vec<Job> = match self.queue.lock() {
+                Ok(mut q) => match q.as_mut() {
+                    Some(q) => {
+                        let n = q.len().min(MAX_GROUP);
+                        q.drain(..n).collect()
+                    }
+                    None => return,
+                },
+                Err(_) => return,
+            };
+            if batch.is_empty() {
+                return;
+            }
+            writer.run(batch);
+            drop(writer);
+            // A job queued while we committed may have found the connection taken:
+            // look again now that it is free.
+            let more = self
+                .queue
+                .lock()
+                .map(|q| q.as_ref().is_some_and(|q| !q.is_empty()))
+                .unwrap_or(false);
+            if !more {
+                return;
+            }
+        }
+    }
+}
+
+/// The write connection and the sync mode it is in.
+struct Writer {
+    /// `None` after [`Store::close`].
+    conn: Option<Connection>,
+    full_sync: bool,
+}
+
+impl Writer {
+    fn run(&mut self, batch: Vec<Job>) {
+        let Some(conn) = self.conn.as_ref() else {
+            // Dropping a job drops its reply channel: its caller gets `Closed`.
+            drop(batch);
+            return;
+        };
+        // A group with nothing durable in it commits without an fsync of its own.
+        let durable = batch.iter().any(|j| j.durable);
+        if durable != self.full_sync {
+            let mode = if durable { "FULL" } else { "NORMAL" };
+            match conn.pragma_update(None, "synchronous", mode) {
+                Ok(()) => self.full_sync = durable,
+                Err(e) => tracing::error!(error = %e, "cannot switch synchronous mode"),
+            }
+        }
+        if durable && !self.full_sync {
+            // Never commit a durable job without FULL: fail the group rather than lie.
+            for job in batch {
+                let (_, reply) = fail_job(job, conn);
+                reply(Err(StoreError::SyncMode));
+            }
+            return;
+        }
+        run_group(conn, batch);
     }
 }
 
@@ -388,43 +471,14 @@ fn sweep_unreferenced_photos(conn: &Connection, photos: &PhotoDir) -> Result<(),
     Ok(())
 }
 
-fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
-    let mut full_sync = true;
-    while let Ok(first) = jobs.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_GROUP {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-        // A group with nothing durable in it commits without an fsync of its own.
-        let durable = batch.iter().any(|j| j.durable);
-        if durable != full_sync {
-            let mode = if durable { "FULL" } else { "NORMAL" };
-            if let Err(e) = conn.pragma_update(None, "synchronous", mode) {
-                tracing::error!(error = %e, "cannot switch synchronous mode");
-            } else {
-                full_sync = durable;
-            }
-        }
-        if durable && !full_sync {
-            // Never commit a durable job without FULL: fail the group rather than lie.
-            for job in batch {
-                let (_, reply) = fail_job(job, &conn);
-                reply(Err(StoreError::SyncMode));
-            }
-            continue;
-        }
-        run_group(&conn, batch);
-    }
-    if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
-        tracing::warn!(error = %e, "checkpoint at shutdown failed");
-    }
+/// Runs a statement from the connection's statement cache: the transaction verbs run
+/// several times per capture and need not be parsed each time.
+fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(|_| ())
 }
 
 fn run_group(conn: &Connection, batch: Vec<Job>) {
-    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+    if let Err(e) = exec(conn, "BEGIN IMMEDIATE") {
         let e = StoreError::classify(e);
         tracing::error!(error = %e, "cannot begin a write transaction");
         let msg = e.to_string();
@@ -437,24 +491,25 @@ fn run_group(conn: &Connection, batch: Vec<Job>) {
     }
     let mut replies = Vec::with_capacity(batch.len());
     for job in batch {
-        if conn.execute_batch("SAVEPOINT job").is_err() {
+        if exec(conn, "SAVEPOINT job").is_err() {
             let (_, reply) = fail_job(job, conn);
             replies.push((false, reply));
             continue;
         }
         let (ok, reply) = (job.run)(conn);
         let end = if ok {
-            conn.execute_batch("RELEASE job")
+            exec(conn, "RELEASE job")
         } else {
-            conn.execute_batch("ROLLBACK TO job; RELEASE job")
+            exec(conn, "ROLLBACK TO job").and_then(|_| exec(conn, "RELEASE job"))
         };
         if let Err(e) = end {
             tracing::error!(error = %e, "savepoint failed");
         }
         replies.push((ok, reply));
     }
-    match conn.execute_batch("COMMIT") {
+    match exec(conn, "COMMIT") {
         Ok(()) => {
+            tracing::debug!(jobs = replies.len(), "group committed");
             for (_, reply) in replies {
                 reply(Ok(()));
             }
