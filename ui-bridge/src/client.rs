@@ -110,7 +110,7 @@ impl Client {
                 ServerFrame::Event(ev) => self.events.push_back(ev.event),
                 ServerFrame::Response(resp) if resp.id == Some(id) => {
                     return match resp.result {
-                        ResponseResult::Ok(r) => Ok(r),
+                        ResponseResult::Ok(r) => Ok(*r),
                         ResponseResult::Error(e) => Err(ClientError::Daemon(e)),
                     }
                 }

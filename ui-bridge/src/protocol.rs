@@ -246,7 +246,8 @@ pub struct ResponseFrame {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ResponseResult {
-    Ok(Response),
+    // Boxed: responses are large next to errors and events.
+    Ok(Box<Response>),
     Error(ErrorBody),
 }
 

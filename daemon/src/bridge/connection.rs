@@ -13,8 +13,8 @@ use tokio::net::UnixStream;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use ui_bridge::{
-    ErrorBody, ErrorCode, Event, EventFrame, Request, Response, ResponseFrame, ResponseResult,
-    PROTOCOL_VERSION,
+    ErrorBody, ErrorCode, Event, EventFrame, Request, RequestFrame, Response, ResponseFrame,
+    ResponseResult, PROTOCOL_VERSION,
 };
 
 use crate::service::Service;
@@ -214,6 +214,17 @@ async fn handle_frame(
 
 /// Reads a request frame, with an error code for each way it can be wrong.
 fn parse(line: &[u8]) -> Result<(u64, Request), (Option<u64>, ErrorBody)> {
+    // The common case in one pass; only a frame that fails is looked at again to say
+    // precisely what is wrong with it.
+    if let Ok(frame) = serde_json::from_slice::<RequestFrame>(line) {
+        if frame.v == PROTOCOL_VERSION {
+            return Ok((frame.id, frame.request));
+        }
+    }
+    diagnose(line)
+}
+
+fn diagnose(line: &[u8]) -> Result<(u64, Request), (Option<u64>, ErrorBody)> {
     let err = |id, code, message: String| Err((id, ErrorBody { code, message }));
     let value: serde_json::Value = match serde_json::from_slice(line) {
         Ok(v) => v,
@@ -290,7 +301,7 @@ fn ok_frame(id: u64, response: Response) -> Vec<u8> {
     line_of(&ResponseFrame {
         v: PROTOCOL_VERSION,
         id: Some(id),
-        result: ResponseResult::Ok(response),
+        result: ResponseResult::Ok(Box::new(response)),
     })
 }
 

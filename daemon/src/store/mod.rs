@@ -555,6 +555,12 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// The current schema on a bare connection, for unit tests of the domain rules.
+#[cfg(test)]
+pub(crate) fn schema_for_tests(conn: &mut Connection) {
+    schema::migrate(conn).expect("schema applies to an empty database");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -624,10 +630,4 @@ mod tests {
             .unwrap();
         assert_eq!(mode, "wal");
     }
-}
-
-/// The current schema on a bare connection, for unit tests of the domain rules.
-#[cfg(test)]
-pub(crate) fn schema_for_tests(conn: &mut Connection) {
-    schema::migrate(conn).expect("schema applies to an empty database");
 }
