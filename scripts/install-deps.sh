@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs what building and testing fieldsync need on Debian (12 "bookworm" or later),
+# only what is missing. Safe to run again.
+#
+#   scripts/install-deps.sh
+set -euo pipefail
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo -n "$@"; fi
+}
+
+missing=()
+need() { # need <command> <debian package>
+    command -v "$1" >/dev/null 2>&1 || missing+=("$2")
+}
+
+# A Rust toolchain: rustup's when present, else Debian's rustc-web/cargo-web (1.85+ is
+# needed; bookworm-security carries a recent one).
+need cargo cargo-web
+need rustc rustc-web
+need cc gcc
+need pkg-config pkg-config
+# Tests: mount/umount for the full-disk test, systemd-analyze for the unit checks,
+# python3-venv for the Yocto lint.
+need mount mount
+need systemd-analyze systemd
+/usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "install-deps: installing ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    # A mirror index briefly out of step with its files fails the first update.
+    as_root apt-get update -q || { sleep 5; as_root apt-get update -q; }
+    as_root apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: installs what is missing, then formatting, lints,
+# unit and integration tests (the real daemon, its socket, SQLite on disk), the systemd
+# unit checks and the Yocto layer lint.
+#
+#   scripts/test.sh
+#
+# FIELDSYNC_CRASH_ROUNDS sets how many times the crash test kills the daemon (200).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+scripts/install-deps.sh
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "format"
+cargo fmt --all -- --check
+step "clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+step "unit and integration tests"
+cargo test --workspace --locked
+step "systemd units"
+scripts/check-systemd.sh
+step "Yocto layer"
+scripts/lint-yocto.sh
+step "all passed"
