@@ -24,6 +24,10 @@ need pkg-config pkg-config
 # python3-venv for the Yocto lint.
 need mount mount
 need systemd-analyze systemd
+# The uplink's tests run a real broker; mosquitto_pub is the benchmarks' reference.
+need mosquitto mosquitto
+need mosquitto_pub mosquitto-clients
+need openssl openssl
 /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 
 if [ "${#missing[@]}" -gt 0 ]; then

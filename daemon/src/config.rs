@@ -40,6 +40,38 @@ pub struct Settings {
     pub log_level: String,
     pub log_format: LogFormat,
     pub seed_work_orders: Option<PathBuf>,
+    /// `None`: no broker configured; the daemon stays offline and keeps everything.
+    pub uplink: Option<UplinkSettings>,
+}
+
+/// How to reach the back office.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UplinkSettings {
+    pub host: String,
+    pub port: u16,
+    pub tls: Option<TlsFiles>,
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// The MQTT client id and the device's segment in every topic.
+    pub device_id: String,
+    pub topic_prefix: String,
+    pub keep_alive: std::time::Duration,
+    pub batch_max_ops: usize,
+    pub batch_max_bytes: usize,
+    /// Batches sent and not yet acknowledged by the back office.
+    pub window: usize,
+    pub ack_timeout: std::time::Duration,
+    pub reconnect_min: std::time::Duration,
+    pub reconnect_max: std::time::Duration,
+    pub max_downlink_bytes: usize,
+    pub compression_level: i32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    /// Client certificate and key, for brokers that require them (production).
+    pub client: Option<(PathBuf, PathBuf)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -64,6 +96,30 @@ struct File {
     log: LogSection,
     #[serde(default)]
     dev: DevSection,
+    #[serde(default)]
+    uplink: UplinkSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UplinkSection {
+    broker: Option<String>,
+    device_id: Option<String>,
+    topic_prefix: Option<String>,
+    ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    username: Option<String>,
+    password_file: Option<PathBuf>,
+    keep_alive_secs: Option<u64>,
+    batch_max_ops: Option<usize>,
+    batch_max_bytes: Option<usize>,
+    window: Option<usize>,
+    ack_timeout_secs: Option<u64>,
+    reconnect_min_ms: Option<u64>,
+    reconnect_max_secs: Option<u64>,
+    max_downlink_bytes: Option<usize>,
+    compression_level: Option<i32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -287,8 +343,165 @@ fn validate(file: File, base_dir: &Path) -> Result<Settings, ConfigError> {
         min_free_bytes: file.store.min_free_bytes.unwrap_or(64 * 1024 * 1024),
         log_level,
         log_format: file.log.format.unwrap_or(LogFormat::Auto),
-        seed_work_orders: file.dev.seed_work_orders.map(resolve),
+        seed_work_orders: file.dev.seed_work_orders.clone().map(resolve),
+        uplink: uplink(file.uplink, &resolve)?,
     })
+}
+
+fn uplink(
+    u: UplinkSection,
+    resolve: &dyn Fn(PathBuf) -> PathBuf,
+) -> Result<Option<UplinkSettings>, ConfigError> {
+    let Some(broker) = u.broker else {
+        return Ok(None);
+    };
+    let (tls, rest) = if let Some(rest) = broker.strip_prefix("mqtts://") {
+        (true, rest)
+    } else if let Some(rest) = broker.strip_prefix("mqtt://") {
+        (false, rest)
+    } else {
+        return Err(invalid(
+            "uplink.broker",
+            format!("{broker:?} must start with mqtt:// or mqtts://"),
+        ));
+    };
+    let rest = rest.trim_end_matches('/');
+    // host, host:port, [v6], [v6]:port
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && (!h.contains(':') || h.ends_with(']')) => {
+            let port = p.parse::<u16>().map_err(|_| {
+                invalid(
+                    "uplink.broker",
+                    format!("port {p:?} is not a number from 1 to 65535"),
+                )
+            })?;
+            (h, port)
+        }
+        _ => (rest, if tls { 8883 } else { 1883 }),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || port == 0 {
+        return Err(invalid(
+            "uplink.broker",
+            format!("{broker:?} names no host and port"),
+        ));
+    }
+    let tls = match (tls, u.ca_file, u.cert_file, u.key_file) {
+        (false, None, None, None) => None,
+        (false, ..) => {
+            return Err(invalid(
+                "uplink.ca_file",
+                "TLS files are set but the broker is mqtt://; use mqtts:// for TLS",
+            ))
+        }
+        (true, None, ..) => {
+            return Err(invalid(
+                "uplink.ca_file",
+                "is required with an mqtts:// broker",
+            ))
+        }
+        (true, Some(ca), cert, key) => {
+            let client = match (cert, key) {
+                (Some(c), Some(k)) => Some((resolve(c), resolve(k))),
+                (None, None) => None,
+                _ => {
+                    return Err(invalid(
+                        "uplink.cert_file",
+                        "cert_file and key_file go together",
+                    ))
+                }
+            };
+            Some(TlsFiles {
+                ca: resolve(ca),
+                client,
+            })
+        }
+    };
+    let device_id = match u.device_id {
+        Some(id) => id,
+        None => default_device_id(),
+    };
+    if device_id.is_empty()
+        || device_id.len() > 64
+        || !device_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return Err(invalid(
+            "uplink.device_id",
+            format!("{device_id:?} must be 1 to 64 letters, digits, '-', '_' or '.'"),
+        ));
+    }
+    let topic_prefix = u.topic_prefix.unwrap_or_else(|| "fieldsync/v1".into());
+    if topic_prefix.is_empty()
+        || topic_prefix.contains(['+', '#'])
+        || topic_prefix.starts_with('/')
+        || topic_prefix.ends_with('/')
+    {
+        return Err(invalid(
+            "uplink.topic_prefix",
+            "must be a topic without wildcards and without a leading or trailing '/'",
+        ));
+    }
+    let positive = |key: &str, v: usize| -> Result<usize, ConfigError> {
+        if v == 0 {
+            Err(invalid(key, "must be at least 1"))
+        } else {
+            Ok(v)
+        }
+    };
+    let secs = std::time::Duration::from_secs;
+    let level = u.compression_level.unwrap_or(3);
+    if !(1..=19).contains(&level) {
+        return Err(invalid("uplink.compression_level", "must be from 1 to 19"));
+    }
+    Ok(Some(UplinkSettings {
+        host: host.to_owned(),
+        port,
+        tls,
+        username: u.username,
+        password_file: u.password_file.map(resolve),
+        device_id,
+        topic_prefix,
+        keep_alive: secs(positive(
+            "uplink.keep_alive_secs",
+            u.keep_alive_secs.unwrap_or(30) as usize,
+        )? as u64),
+        batch_max_ops: positive("uplink.batch_max_ops", u.batch_max_ops.unwrap_or(200))?,
+        batch_max_bytes: positive(
+            "uplink.batch_max_bytes",
+            u.batch_max_bytes.unwrap_or(256 * 1024),
+        )?,
+        window: positive("uplink.window", u.window.unwrap_or(8))?,
+        ack_timeout: secs(positive(
+            "uplink.ack_timeout_secs",
+            u.ack_timeout_secs.unwrap_or(30) as usize,
+        )? as u64),
+        reconnect_min: std::time::Duration::from_millis(u.reconnect_min_ms.unwrap_or(100).max(10)),
+        reconnect_max: secs(positive(
+            "uplink.reconnect_max_secs",
+            u.reconnect_max_secs.unwrap_or(60) as usize,
+        )? as u64),
+        max_downlink_bytes: positive(
+            "uplink.max_downlink_bytes",
+            u.max_downlink_bytes.unwrap_or(1024 * 1024),
+        )?,
+        compression_level: level,
+    }))
+}
+
+/// The machine id systemd keeps, else the host name: stable across restarts.
+fn default_device_id() -> String {
+    std::fs::read_to_string("/etc/machine-id")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+        })
+        .unwrap_or_else(|| "fieldsync-device".into())
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ pub mod logging;
 pub mod service;
 pub mod store;
 pub mod systemd;
+pub mod uplink;
 
 use std::sync::Arc;
 
@@ -76,12 +77,19 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     );
     systemd::ready(&format!("offline; {status} changes waiting"));
     let watchdog = tokio::spawn(systemd::watchdog(store.clone(), shutdown.clone()));
+    let uplink = settings
+        .uplink
+        .clone()
+        .map(|u| tokio::spawn(uplink::Uplink::new(service.clone(), u).run(shutdown.clone())));
 
     bridge::serve(listener, service, settings.clone(), shutdown.clone()).await;
 
     systemd::stopping();
     tracing::info!("stopping: UI connections closed, closing the store");
     let _ = watchdog.await;
+    if let Some(uplink) = uplink {
+        let _ = uplink.await;
+    }
     // The writer finishes the jobs already queued, then checkpoints.
     tokio::task::spawn_blocking(move || store.close())
         .await

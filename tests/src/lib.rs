@@ -2,6 +2,9 @@
 //! with its own socket, hands out clients, kills and restarts it, and reads its database
 //! directly when a test needs to look behind the socket.
 
+pub mod backoffice;
+pub mod broker;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -84,6 +87,8 @@ pub struct Options {
     pub store: String,
     pub ui: String,
     pub work_orders: String,
+    /// The `[uplink]` section's keys; empty: no broker.
+    pub uplink: String,
 }
 
 impl Default for Options {
@@ -92,6 +97,7 @@ impl Default for Options {
             store: "min_free_bytes = 0\n".into(),
             ui: String::new(),
             work_orders: WORK_ORDERS.into(),
+            uplink: String::new(),
         }
     }
 }
@@ -123,8 +129,8 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "[store]\nstate_dir = \"state\"\n{}\n[ui]\nsocket = \"ui.sock\"\n{}\n[log]\nlevel = \"info\"\nformat = \"text\"\n[dev]\nseed_work_orders = \"work-orders.json\"\n",
-                options.store, options.ui
+                "[store]\nstate_dir = \"state\"\n{}\n[ui]\nsocket = \"ui.sock\"\n{}\n[log]\nlevel = \"info\"\nformat = \"text\"\n[dev]\nseed_work_orders = \"work-orders.json\"\n[uplink]\n{}\n",
+                options.store, options.ui, options.uplink
             ),
         )
         .expect("write config");

@@ -271,3 +271,30 @@ pub fn advance(conn: &Connection, id: &str, to: &str) -> Result<Item, DomainErro
     outbox::append(conn, &item.id, id, ItemKind::Stage, Action::Create, &body)?;
     Ok(item)
 }
+
+pub fn ids(conn: &Connection) -> Result<Vec<String>, DomainError> {
+    let mut stmt = conn.prepare_cached("SELECT id FROM work_orders ORDER BY id")?;
+    let ids = stmt
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<Vec<String>, _>>()?;
+    Ok(ids)
+}
+
+/// Takes a work order off the device (cancelled or reassigned by the dispatcher), with
+/// what was captured for it and delivered. One with changes still waiting stays: what
+/// the inspector captured is never dropped; it goes once everything is delivered and the
+/// dispatcher removes it again. Returns whether it was removed.
+pub fn remove(conn: &Connection, id: &str) -> Result<bool, DomainError> {
+    let pending: bool = conn.query_row(
+        "SELECT EXISTS(SELECT 1 FROM outbox WHERE work_order_id = ?1)
+             OR EXISTS(SELECT 1 FROM captures WHERE work_order_id = ?1)",
+        [id],
+        |r| r.get(0),
+    )?;
+    if pending {
+        tracing::warn!(work_order_id = %id, "work order removed by the dispatcher still has unsent changes; kept until they are delivered");
+        return Ok(false);
+    }
+    conn.execute("DELETE FROM items WHERE work_order_id = ?1", [id])?;
+    Ok(conn.execute("DELETE FROM work_orders WHERE id = ?1", [id])? > 0)
+}

@@ -11,6 +11,10 @@ use rusqlite::Connection;
 use tokio::sync::broadcast;
 use ui_bridge::{Event, Item, Request, Response, Status, WorkOrderChange, PROTOCOL_VERSION};
 
+mod sync;
+
+pub use sync::SyncStatus;
+
 use crate::config::Settings;
 use crate::domain::work_orders::{self, WorkOrderDoc};
 use crate::domain::{items, journal, outbox, DomainError};
@@ -36,12 +40,19 @@ struct Inner {
     damaged_store: Option<String>,
     /// Set by captures, cleared by folds: whether the journal may hold rows.
     journal_dirty: AtomicBool,
+    /// What the uplink reports: broker state, last upload and download, last error.
+    sync: std::sync::Mutex<SyncStatus>,
+    /// Wakes the uplink: something new to send.
+    sync_wanted: tokio::sync::Notify,
+    /// Wakes a waiting reconnect: the link changed or someone asked to sync now.
+    link_changed: tokio::sync::Notify,
     /// The last free-space reading and when it was taken.
     free_space: std::sync::Mutex<Option<(std::time::Instant, u64)>>,
 }
 
 impl Service {
     pub fn new(store: Store, settings: Settings, damaged_store: Option<String>) -> Service {
+        let uplink_configured = settings.uplink.is_some();
         let (events, _) = broadcast::channel(EVENT_BACKLOG);
         Service {
             inner: Arc::new(Inner {
@@ -51,6 +62,16 @@ impl Service {
                 damaged_store,
                 journal_dirty: AtomicBool::new(true),
                 free_space: std::sync::Mutex::new(None),
+                sync: std::sync::Mutex::new(SyncStatus {
+                    broker: if uplink_configured {
+                        "connecting"
+                    } else {
+                        "not_configured"
+                    },
+                    ..SyncStatus::default()
+                }),
+                sync_wanted: tokio::sync::Notify::new(),
+                link_changed: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -187,6 +208,7 @@ impl Service {
                     self.emit_item(item, true);
                 }
                 self.emit(Event::Unsent { count: unsent });
+                self.inner.sync_wanted.notify_one();
                 Ok(Response::Deleted {
                     item_id: deleted.item.id,
                     sent_nothing: deleted.sent_nothing,
@@ -287,6 +309,7 @@ impl Service {
     fn after_change(&self, item: &Item, unsent: u64) {
         self.emit_item(item, false);
         self.emit(Event::Unsent { count: unsent });
+        self.inner.sync_wanted.notify_one();
     }
 
     /// Refuses new captures while free space is under the reserve (promise 2): what is
@@ -321,15 +344,16 @@ impl Service {
     pub async fn status(&self) -> Result<Status, DomainError> {
         let unsent = self.inner.store.read(journal::unsent).await?;
         let free = free_bytes(self.inner.store.state_dir());
+        let sync = self.sync_status();
         Ok(Status {
             daemon_version: env!("CARGO_PKG_VERSION").into(),
             protocol: PROTOCOL_VERSION,
             unsent,
-            link: "offline".into(),
-            broker: "not_configured".into(),
-            last_upload_ms: None,
-            last_download_ms: None,
-            last_error: None,
+            link: sync.link().into(),
+            broker: sync.broker.into(),
+            last_upload_ms: sync.last_upload_ms,
+            last_download_ms: sync.last_download_ms,
+            last_error: sync.last_error,
             storage_free_bytes: free,
             storage_low: free < self.inner.settings.min_free_bytes,
             damaged_store: self.inner.damaged_store.clone(),

@@ -1,0 +1,264 @@
+//! The service's side of synchronisation: what the uplink asks of the store, and what it
+//! reports back (broker state, last upload and download, errors) for the app, `fieldctl
+//! status` and systemd's status line.
+
+use std::collections::HashSet;
+
+use ui_bridge::{Event, WorkOrderChange};
+
+use super::Service;
+use crate::config::UplinkSettings;
+use crate::domain::outbox::{self, PendingOp, StateChange};
+use crate::domain::{journal, work_orders, DomainError};
+use crate::store::now_ms;
+use crate::uplink::wire::{Acks, WorkOrderPush, WIRE_VERSION};
+
+/// The refusal code for "not applied: an earlier operation of this work order in the
+/// same batch was refused".
+pub const HELD: &str = "held";
+
+/// The uplink's state as the app shows it.
+#[derive(Debug, Clone, Default)]
+pub struct SyncStatus {
+    /// `not_configured`, `connecting`, `up`, `down`.
+    pub broker: &'static str,
+    pub last_upload_ms: Option<i64>,
+    pub last_download_ms: Option<i64>,
+    pub last_error: Option<String>,
+    /// Downlink messages that could not be used, since start.
+    pub bad_downlink: u64,
+}
+
+impl SyncStatus {
+    /// Without a link watcher the daemon only knows whether the broker answers.
+    pub fn link(&self) -> &'static str {
+        match self.broker {
+            "up" => "online",
+            _ => "offline",
+        }
+    }
+}
+
+impl Service {
+    pub fn sync_status(&self) -> SyncStatus {
+        match self.inner.sync.lock() {
+            Ok(s) => s.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    fn update_sync(&self, f: impl FnOnce(&mut SyncStatus)) -> SyncStatus {
+        let mut s = match self.inner.sync.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        f(&mut s);
+        s.clone()
+    }
+
+    /// The broker session changed state; `error` says why when it went down.
+    pub fn set_broker(&self, state: &'static str, error: Option<String>) {
+        let before = self.sync_status().broker;
+        let now = self.update_sync(|s| {
+            s.broker = state;
+            if error.is_some() {
+                s.last_error = error;
+            }
+        });
+        if before != state {
+            self.emit(Event::Link {
+                link: now.link().into(),
+                broker: state.into(),
+            });
+            crate::systemd::status(&match state {
+                "up" => "broker connected; sending".to_owned(),
+                "connecting" => "connecting to the broker".to_owned(),
+                _ => format!(
+                    "offline; captures are kept ({})",
+                    now.last_error.as_deref().unwrap_or("no broker")
+                ),
+            });
+        }
+    }
+
+    /// A downlink message that could not be used: logged with its reason and counted;
+    /// nothing stored changes.
+    pub fn count_bad_downlink(&self, topic: &str, why: &str) {
+        let s = self.update_sync(|s| {
+            s.bad_downlink += 1;
+            s.last_error = Some(format!("bad {topic} message from the back office: {why}"));
+        });
+        tracing::warn!(
+            topic,
+            reason = why,
+            count = s.bad_downlink,
+            "downlink message ignored"
+        );
+    }
+
+    /// Resolves when something new may be waiting to be sent.
+    pub async fn sync_wanted(&self) {
+        self.inner.sync_wanted.notified().await
+    }
+
+    /// Resolves when the link changed or a sync was asked for: a waiting reconnect
+    /// should try at once.
+    pub async fn link_changed(&self) {
+        self.inner.link_changed.notified().await
+    }
+
+    pub async fn requeue_in_flight(&self) -> Result<usize, DomainError> {
+        self.change(outbox::requeue_in_flight).await
+    }
+
+    /// The next batch of operations to send.
+    pub async fn next_batch(
+        &self,
+        busy: HashSet<String>,
+        settings: &UplinkSettings,
+    ) -> Result<Vec<PendingOp>, DomainError> {
+        let (max_ops, max_bytes) = (settings.batch_max_ops, settings.batch_max_bytes);
+        self.fold().await?;
+        self.inner
+            .store
+            .read(move |c| outbox::next_batch(c, &busy, max_ops, max_bytes))
+            .await
+    }
+
+    /// Marks a batch as leaving the device, durably, before it is published.
+    pub async fn mark_sent(&self, seqs: Vec<i64>) -> Result<(), DomainError> {
+        self.inner
+            .store
+            .write(move |c| outbox::mark_sent(c, &seqs))
+            .await
+    }
+
+    /// Applies acknowledgements and refusals. They need no fsync of their own: lost in a
+    /// power cut, the operations are simply sent again and acknowledged again.
+    pub async fn apply_acks(&self, acks: Acks) -> Result<(), DomainError> {
+        let Acks {
+            acks: ids, refused, ..
+        } = acks;
+        let acked = ids.len();
+        let (changes, unknown, unsent, wo_changes) = self
+            .inner
+            .store
+            .write_lazy(move |c| {
+                let (mut changes, unknown) = outbox::acknowledge(c, &ids)?;
+                let mut wo_changes = Vec::new();
+                for r in &refused {
+                    if r.code == HELD {
+                        // Not applied because an earlier change of its work order was
+                        // refused: it waits behind that one, it is not wrong itself.
+                        if let Some(change) = outbox::requeue_op(c, &r.id)? {
+                            changes.push(change);
+                        }
+                        continue;
+                    }
+                    let reason = format!("{}: {}", r.code, r.reason);
+                    if let Some(change) = outbox::refuse(c, &r.id, &reason)? {
+                        changes.push(change);
+                    }
+                    // The back office's current version of the work order, so the
+                    // inspector sees what changed.
+                    if let Some(doc) = &r.work_order {
+                        if let Some(ch) = work_orders::upsert(c, doc)? {
+                            wo_changes.push((doc.id.clone(), ch));
+                        }
+                    }
+                }
+                Ok::<_, DomainError>((changes, unknown, journal::unsent(c)?, wo_changes))
+            })
+            .await?;
+        if !unknown.is_empty() {
+            tracing::info!(count = unknown.len(), first = %unknown[0], "acknowledgements for operations no longer in the outbox (repeats) ignored");
+        }
+        for ch in &changes {
+            if ch.state == Some(ui_bridge::SyncState::Refused) {
+                tracing::warn!(item_id = %ch.item_id, work_order_id = %ch.work_order_id, reason = ?ch.reason, "the back office refused a change");
+            }
+            self.emit_change(ch);
+        }
+        for (work_order_id, change) in wo_changes {
+            self.emit(Event::WorkOrder {
+                work_order_id,
+                change,
+            });
+        }
+        self.emit(Event::Unsent { count: unsent });
+        if acked > 0 {
+            self.update_sync(|s| s.last_upload_ms = Some(now_ms()));
+        }
+        Ok(())
+    }
+
+    fn emit_change(&self, ch: &StateChange) {
+        self.emit(Event::ItemState {
+            item_id: ch.item_id.clone(),
+            work_order_id: ch.work_order_id.clone(),
+            kind: ch.kind,
+            state: ch.state,
+            reason: ch.reason.clone(),
+        });
+    }
+
+    /// Work orders from the dispatcher: into the cache, out as events.
+    pub async fn apply_push(&self, push: WorkOrderPush) -> Result<(), DomainError> {
+        let (v, docs, remove, full) = match push {
+            WorkOrderPush::Upsert { v, work_orders } => (v, work_orders, Vec::new(), false),
+            WorkOrderPush::Remove { v, ids, .. } => (v, Vec::new(), ids, false),
+            WorkOrderPush::Full { v, work_orders, .. } => (v, work_orders, Vec::new(), true),
+        };
+        if v != WIRE_VERSION {
+            return Err(DomainError::InvalidWorkOrder(format!(
+                "protocol version {v} is not spoken here"
+            )));
+        }
+        for doc in &docs {
+            doc.validate()?;
+        }
+        let changes = self
+            .change(move |c| {
+                let mut changes = Vec::new();
+                let listed: HashSet<String> = docs.iter().map(|d| d.id.clone()).collect();
+                for doc in &docs {
+                    if let Some(ch) = work_orders::upsert(c, doc)? {
+                        changes.push((doc.id.clone(), ch));
+                    }
+                }
+                let mut gone = remove;
+                if full {
+                    gone.extend(
+                        work_orders::ids(c)?
+                            .into_iter()
+                            .filter(|id| !listed.contains(id)),
+                    );
+                }
+                for id in gone {
+                    if work_orders::remove(c, &id)? {
+                        changes.push((id, WorkOrderChange::Removed));
+                    }
+                }
+                Ok(changes)
+            })
+            .await?;
+        for (work_order_id, change) in &changes {
+            tracing::info!(work_order_id = %work_order_id, change = ?change, "work order from the dispatcher");
+            self.emit(Event::WorkOrder {
+                work_order_id: work_order_id.clone(),
+                change: *change,
+            });
+        }
+        self.update_sync(|s| s.last_download_ms = Some(now_ms()));
+        Ok(())
+    }
+
+    /// Whether the cache is empty, so the full state should be asked for.
+    pub async fn needs_full_state(&self) -> bool {
+        self.inner
+            .store
+            .read(|c| Ok::<_, DomainError>(work_orders::ids(c)?.is_empty()))
+            .await
+            .unwrap_or(false)
+    }
+}

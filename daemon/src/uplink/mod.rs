@@ -1,0 +1,294 @@
+//! The uplink: one MQTT 3.1.1 session to the back office's broker (rumqttc), through
+//! which the outbox drains and work orders and acknowledgements arrive.
+//!
+//! rumqttc is the transport only. It keeps its queue in memory, so durability stays with
+//! the outbox: an operation is delivered when the back office acknowledges its id, not
+//! on the broker's PUBACK. Each connection gets a fresh rumqttc client; whatever was in
+//! flight on the previous one is sent again from the outbox, in order.
+
+pub mod mqtt;
+pub mod wire;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, Incoming, QoS};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::UplinkSettings;
+use crate::service::Service;
+use wire::{Acks, Topics, WorkOrderPush, WIRE_VERSION};
+
+/// A batch published and not yet acknowledged by the back office.
+struct InFlight {
+    /// Operation ids still waiting for their acknowledgement.
+    waiting: HashSet<String>,
+    work_orders: HashSet<String>,
+    sent_at: Instant,
+}
+
+/// How one connection ended.
+enum Ended {
+    Shutdown,
+    Lost(String),
+}
+
+pub struct Uplink {
+    service: Service,
+    settings: UplinkSettings,
+    topics: Topics,
+}
+
+impl Uplink {
+    pub fn new(service: Service, settings: UplinkSettings) -> Uplink {
+        let topics = Topics::new(&settings.topic_prefix, &settings.device_id);
+        Uplink {
+            service,
+            settings,
+            topics,
+        }
+    }
+
+    /// Connects, drains, reconnects with backoff, until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let options = match mqtt::options(&self.settings, &self.topics) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!(error = %e, "the uplink cannot start; captures keep being stored");
+                self.service.set_broker("down", Some(e.to_string()));
+                return;
+            }
+        };
+        let mut delay = self.settings.reconnect_min;
+        loop {
+            self.service.set_broker("connecting", None);
+            let (client, mut eventloop) = AsyncClient::new(options.clone(), 64);
+            let connected = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = eventloop.poll() => r,
+            };
+            let failure = match connected {
+                Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
+                    tracing::info!(
+                        broker = %format!("{}:{}", self.settings.host, self.settings.port),
+                        session_present = ack.session_present,
+                        "connected to the broker"
+                    );
+                    delay = self.settings.reconnect_min;
+                    match self.session(&client, &mut eventloop, &shutdown).await {
+                        Ended::Shutdown => {
+                            self.say_goodbye(&client, &mut eventloop).await;
+                            return;
+                        }
+                        Ended::Lost(why) => why,
+                    }
+                }
+                Ok(other) => format!("unexpected first packet {other:?}"),
+                Err(e) => e.to_string(),
+            };
+            tracing::warn!(error = %failure, retry_in_ms = delay.as_millis() as u64, "broker connection lost");
+            self.service
+                .set_broker("down", Some(format!("broker: {failure}")));
+            drop(client);
+            drop(eventloop);
+            // Jitter keeps a fleet that lost the same broker from returning in step.
+            let jittered = delay.mul_f64(0.5 + rand_unit());
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(jittered) => {}
+                _ = self.service.link_changed() => {}
+            }
+            delay = (delay * 2).min(self.settings.reconnect_max);
+        }
+    }
+
+    /// One connected session: subscribe, announce, then keep `window` batches in flight.
+    async fn session(
+        &self,
+        client: &AsyncClient,
+        eventloop: &mut rumqttc::EventLoop,
+        shutdown: &CancellationToken,
+    ) -> Ended {
+        if let Err(e) = client.try_subscribe(self.topics.downlink_filter(), QoS::AtLeastOnce) {
+            return Ended::Lost(format!("subscribe: {e}"));
+        }
+        let online = serde_json::json!({"v": WIRE_VERSION, "state": "online"}).to_string();
+        if let Err(e) = client.try_publish(self.topics.status(), QoS::AtLeastOnce, true, online) {
+            return Ended::Lost(format!("status: {e}"));
+        }
+        if let Err(e) = self.service.requeue_in_flight().await {
+            return Ended::Lost(format!("store: {e}"));
+        }
+        if self.service.needs_full_state().await {
+            let req =
+                serde_json::json!({"v": WIRE_VERSION, "request": uuid::Uuid::now_v7().to_string()});
+            let _ = client.try_publish(
+                self.topics.resync(),
+                QoS::AtLeastOnce,
+                false,
+                req.to_string(),
+            );
+        }
+        self.service.set_broker("up", None);
+
+        let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+        let mut op_batch: HashMap<String, usize> = HashMap::new();
+        let mut more = true;
+        let mut timeout_check = tokio::time::interval(self.settings.ack_timeout / 2);
+        timeout_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            // Fill the window from the outbox.
+            while more && in_flight.len() < self.settings.window {
+                let busy: HashSet<String> = in_flight
+                    .iter()
+                    .flat_map(|b| b.work_orders.iter().cloned())
+                    .collect();
+                let batch = match self.service.next_batch(busy, &self.settings).await {
+                    Ok(b) => b,
+                    Err(e) => return Ended::Lost(format!("store: {e}")),
+                };
+                if batch.is_empty() {
+                    more = false;
+                    break;
+                }
+                let payload = match wire::encode_batch(&batch, self.settings.compression_level) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot encode a batch; it stays in the outbox");
+                        more = false;
+                        break;
+                    }
+                };
+                let seqs: Vec<i64> = batch.iter().map(|o| o.seq).collect();
+                if let Err(e) = self.service.mark_sent(seqs).await {
+                    return Ended::Lost(format!("store: {e}"));
+                }
+                if let Err(e) =
+                    client.try_publish(self.topics.ops(), QoS::AtLeastOnce, false, payload)
+                {
+                    return Ended::Lost(format!("publish: {e}"));
+                }
+                tracing::debug!(ops = batch.len(), first_op = %batch[0].op_id, "batch sent");
+                let index = in_flight.len();
+                for op in &batch {
+                    op_batch.insert(op.op_id.clone(), index);
+                }
+                in_flight.push_back(InFlight {
+                    waiting: batch.iter().map(|o| o.op_id.clone()).collect(),
+                    work_orders: batch.iter().map(|o| o.work_order_id.clone()).collect(),
+                    sent_at: Instant::now(),
+                });
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ended::Shutdown,
+                _ = self.service.sync_wanted() => more = true,
+                _ = timeout_check.tick() => {
+                    if in_flight.front().is_some_and(|b| b.sent_at.elapsed() > self.settings.ack_timeout) {
+                        // The back office has not answered: start over on a new
+                        // connection, which sends everything unacknowledged again.
+                        return Ended::Lost("no acknowledgement from the back office in time".into());
+                    }
+                }
+                event = eventloop.poll() => match event {
+                    Ok(Event::Incoming(Incoming::Publish(p))) => {
+                        if p.topic == self.topics.acks() {
+                            let acked = self.on_acks(&p.payload).await;
+                            for id in acked {
+                                if let Some(&i) = op_batch.get(&id) {
+                                    if let Some(b) = in_flight.get_mut(i) {
+                                        b.waiting.remove(&id);
+                                    }
+                                    op_batch.remove(&id);
+                                }
+                            }
+                            // Batches finish in any order; drop finished ones and renumber.
+                            if in_flight.iter().any(|b| b.waiting.is_empty()) {
+                                in_flight.retain(|b| !b.waiting.is_empty());
+                                op_batch.clear();
+                                for (i, b) in in_flight.iter().enumerate() {
+                                    for id in &b.waiting {
+                                        op_batch.insert(id.clone(), i);
+                                    }
+                                }
+                                more = true;
+                            }
+                        } else if p.topic == self.topics.work_orders() {
+                            self.on_work_orders(&p.payload).await;
+                        } else {
+                            tracing::warn!(topic = %p.topic, "message on an unknown downlink topic ignored");
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Ended::Lost(e.to_string()),
+                },
+            }
+        }
+    }
+
+    /// Handles an acknowledgement message; returns the operation ids it settled
+    /// (acknowledged or refused).
+    async fn on_acks(&self, payload: &[u8]) -> Vec<String> {
+        let acks: Acks =
+            match wire::decode(payload, self.settings.max_downlink_bytes).and_then(|json| {
+                serde_json::from_slice(&json).map_err(|e| wire::WireError::Decode(e.to_string()))
+            }) {
+                Ok(a) => a,
+                Err(e) => {
+                    self.service.count_bad_downlink("acks", &e.to_string());
+                    return Vec::new();
+                }
+            };
+        if acks.v != WIRE_VERSION {
+            self.service
+                .count_bad_downlink("acks", &wire::WireError::Version(acks.v).to_string());
+            return Vec::new();
+        }
+        let mut settled: Vec<String> = acks.acks.clone();
+        settled.extend(acks.refused.iter().map(|r| r.id.clone()));
+        if let Err(e) = self.service.apply_acks(acks).await {
+            tracing::error!(error = %e, "cannot record acknowledgements; they will come again");
+            return Vec::new();
+        }
+        settled
+    }
+
+    async fn on_work_orders(&self, payload: &[u8]) {
+        let push: WorkOrderPush = match wire::decode(payload, self.settings.max_downlink_bytes)
+            .and_then(|json| {
+                serde_json::from_slice(&json).map_err(|e| wire::WireError::Decode(e.to_string()))
+            }) {
+            Ok(p) => p,
+            Err(e) => {
+                self.service
+                    .count_bad_downlink("work-orders", &e.to_string());
+                return;
+            }
+        };
+        if let Err(e) = self.service.apply_push(push).await {
+            self.service
+                .count_bad_downlink("work-orders", &e.to_string());
+        }
+    }
+
+    /// A clean stop says "offline" itself, so the back office need not wait for the
+    /// broker to notice a missing keepalive.
+    async fn say_goodbye(&self, client: &AsyncClient, eventloop: &mut rumqttc::EventLoop) {
+        let offline = serde_json::json!({"v": WIRE_VERSION, "state": "offline"}).to_string();
+        let _ = client.try_publish(self.topics.status(), QoS::AtLeastOnce, true, offline);
+        let _ = client.try_disconnect();
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            while let Ok(ev) = eventloop.poll().await {
+                if matches!(ev, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                    break;
+                }
+            }
+        })
+        .await;
+        self.service.set_broker("down", None);
+    }
+}
+
+/// A number in [0, 1), for jitter.
+fn rand_unit() -> f64 {
+    rand::random::<f64>()
+}

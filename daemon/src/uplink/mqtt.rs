@@ -1,0 +1,124 @@
+//! The MQTT session's options: persistent session, keepalive, the retained last will,
+//! credentials read from files, and TLS through rustls with a client certificate.
+
+use std::sync::Arc;
+
+use rumqttc::{LastWill, MqttOptions, QoS, TlsConfiguration, Transport};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use super::wire::{Topics, WIRE_VERSION};
+use crate::config::UplinkSettings;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MqttSetupError {
+    #[error("cannot read {what} {path}: {source}")]
+    Read {
+        what: &'static str,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{what} {path} holds no usable PEM data: {message}")]
+    Pem {
+        what: &'static str,
+        path: std::path::PathBuf,
+        message: String,
+    },
+    #[error("TLS setup: {0}")]
+    Tls(String),
+}
+
+pub fn options(s: &UplinkSettings, topics: &Topics) -> Result<MqttOptions, MqttSetupError> {
+    let mut o = MqttOptions::new(&s.device_id, &s.host, s.port);
+    // The broker keeps the subscription and queues acknowledgements and work orders
+    // while the device is away.
+    o.set_clean_session(false);
+    o.set_keep_alive(s.keep_alive);
+    o.set_inflight((s.window * 2).clamp(8, u16::MAX as usize) as u16);
+    o.set_max_packet_size(
+        s.max_downlink_bytes + 64 * 1024,
+        s.batch_max_bytes.saturating_mul(2) + 64 * 1024,
+    );
+    let offline = serde_json::json!({"v": WIRE_VERSION, "state": "offline"}).to_string();
+    o.set_last_will(LastWill::new(
+        topics.status(),
+        offline,
+        QoS::AtLeastOnce,
+        true,
+    ));
+    if let Some(user) = &s.username {
+        let password = match &s.password_file {
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|source| MqttSetupError::Read {
+                    what: "password file",
+                    path: path.clone(),
+                    source,
+                })?
+                .trim_end_matches(['\r', '\n'])
+                .to_owned(),
+            None => String::new(),
+        };
+        o.set_credentials(user, password);
+    }
+    if let Some(tls) = &s.tls {
+        o.set_transport(Transport::Tls(TlsConfiguration::Rustls(Arc::new(
+            client_config(tls)?,
+        ))));
+    }
+    Ok(o)
+}
+
+fn client_config(tls: &crate::config::TlsFiles) -> Result<rustls::ClientConfig, MqttSetupError> {
+    let read = |what: &'static str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|source| MqttSetupError::Read {
+            what,
+            path: path.to_owned(),
+            source,
+        })
+    };
+    let pem_err = |what: &'static str, path: &std::path::Path, e: String| MqttSetupError::Pem {
+        what,
+        path: path.to_owned(),
+        message: e,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = read("CA file", &tls.ca)?;
+    let mut any = false;
+    for cert in CertificateDer::pem_slice_iter(&ca) {
+        let cert = cert.map_err(|e| pem_err("CA file", &tls.ca, e.to_string()))?;
+        roots
+            .add(cert)
+            .map_err(|e| pem_err("CA file", &tls.ca, e.to_string()))?;
+        any = true;
+    }
+    if !any {
+        return Err(pem_err("CA file", &tls.ca, "no certificate".into()));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| MqttSetupError::Tls(e.to_string()))?
+        .with_root_certificates(roots);
+    match &tls.client {
+        None => Ok(builder.with_no_client_auth()),
+        Some((cert_path, key_path)) => {
+            let cert_pem = read("client certificate", cert_path)?;
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
+                .collect::<Result<_, _>>()
+                .map_err(|e| pem_err("client certificate", cert_path, e.to_string()))?;
+            if certs.is_empty() {
+                return Err(pem_err(
+                    "client certificate",
+                    cert_path,
+                    "no certificate".into(),
+                ));
+            }
+            let key_pem = read("client key", key_path)?;
+            let key = PrivateKeyDer::from_pem_slice(&key_pem)
+                .map_err(|e| pem_err("client key", key_path, e.to_string()))?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| MqttSetupError::Tls(e.to_string()))
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! The messages between the device and the back office, as `docs/protocol.md` describes
+//! them: topics, the JSON bodies, and the optional zstd compression of a message.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::domain::outbox::PendingOp;
+use crate::domain::work_orders::WorkOrderDoc;
+
+/// The version of the back-office protocol in every message's `v`.
+pub const WIRE_VERSION: u32 = 1;
+
+/// zstd frames start with these bytes; a JSON message starts with `{`.
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
+/// The topics of one device.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    base: String,
+}
+
+impl Topics {
+    pub fn new(prefix: &str, device_id: &str) -> Topics {
+        Topics {
+            base: format!("{prefix}/{device_id}"),
+        }
+    }
+    /// Device -> back office: batches of operations.
+    pub fn ops(&self) -> String {
+        format!("{}/up/ops", self.base)
+    }
+    /// Device -> back office: a request for the full state of the device's work orders.
+    pub fn resync(&self) -> String {
+        format!("{}/up/resync", self.base)
+    }
+    /// Retained online/offline marker, also the last will.
+    pub fn status(&self) -> String {
+        format!("{}/status", self.base)
+    }
+    /// Back office -> device: everything under `down/`.
+    pub fn downlink_filter(&self) -> String {
+        format!("{}/down/#", self.base)
+    }
+    pub fn acks(&self) -> String {
+        format!("{}/down/acks", self.base)
+    }
+    pub fn work_orders(&self) -> String {
+        format!("{}/down/work-orders", self.base)
+    }
+}
+
+/// One operation as it travels.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct WireOp<'a> {
+    /// The operation's id: the back office applies each id once.
+    pub id: &'a str,
+    /// The work order; operations of one work order are applied in `seq` order.
+    pub wo: &'a str,
+    pub item: &'a str,
+    pub kind: &'a str,
+    /// `create`, `update` or `delete`.
+    pub act: &'a str,
+    /// When the change was made on the device (ms since the Unix epoch).
+    pub at: i64,
+    #[serde(borrow)]
+    pub body: &'a RawValue,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct OpsBatch<'a> {
+    pub v: u32,
+    #[serde(borrow)]
+    pub ops: Vec<WireOp<'a>>,
+}
+
+/// Encodes a batch: JSON, compressed when that makes it smaller.
+pub fn encode_batch(ops: &[PendingOp], level: i32) -> Result<Vec<u8>, WireError> {
+    let raws: Vec<Box<RawValue>> = ops
+        .iter()
+        .map(|op| RawValue::from_string(op.payload.clone()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| WireError::Encode(e.to_string()))?;
+    let batch = OpsBatch {
+        v: WIRE_VERSION,
+        ops: ops
+            .iter()
+            .zip(&raws)
+            .map(|(op, raw)| WireOp {
+                id: &op.op_id,
+                wo: &op.work_order_id,
+                item: &op.item_id,
+                kind: &op.item_kind,
+                act: &op.action,
+                at: op.created_ms,
+                body: raw,
+            })
+            .collect(),
+    };
+    let json = serde_json::to_vec(&batch).map_err(|e| WireError::Encode(e.to_string()))?;
+    Ok(compress(json, level))
+}
+
+/// Compresses with zstd unless that would not save anything (already compressed or
+/// random data), so the wire never carries more than the JSON itself.
+pub fn compress(json: Vec<u8>, level: i32) -> Vec<u8> {
+    match zstd::bulk::compress(&json, level) {
+        Ok(z) if z.len() < json.len() => z,
+        _ => json,
+    }
+}
+
+/// Reads a message body: zstd or plain JSON, at most `limit` bytes once decompressed.
+pub fn decode(payload: &[u8], limit: usize) -> Result<Vec<u8>, WireError> {
+    if payload.starts_with(&ZSTD_MAGIC) {
+        let out = zstd::bulk::decompress(payload, limit)
+            .map_err(|e| WireError::Decode(format!("zstd: {e}")))?;
+        Ok(out)
+    } else if payload.len() > limit {
+        Err(WireError::TooLarge {
+            size: payload.len(),
+            limit,
+        })
+    } else {
+        Ok(payload.to_vec())
+    }
+}
+
+/// The back office's answer to operations.
+#[derive(Debug, Deserialize, Serialize, PartialEq)]
+pub struct Acks {
+    pub v: u32,
+    #[serde(default)]
+    pub acks: Vec<String>,
+    #[serde(default)]
+    pub refused: Vec<Refusal>,
+}
+
+#[derive(Debug, Deserialize, Serialize, PartialEq)]
+pub struct Refusal {
+    pub id: String,
+    /// `conflict`, `validation`, `forbidden`, or another word the back office chooses.
+    pub code: String,
+    /// Words for the inspector.
+    pub reason: String,
+    /// The back office's current version of the work order, when it has one.
+    #[serde(default)]
+    pub work_order: Option<WorkOrderDoc>,
+}
+
+/// What the dispatcher sends about work orders.
+#[derive(Debug, Deserialize, Serialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum WorkOrderPush {
+    /// New or changed work orders for this device.
+    Upsert {
+        v: u32,
+        work_orders: Vec<WorkOrderDoc>,
+    },
+    /// Work orders taken off this device (cancelled, reassigned).
+    Remove {
+        v: u32,
+        ids: Vec<String>,
+        #[serde(default)]
+        reason: Option<String>,
+    },
+    /// The answer to a resync request: every work order the device should have.
+    Full {
+        v: u32,
+        #[serde(default)]
+        request: Option<String>,
+        work_orders: Vec<WorkOrderDoc>,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("cannot encode: {0}")]
+    Encode(String),
+    #[error("cannot decode: {0}")]
+    Decode(String),
+    #[error("message of {size} bytes is over the limit of {limit}")]
+    TooLarge { size: usize, limit: usize },
+    #[error("protocol version {0} is not spoken here (this daemon speaks {WIRE_VERSION})")]
+    Version(u32),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(i: usize, body: &str) -> PendingOp {
+        PendingOp {
+            seq: i as i64,
+            op_id: format!("op-{i}"),
+            item_id: format!("item-{i}"),
+            work_order_id: "WO-1".into(),
+            item_kind: "note".into(),
+            action: "create".into(),
+            payload: body.into(),
+            created_ms: 1,
+        }
+    }
+
+    #[test]
+    fn a_batch_round_trips_and_shrinks_when_it_can() {
+        let ops: Vec<_> = (0..50)
+            .map(|i| {
+                op(
+                    i,
+                    r#"{"kind":"note","text":"valve checked, no leak found, pressure nominal"}"#,
+                )
+            })
+            .collect();
+        let wire = encode_batch(&ops, 3).unwrap();
+        let json = decode(&wire, 1 << 20).unwrap();
+        let batch: OpsBatch<'_> = serde_json::from_slice(&json).unwrap();
+        assert_eq!(batch.ops.len(), 50);
+        assert_eq!(batch.ops[7].id, "op-7");
+        assert!(
+            wire.len() * 4 < json.len(),
+            "{} vs {}",
+            wire.len(),
+            json.len()
+        );
+    }
+
+    #[test]
+    fn incompressible_data_is_sent_as_is() {
+        let body = serde_json::to_string(&serde_json::json!({"kind":"note","text": "x"})).unwrap();
+        let wire = compress(body.clone().into_bytes(), 3);
+        assert_eq!(wire, body.as_bytes());
+        assert_eq!(decode(&wire, 100).unwrap(), body.as_bytes());
+    }
+
+    #[test]
+    fn oversize_and_broken_messages_are_refused() {
+        let big = compress(vec![b' '; 10_000], 3);
+        assert!(decode(&big, 100).is_err());
+        assert!(decode(&[0x28, 0xb5, 0x2f, 0xfd, 1, 2, 3], 100).is_err());
+    }
+}

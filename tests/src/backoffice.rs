@@ -1,0 +1,261 @@
+//! A test back office written from `docs/protocol.md` alone: a real MQTT client on the
+//! real broker that applies each operation id once, in order per work order, answers
+//! with acknowledgements (or refusals, on demand), plays the dispatcher, and records
+//! everything so tests can check exactly-once and order.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
+use serde_json::{json, Value};
+
+pub const PREFIX: &str = "fieldsync/v1";
+
+/// An operation as the back office applied it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Applied {
+    pub device: String,
+    pub id: String,
+    pub wo: String,
+    pub item: String,
+    pub kind: String,
+    pub act: String,
+    pub body: Value,
+}
+
+/// Decides whether to refuse an operation: `Some((code, reason))` refuses it.
+pub type RefusePolicy = Box<dyn Fn(&Applied) -> Option<(String, String)> + Send>;
+
+#[derive(Default)]
+pub struct State {
+    /// In the order applied.
+    pub applied: Vec<Applied>,
+    seen: HashSet<String>,
+    /// Operations received again after they were applied (expected after cuts).
+    pub duplicates: u64,
+    pub batches: u64,
+    /// Bytes of `up/ops` payloads as they came off the wire.
+    pub wire_bytes: u64,
+    /// Bytes of those payloads once decompressed (the JSON).
+    pub json_bytes: u64,
+    pub refused: Vec<String>,
+    pub resync_requests: u64,
+    pub first_batch_at: Option<Instant>,
+    pub last_applied_at: Option<Instant>,
+    /// The dispatcher's work orders per device, for full-state answers.
+    pub work_orders: HashMap<String, Vec<Value>>,
+    pub refuse: Option<RefusePolicy>,
+}
+
+pub struct BackOffice {
+    pub state: Arc<Mutex<State>>,
+    client: AsyncClient,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn decode(payload: &[u8]) -> Option<Vec<u8>> {
+    if payload.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        zstd::stream::decode_all(payload).ok()
+    } else {
+        Some(payload.to_vec())
+    }
+}
+
+fn encode(v: &Value) -> Vec<u8> {
+    let json = serde_json::to_vec(v).expect("json");
+    if json.len() > 512 {
+        zstd::bulk::compress(&json, 3).expect("zstd")
+    } else {
+        json
+    }
+}
+
+impl BackOffice {
+    /// Connects to the broker on `port` and starts serving.
+    pub async fn start(port: u16) -> BackOffice {
+        let mut o = MqttOptions::new(
+            format!("backoffice-{}", std::process::id()),
+            "127.0.0.1",
+            port,
+        );
+        o.set_keep_alive(Duration::from_secs(5));
+        o.set_clean_session(false);
+        o.set_max_packet_size(64 << 20, 64 << 20);
+        o.set_inflight(1000);
+        let (client, mut eventloop) = AsyncClient::new(o, 10_000);
+        let state = Arc::new(Mutex::new(State::default()));
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let mut ready_tx = Some(ready_tx);
+        let st = state.clone();
+        let c = client.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                        c.try_subscribe(format!("{PREFIX}/+/up/#"), QoS::AtLeastOnce)
+                            .expect("subscribe");
+                    }
+                    Ok(Event::Incoming(Incoming::SubAck(_))) => {
+                        if let Some(tx) = ready_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Incoming::Publish(p))) => {
+                        handle(&st, &c, &p.topic, &p.payload);
+                    }
+                    Ok(_) => {}
+                    // The broker went away (tests restart it): try again shortly.
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), ready_rx)
+            .await
+            .expect("back office subscribed within 10 s")
+            .expect("back office task alive");
+        BackOffice {
+            state,
+            client,
+            task,
+        }
+    }
+
+    pub fn applied(&self) -> Vec<Applied> {
+        self.state.lock().unwrap().applied.clone()
+    }
+
+    pub fn set_refuse(&self, policy: Option<RefusePolicy>) {
+        self.state.lock().unwrap().refuse = policy;
+    }
+
+    /// Waits until `n` operations were applied, or panics after `timeout`.
+    pub async fn wait_applied(&self, n: usize, timeout: Duration) -> Vec<Applied> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let applied = self.applied();
+            if applied.len() >= n {
+                return applied;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {n} operations applied in {timeout:?}",
+                applied.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The dispatcher pushes new or changed work orders to a device.
+    pub async fn push_work_orders(&self, device: &str, work_orders: Vec<Value>) {
+        {
+            let mut st = self.state.lock().unwrap();
+            let list = st.work_orders.entry(device.to_owned()).or_default();
+            for wo in &work_orders {
+                list.retain(|w| w["id"] != wo["id"]);
+                list.push(wo.clone());
+            }
+        }
+        let msg = json!({"v": 1, "type": "upsert", "work_orders": work_orders});
+        self.publish_down(device, "work-orders", encode(&msg)).await;
+    }
+
+    /// Publishes raw bytes on a device's downlink topic (bad-input tests).
+    pub async fn publish_down(&self, device: &str, topic: &str, payload: Vec<u8>) {
+        self.client
+            .publish(
+                format!("{PREFIX}/{device}/down/{topic}"),
+                QoS::AtLeastOnce,
+                false,
+                payload,
+            )
+            .await
+            .expect("publish");
+    }
+}
+
+impl Drop for BackOffice {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn handle(state: &Arc<Mutex<State>>, client: &AsyncClient, topic: &str, payload: &[u8]) {
+    let parts: Vec<&str> = topic.split('/').collect();
+    // fieldsync/v1/<device>/up/<what>
+    if parts.len() < 5 || parts[3] != "up" {
+        return;
+    }
+    let device = parts[2].to_owned();
+    let Some(json) = decode(payload) else {
+        return;
+    };
+    let Ok(msg) = serde_json::from_slice::<Value>(&json) else {
+        return;
+    };
+    match parts[4] {
+        "ops" => {
+            let mut st = state.lock().unwrap();
+            st.batches += 1;
+            st.wire_bytes += payload.len() as u64;
+            st.json_bytes += json.len() as u64;
+            st.first_batch_at.get_or_insert_with(Instant::now);
+            let mut acks = Vec::new();
+            let mut refused = Vec::new();
+            let mut held: HashSet<String> = HashSet::new();
+            for op in msg["ops"].as_array().cloned().unwrap_or_default() {
+                let a = Applied {
+                    device: device.clone(),
+                    id: op["id"].as_str().unwrap_or_default().to_owned(),
+                    wo: op["wo"].as_str().unwrap_or_default().to_owned(),
+                    item: op["item"].as_str().unwrap_or_default().to_owned(),
+                    kind: op["kind"].as_str().unwrap_or_default().to_owned(),
+                    act: op["act"].as_str().unwrap_or_default().to_owned(),
+                    body: op["body"].clone(),
+                };
+                if st.seen.contains(&a.id) {
+                    st.duplicates += 1;
+                    acks.push(a.id);
+                    continue;
+                }
+                if held.contains(&a.wo) {
+                    refused.push(json!({"id": a.id, "code": "held", "reason": "an earlier change of this work order was refused"}));
+                    continue;
+                }
+                if let Some((code, reason)) = st.refuse.as_ref().and_then(|f| f(&a)) {
+                    held.insert(a.wo.clone());
+                    st.refused.push(a.id.clone());
+                    refused.push(json!({"id": a.id, "code": code, "reason": reason}));
+                    continue;
+                }
+                st.seen.insert(a.id.clone());
+                acks.push(a.id.clone());
+                st.applied.push(a);
+                st.last_applied_at = Some(Instant::now());
+            }
+            drop(st);
+            let msg = json!({"v": 1, "acks": acks, "refused": refused});
+            let _ = client.try_publish(
+                format!("{PREFIX}/{device}/down/acks"),
+                QoS::AtLeastOnce,
+                false,
+                encode(&msg),
+            );
+        }
+        "resync" => {
+            let mut st = state.lock().unwrap();
+            st.resync_requests += 1;
+            let list = st.work_orders.get(&device).cloned().unwrap_or_default();
+            drop(st);
+            let msg =
+                json!({"v": 1, "type": "full", "request": msg["request"], "work_orders": list});
+            let _ = client.try_publish(
+                format!("{PREFIX}/{device}/down/work-orders"),
+                QoS::AtLeastOnce,
+                false,
+                encode(&msg),
+            );
+        }
+        _ => {}
+    }
+}

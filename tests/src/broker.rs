@@ -1,0 +1,141 @@
+//! A real Mosquitto for tests: started in the foreground on a free port in a temporary
+//! folder, stopped, killed and restarted on the same port.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+pub struct Broker {
+    pub dir: TempDir,
+    pub port: u16,
+    conf: PathBuf,
+    child: Option<Child>,
+}
+
+/// TLS material for a listener that requires client certificates.
+pub struct TlsListener {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+impl Broker {
+    pub fn start() -> Broker {
+        Broker::start_with(None)
+    }
+
+    pub fn start_with(tls: Option<TlsListener>) -> Broker {
+        let dir = tempfile::Builder::new()
+            .prefix("fieldsync-broker")
+            .tempdir()
+            .expect("temp dir");
+        let port = free_port();
+        let mut conf = format!(
+            "listener {port} 127.0.0.1\n\
+             persistence true\n\
+             persistence_location {}/\n\
+             log_dest file {}/mosquitto.log\n\
+             log_type error\nlog_type warning\nlog_type notice\n\
+             # Queued messages for a device that is away: far more than a test needs.\n\
+             max_queued_messages 1000000\n",
+            dir.path().display(),
+            dir.path().display(),
+        );
+        if nix::unistd::geteuid().is_root() {
+            // Keep root so the persistence folder (owned by root) stays writable.
+            conf.push_str("user root\n");
+        }
+        match &tls {
+            None => conf.push_str("allow_anonymous true\n"),
+            Some(t) => conf.push_str(&format!(
+                "allow_anonymous true\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n",
+                t.ca.display(),
+                t.cert.display(),
+                t.key.display()
+            )),
+        }
+        let path = dir.path().join("mosquitto.conf");
+        std::fs::write(&path, conf).expect("write mosquitto.conf");
+        let mut b = Broker {
+            dir,
+            port,
+            conf: path,
+            child: None,
+        };
+        b.spawn();
+        b
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none());
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&self.conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto starts (scripts/install-deps.sh installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("mosquitto exited with {status}: {}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mosquitto did not listen in 10 s: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL: connections drop without a goodbye.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM: Mosquitto saves its persistence file and closes connections.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
