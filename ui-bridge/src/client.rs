@@ -326,6 +326,33 @@ impl Client {
         }
     }
 
+    pub async fn retry(&mut self, item_id: &str) -> Result<Item, ClientError> {
+        let req = Request::Retry {
+            item_id: item_id.into(),
+        };
+        expect_item("retry", self.call(req).await?)
+    }
+
+    /// Drops a refused change; returns the item as it is now, or `None` when it is gone.
+    pub async fn discard(&mut self, item_id: &str) -> Result<Option<Item>, ClientError> {
+        match self
+            .call(Request::Discard {
+                item_id: item_id.into(),
+            })
+            .await?
+        {
+            Response::Discarded { item, .. } => Ok(item),
+            other => Err(unexpected("discard", &other)),
+        }
+    }
+
+    pub async fn sync_now(&mut self) -> Result<(), ClientError> {
+        match self.call(Request::SyncNow).await? {
+            Response::SyncStarted => Ok(()),
+            other => Err(unexpected("sync_now", &other)),
+        }
+    }
+
     pub async fn subscribe(&mut self) -> Result<(), ClientError> {
         match self.call(Request::Subscribe).await? {
             Response::Subscribed => Ok(()),

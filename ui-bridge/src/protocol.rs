@@ -61,6 +61,12 @@ pub enum Request {
     },
     /// Start receiving events on this connection.
     Subscribe,
+    /// Send a change the back office refused again, as it is.
+    Retry { item_id: String },
+    /// Drop a change the back office refused.
+    Discard { item_id: String },
+    /// Sync now: connect at once if the broker is away, send what waits.
+    SyncNow,
 }
 
 impl Request {
@@ -77,6 +83,9 @@ impl Request {
         "advance_stage",
         "outbox",
         "subscribe",
+        "retry",
+        "discard",
+        "sync_now",
     ];
 }
 
@@ -272,6 +281,13 @@ pub enum Response {
         operations: Vec<Operation>,
     },
     Subscribed,
+    /// After `discard`: the item as it is now, or null when it is gone.
+    Discarded {
+        item_id: String,
+        item: Option<Item>,
+    },
+    /// After `sync_now`.
+    SyncStarted,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

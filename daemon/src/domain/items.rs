@@ -550,3 +550,112 @@ mod tests {
         assert_eq!(wo.summary.title, "Pump 2");
     }
 }
+
+/// The refused operation of an item, which `retry` and `discard` act on.
+fn refused_op(conn: &Connection, item: &Item) -> Result<(i64, String), DomainError> {
+    conn.query_row(
+        "SELECT seq, action FROM outbox WHERE item_id = ?1 AND state = 'refused' ORDER BY seq LIMIT 1",
+        [&item.id],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .optional()?
+    .ok_or_else(|| {
+        DomainError::NotEditable(format!(
+            "item {} has no refused change (it is {})",
+            item.id,
+            item.state.as_str()
+        ))
+    })
+}
+
+/// Sends a refused change again as it is (the cause was fixed on the back office's side).
+pub fn retry(conn: &Connection, item_id: &str) -> Result<Item, DomainError> {
+    let item = load_item(conn, item_id)?;
+    let (seq, _) = refused_op(conn, &item)?;
+    conn.execute(
+        "UPDATE outbox SET state = 'waiting', reason = NULL WHERE seq = ?1",
+        [seq],
+    )?;
+    conn.execute(
+        "UPDATE items SET sync_state = 'waiting', reason = NULL, updated_ms = ?2 WHERE id = ?1",
+        params![item_id, now_ms()],
+    )?;
+    load_item(conn, item_id)
+}
+
+/// What discarding a refused change did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Discarded {
+    /// The item afterwards; `None` when it is gone (a refused creation).
+    pub item: Option<Item>,
+    pub work_order_id: String,
+    /// Items removed with it (photos of a record whose creation was refused).
+    pub also_removed: Vec<Item>,
+    /// Set when a refused stage move was undone.
+    pub stage_reverted: bool,
+}
+
+/// Drops a refused change. The back office never applied it, so: a refused creation
+/// removes the item (and its photos) from the device; a refused edit or deletion leaves
+/// the item as the back office has it; a refused stage move puts the stage back.
+pub fn discard(conn: &Connection, item_id: &str) -> Result<Discarded, DomainError> {
+    let item = conn
+        .query_row(
+            &format!("SELECT {ITEM_COLUMNS} FROM items WHERE id = ?1"),
+            [item_id],
+            item_row,
+        )
+        .optional()?
+        .ok_or_else(|| DomainError::UnknownItem(item_id.to_owned()))?;
+    let (seq, action) = refused_op(conn, &item)?;
+    conn.execute("DELETE FROM outbox WHERE seq = ?1", [seq])?;
+    let mut also_removed = Vec::new();
+    let mut stage_reverted = false;
+    if action == "create" {
+        if item.kind == ItemKind::Stage {
+            if let Some(from) = item.body.get("from").and_then(|f| f.as_str()) {
+                conn.execute(
+                    "UPDATE work_orders SET stage = ?2 WHERE id = ?1",
+                    params![item.work_order_id, from],
+                )?;
+                stage_reverted = true;
+            }
+        }
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {ITEM_COLUMNS} FROM items WHERE record_id = ?1"
+        ))?;
+        also_removed = stmt
+            .query_map([item_id], item_row)?
+            .collect::<Result<Vec<_>, _>>()?;
+        for photo in &also_removed {
+            conn.execute("DELETE FROM outbox WHERE item_id = ?1", [&photo.id])?;
+            conn.execute("DELETE FROM items WHERE id = ?1", [&photo.id])?;
+        }
+        conn.execute("DELETE FROM outbox WHERE item_id = ?1", [item_id])?;
+        conn.execute("DELETE FROM items WHERE id = ?1", [item_id])?;
+        return Ok(Discarded {
+            item: None,
+            work_order_id: item.work_order_id,
+            also_removed,
+            stage_reverted,
+        });
+    }
+    let next: Option<String> = conn
+        .query_row(
+            "SELECT state FROM outbox WHERE item_id = ?1 ORDER BY seq DESC LIMIT 1",
+            [item_id],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let state = next.unwrap_or_else(|| "delivered".into());
+    conn.execute(
+        "UPDATE items SET sync_state = ?2, reason = NULL, deleted = 0, updated_ms = ?3 WHERE id = ?1",
+        params![item_id, state, now_ms()],
+    )?;
+    Ok(Discarded {
+        item: Some(load_item(conn, item_id)?),
+        work_order_id: item.work_order_id,
+        also_removed,
+        stage_reverted,
+    })
+}

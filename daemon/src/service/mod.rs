@@ -244,6 +244,58 @@ impl Service {
             }
             // The bridge answers `subscribe` itself; it owns the connection.
             Request::Subscribe => Ok(Response::Subscribed),
+            Request::Retry { item_id } => {
+                let (item, unsent) = self
+                    .change(move |c| {
+                        let item = items::retry(c, &item_id)?;
+                        Ok((item, journal::unsent(c)?))
+                    })
+                    .await?;
+                tracing::info!(item_id = %item.id, "refused change sent again");
+                self.after_change(&item, unsent);
+                Ok(Response::Item(item))
+            }
+            Request::Discard { item_id } => {
+                let id = item_id.clone();
+                let (d, unsent) = self
+                    .change(move |c| {
+                        let d = items::discard(c, &id)?;
+                        Ok((d, journal::unsent(c)?))
+                    })
+                    .await?;
+                tracing::info!(item_id = %item_id, "refused change discarded");
+                match &d.item {
+                    Some(item) => self.emit_item(item, false),
+                    None => self.emit(Event::ItemState {
+                        item_id: item_id.clone(),
+                        work_order_id: d.work_order_id.clone(),
+                        kind: ui_bridge::ItemKind::Note,
+                        state: None,
+                        reason: None,
+                    }),
+                }
+                for photo in &d.also_removed {
+                    self.emit_item(photo, true);
+                }
+                if d.stage_reverted {
+                    self.emit(Event::WorkOrder {
+                        work_order_id: d.work_order_id.clone(),
+                        change: WorkOrderChange::Changed,
+                    });
+                }
+                self.emit(Event::Unsent { count: unsent });
+                // Later changes of the work order were waiting behind this one.
+                self.inner.sync_wanted.notify_one();
+                Ok(Response::Discarded {
+                    item_id,
+                    item: d.item,
+                })
+            }
+            Request::SyncNow => {
+                self.inner.link_changed.notify_one();
+                self.inner.sync_wanted.notify_one();
+                Ok(Response::SyncStarted)
+            }
         }
     }
 

@@ -67,6 +67,12 @@ enum Command {
     },
     /// Print events as they happen until interrupted.
     Watch,
+    /// Send a change the back office refused again, as it is.
+    Retry { item: String },
+    /// Drop a change the back office refused.
+    Discard { item: String },
+    /// Sync now.
+    Sync,
 }
 
 #[derive(Subcommand)]
@@ -276,6 +282,23 @@ async fn run(cli: Cli, socket: PathBuf) -> Result<(), Failure> {
                     println!("nothing waits for delivery");
                 }
                 ops.iter().for_each(print_op)
+            });
+        }
+        Command::Retry { item } => {
+            let item = client.retry(&item).await?;
+            print(json, &item, print_item);
+        }
+        Command::Discard { item } => {
+            let after = client.discard(&item).await?;
+            print(json, &after, |after| match after {
+                Some(i) => print_item(i),
+                None => println!("discarded; item {item} is gone"),
+            });
+        }
+        Command::Sync => {
+            client.sync_now().await?;
+            print(json, &serde_json::json!({"sync": "started"}), |_| {
+                println!("sync started")
             });
         }
         Command::Watch => {
