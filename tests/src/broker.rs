@@ -10,7 +10,10 @@ use tempfile::TempDir;
 
 pub struct Broker {
     pub dir: TempDir,
+    /// The plain listener (the test back office uses it).
     pub port: u16,
+    /// The TLS listener, when started with one.
+    pub tls_port: Option<u16>,
     conf: PathBuf,
     child: Option<Child>,
 }
@@ -55,20 +58,23 @@ impl Broker {
             // Keep root so the persistence folder (owned by root) stays writable.
             conf.push_str("user root\n");
         }
-        match &tls {
-            None => conf.push_str("allow_anonymous true\n"),
-            Some(t) => conf.push_str(&format!(
-                "allow_anonymous true\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n",
+        conf.push_str("allow_anonymous true\n");
+        let tls_port = tls.as_ref().map(|t| {
+            let port = free_port();
+            conf.push_str(&format!(
+                "listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n",
                 t.ca.display(),
                 t.cert.display(),
                 t.key.display()
-            )),
-        }
+            ));
+            port
+        });
         let path = dir.path().join("mosquitto.conf");
         std::fs::write(&path, conf).expect("write mosquitto.conf");
         let mut b = Broker {
             dir,
             port,
+            tls_port,
             conf: path,
             child: None,
         };

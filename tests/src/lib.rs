@@ -4,6 +4,7 @@
 
 pub mod backoffice;
 pub mod broker;
+pub mod pki;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -316,3 +316,174 @@ async fn daemon_kills_during_a_drain_lose_nothing_and_apply_nothing_twice() {
     // Proof that cuts landed mid-flight: some operations were sent twice.
     assert!(duplicates > 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dispatcher_pushes_work_orders_and_bad_downlink_is_ignored() {
+    let broker = Broker::start();
+    let bo = BackOffice::start(broker.port).await;
+    // A device that starts with an empty cache asks for its full state.
+    bo.state.lock().unwrap().work_orders.insert(
+        DEVICE.into(),
+        vec![serde_json::json!({"id": "WO-9", "version": 1, "title": "From the back office", "stage": "new", "workflow": ["new", "done"]})],
+    );
+    let d = Daemon::start_with(Options {
+        work_orders: "[]".into(),
+        uplink: format!(
+            "{}max_downlink_bytes = 4096\n",
+            uplink_options(&broker).uplink
+        ),
+        ..Options::default()
+    });
+    let mut c = d.client().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while c.work_orders().await.unwrap().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "full state arrives");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert_eq!(bo.state.lock().unwrap().resync_requests, 1);
+    let mut watcher = d.client().await;
+    watcher.subscribe().await.unwrap();
+
+    // Broken messages of every kind: logged, counted, nothing changes, nothing crashes.
+    for (topic, payload) in [
+        ("work-orders", b"{not json".to_vec()),
+        ("work-orders", br#"{"v":7,"type":"upsert","work_orders":[]}"#.to_vec()),
+        ("work-orders", br#"{"v":1,"type":"explode"}"#.to_vec()),
+        ("work-orders", br#"{"v":1,"type":"upsert","work_orders":[{"id":"","version":1,"title":"x","stage":"a","workflow":["a"]}]}"#.to_vec()),
+        ("work-orders", vec![0x28, 0xb5, 0x2f, 0xfd, 0, 1, 2]),
+        ("acks", br#"{"v":1,"acks":["no-such-operation"]}"#.to_vec()),
+        ("acks", b"[]".to_vec()),
+        ("nonsense", b"hello".to_vec()),
+    ] {
+        bo.publish_down(DEVICE, topic, payload).await;
+    }
+    // Over the size limit (4 KiB here).
+    let big = serde_json::json!({"v": 1, "type": "upsert", "work_orders": [{"id": "WO-BIG", "version": 1, "title": "x".repeat(10_000), "stage": "a", "workflow": ["a"]}]});
+    bo.publish_down(DEVICE, "work-orders", serde_json::to_vec(&big).unwrap())
+        .await;
+
+    // A good push still works after all that, and the app hears of it.
+    bo.push_work_orders(
+        DEVICE,
+        vec![serde_json::json!({
+            "id": "WO-10", "version": 1, "title": "New today", "stage": "new",
+            "workflow": ["new", "accepted", "done"], "scheduled_for": "2026-11-23"
+        })],
+    )
+    .await;
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(10), watcher.next_event())
+            .await
+            .expect("event")
+            .unwrap();
+        if ev
+            == (ui_bridge::Event::WorkOrder {
+                work_order_id: "WO-10".into(),
+                change: ui_bridge::WorkOrderChange::Added,
+            })
+        {
+            break;
+        }
+    }
+    let ids: Vec<String> = c
+        .work_orders()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|w| w.id)
+        .collect();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert!(ids.contains(&"WO-9".to_owned()) && ids.contains(&"WO-10".to_owned()));
+    let status = c.status().await.unwrap();
+    assert!(status.last_download_ms.is_some());
+    assert!(
+        status.last_error.unwrap_or_default().contains("bad"),
+        "the last error names the bad message"
+    );
+    let log = d.log();
+    assert!(
+        log.matches("downlink message ignored").count() >= 6,
+        "{log}"
+    );
+    // A changed version replaces it; an older one is ignored.
+    bo.push_work_orders(DEVICE, vec![serde_json::json!({"id": "WO-10", "version": 2, "title": "Changed", "stage": "new", "workflow": ["new", "accepted", "done"]})]).await;
+    bo.push_work_orders(DEVICE, vec![serde_json::json!({"id": "WO-10", "version": 1, "title": "Stale", "stage": "new", "workflow": ["new", "accepted", "done"]})]).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let w = c.work_order("WO-10").await.unwrap();
+        if w.summary.title == "Changed" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        c.work_order("WO-10").await.unwrap().summary.title,
+        "Changed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_client_certificates_and_a_wrong_ca_is_refused() {
+    let certs = tempfile::tempdir().unwrap();
+    let pki = fieldsync_tests::pki::make(certs.path(), "fleet");
+    let other = fieldsync_tests::pki::make(certs.path(), "stranger");
+    let broker = Broker::start_with(Some(fieldsync_tests::broker::TlsListener {
+        ca: pki.ca.clone(),
+        cert: pki.server_cert.clone(),
+        key: pki.server_key.clone(),
+    }));
+    let bo = BackOffice::start(broker.port).await;
+    let tls_url = format!("mqtts://127.0.0.1:{}", broker.tls_port.unwrap());
+    let tls_options = |ca: &std::path::Path| {
+        Options {
+        uplink: format!(
+            "broker = \"{tls_url}\"\ndevice_id = \"{DEVICE}\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nreconnect_max_secs = 1\n",
+            ca.display(),
+            pki.client_cert.display(),
+            pki.client_key.display()
+        ),
+        ..Options::default()
+    }
+    };
+
+    let d = Daemon::start_with(tls_options(&pki.ca));
+    let mut c = d.client().await;
+    let item = c.add_record("WO-1", note("over TLS".into())).await.unwrap();
+    let applied = bo.wait_applied(1, Duration::from_secs(20)).await;
+    assert_eq!(applied[0].item, item.id);
+    drop(c);
+    drop(d);
+
+    // A broker whose certificate our CA did not sign is never trusted.
+    let d = Daemon::start_with(tls_options(&other.ca));
+    let mut c = d.client().await;
+    let kept = c
+        .add_record("WO-1", note("must not leak".into()))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let status = c.status().await.unwrap();
+    assert_eq!(status.broker, "down");
+    let err = status.last_error.unwrap_or_default();
+    assert!(
+        err.to_lowercase().contains("certificate") || err.contains("TLS") || err.contains("Tls"),
+        "{err}"
+    );
+    assert_eq!(status.unsent, 1);
+    assert!(bo.applied().iter().all(|a| a.item != kept.id));
+
+    // Without a client certificate the broker refuses the device.
+    let d = Daemon::start_with(Options {
+        uplink: format!("broker = \"{tls_url}\"\ndevice_id = \"{DEVICE}\"\nca_file = \"{}\"\nreconnect_max_secs = 1\n", pki.ca.display()),
+        ..Options::default()
+    });
+    let mut c = d.client().await;
+    c.add_record("WO-1", note("no client cert".into()))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(c.status().await.unwrap().broker, "down");
+    assert_eq!(bo.applied().len(), 1);
+}

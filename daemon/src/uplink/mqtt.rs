@@ -35,8 +35,12 @@ pub fn options(s: &UplinkSettings, topics: &Topics) -> Result<MqttOptions, MqttS
     o.set_clean_session(false);
     o.set_keep_alive(s.keep_alive);
     o.set_inflight((s.window * 2).clamp(8, u16::MAX as usize) as u16);
+    // The incoming limit stays well above `max_downlink_bytes`: rumqttc drops the
+    // connection on an oversize packet, the broker would redeliver it on the next one,
+    // and the device would never get past it. Oversize messages are refused after
+    // reading instead.
     o.set_max_packet_size(
-        s.max_downlink_bytes + 64 * 1024,
+        s.max_downlink_bytes.saturating_mul(4).max(16 << 20),
         s.batch_max_bytes.saturating_mul(2) + 64 * 1024,
     );
     let offline = serde_json::json!({"v": WIRE_VERSION, "state": "offline"}).to_string();
