@@ -65,6 +65,9 @@ pub struct UplinkSettings {
     pub reconnect_max: std::time::Duration,
     pub max_downlink_bytes: usize,
     pub compression_level: i32,
+    pub photo_chunk_bytes: usize,
+    /// Photo chunks sent and not yet confirmed.
+    pub photo_window: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -120,6 +123,8 @@ struct UplinkSection {
     reconnect_max_secs: Option<u64>,
     max_downlink_bytes: Option<usize>,
     compression_level: Option<i32>,
+    photo_chunk_bytes: Option<usize>,
+    photo_window: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -487,6 +492,11 @@ fn uplink(
             u.max_downlink_bytes.unwrap_or(1024 * 1024),
         )?,
         compression_level: level,
+        photo_chunk_bytes: positive(
+            "uplink.photo_chunk_bytes",
+            u.photo_chunk_bytes.unwrap_or(32 * 1024),
+        )?,
+        photo_window: positive("uplink.photo_window", u.photo_window.unwrap_or(4))?,
     }))
 }
 

@@ -46,6 +46,20 @@ pub struct State {
     /// The dispatcher's work orders per device, for full-state answers.
     pub work_orders: HashMap<String, Vec<Value>>,
     pub refuse: Option<RefusePolicy>,
+    /// Photos being received or received, by SHA-256.
+    pub photos: HashMap<String, PhotoRx>,
+    /// Wait this long before confirming photo chunks (to make uploads slow enough to cut).
+    pub photo_ack_delay: Duration,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct PhotoRx {
+    pub data: Vec<u8>,
+    pub total: u64,
+    /// Bytes that arrived a second time (after a cut).
+    pub resent: u64,
+    pub chunks: u64,
+    pub complete: bool,
 }
 
 pub struct BackOffice {
@@ -187,18 +201,26 @@ fn handle(state: &Arc<Mutex<State>>, client: &AsyncClient, topic: &str, payload:
         return;
     }
     let device = parts[2].to_owned();
-    let Some(json) = decode(payload) else {
-        return;
-    };
-    let Ok(msg) = serde_json::from_slice::<Value>(&json) else {
-        return;
+    let msg = if parts[4] == "photo" {
+        Value::Null
+    } else {
+        let Some(json) = decode(payload) else {
+            return;
+        };
+        let Ok(msg) = serde_json::from_slice::<Value>(&json) else {
+            return;
+        };
+        if parts[4] == "ops" {
+            let mut st = state.lock().unwrap();
+            st.json_bytes += json.len() as u64;
+        }
+        msg
     };
     match parts[4] {
         "ops" => {
             let mut st = state.lock().unwrap();
             st.batches += 1;
             st.wire_bytes += payload.len() as u64;
-            st.json_bytes += json.len() as u64;
             st.first_batch_at.get_or_insert_with(Instant::now);
             let mut acks = Vec::new();
             let mut refused = Vec::new();
@@ -222,6 +244,14 @@ fn handle(state: &Arc<Mutex<State>>, client: &AsyncClient, topic: &str, payload:
                     refused.push(json!({"id": a.id, "code": "held", "reason": "an earlier change of this work order was refused"}));
                     continue;
                 }
+                // A photo's operation comes only after its bytes were verified.
+                if a.kind == "photo" && a.act == "create" {
+                    let sha = a.body["sha256"].as_str().unwrap_or_default();
+                    if !st.photos.get(sha).is_some_and(|p| p.complete) {
+                        refused.push(json!({"id": a.id, "code": "validation", "reason": "photo bytes missing"}));
+                        continue;
+                    }
+                }
                 if let Some((code, reason)) = st.refuse.as_ref().and_then(|f| f(&a)) {
                     held.insert(a.wo.clone());
                     st.refused.push(a.id.clone());
@@ -241,6 +271,51 @@ fn handle(state: &Arc<Mutex<State>>, client: &AsyncClient, topic: &str, payload:
                 false,
                 encode(&msg),
             );
+        }
+        "photo" if parts.len() == 6 => {
+            let sha = parts[5].to_owned();
+            if payload.len() < 16 {
+                return;
+            }
+            let offset = u64::from_be_bytes(payload[0..8].try_into().unwrap());
+            let total = u64::from_be_bytes(payload[8..16].try_into().unwrap());
+            let data = &payload[16..];
+            let mut st = state.lock().unwrap();
+            let delay = st.photo_ack_delay;
+            let rx = st.photos.entry(sha.clone()).or_default();
+            rx.total = total;
+            rx.chunks += 1;
+            let have = rx.data.len() as u64;
+            if offset == have {
+                rx.data.extend_from_slice(data);
+            } else if offset < have {
+                rx.resent += data.len() as u64;
+            }
+            let mut ack = json!({"v": 1, "sha256": sha, "received": rx.data.len()});
+            if rx.data.len() as u64 == total && !rx.complete {
+                use sha2::Digest;
+                if hex::encode(sha2::Sha256::digest(&rx.data)) == sha {
+                    rx.complete = true;
+                } else {
+                    rx.data.clear();
+                    ack["error"] = json!("hash_mismatch");
+                }
+            }
+            if rx.complete {
+                ack["complete"] = json!(true);
+            }
+            drop(st);
+            let topic = format!("{PREFIX}/{device}/down/photo-acks");
+            let client = client.clone();
+            let body = encode(&ack);
+            if delay.is_zero() {
+                let _ = client.try_publish(topic, QoS::AtLeastOnce, false, body);
+            } else {
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let _ = client.publish(topic, QoS::AtLeastOnce, false, body).await;
+                });
+            }
         }
         "resync" => {
             let mut st = state.lock().unwrap();

@@ -487,3 +487,77 @@ async fn tls_with_client_certificates_and_a_wrong_ca_is_refused() {
     assert_eq!(c.status().await.unwrap().broker, "down");
     assert_eq!(bo.applied().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_photo_cut_three_times_resumes_and_arrives_verified() {
+    const CHUNK: u64 = 32 * 1024;
+    const WINDOW: u64 = 4;
+    let mut broker = Broker::start();
+    let bo = BackOffice::start(broker.port).await;
+    // Slow confirmations so the upload can be cut in the middle, three times.
+    bo.state.lock().unwrap().photo_ack_delay = Duration::from_millis(15);
+    let d = Daemon::start_with(Options {
+        uplink: format!(
+            "{}photo_chunk_bytes = {CHUNK}\nphoto_window = {WINDOW}\n",
+            uplink_options(&broker).uplink
+        ),
+        ..Options::default()
+    });
+    let mut c = d.client().await;
+    let record = c
+        .add_record("WO-1", note("pump housing".into()))
+        .await
+        .unwrap();
+    let (path, bytes) = fieldsync_tests::photo_file(d.dir.path(), "big.jpg", 5 * 1024 * 1024);
+    let sha = fieldsync_tests::sha256_hex(&bytes);
+    let later = c
+        .add_record("WO-1", note("taken after the photo".into()))
+        .await
+        .unwrap();
+    let photo = c
+        .attach_photo(&record.id, &std::fs::File::open(&path).unwrap(), None, None)
+        .await
+        .unwrap();
+
+    // Records never wait for photos.
+    let applied = bo.wait_applied(2, Duration::from_secs(20)).await;
+    assert_eq!(applied[1].item, later.id);
+
+    for cut in 1..=3u64 {
+        let target = cut * bytes.len() as u64 / 4;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let got = bo
+                .state
+                .lock()
+                .unwrap()
+                .photos
+                .get(&sha)
+                .map_or(0, |p| p.data.len() as u64);
+            if got >= target {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "upload reaches {target} bytes (at {got})"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        broker.kill();
+        broker.spawn();
+    }
+    let applied = bo.wait_applied(3, Duration::from_secs(60)).await;
+    let photo_op = applied
+        .iter()
+        .find(|a| a.item == photo.id)
+        .expect("photo operation applied");
+    assert_eq!(photo_op.body["sha256"], sha);
+    assert_eq!(photo_op.body["record_id"], record.id);
+    let rx = bo.state.lock().unwrap().photos.get(&sha).cloned().unwrap();
+    assert!(rx.complete);
+    assert_eq!(rx.data, bytes);
+    let bound = 3 * (CHUNK + WINDOW * CHUNK);
+    eprintln!("resent after 3 cuts: {} bytes (bound {bound})", rx.resent);
+    assert!(rx.resent <= bound, "resent {} > {bound}", rx.resent);
+    wait_state(&mut c, "WO-1", &photo.id, SyncState::Delivered).await;
+}

@@ -6,6 +6,7 @@
 pub mod items;
 pub mod journal;
 pub mod outbox;
+pub mod photos;
 pub mod work_orders;
 
 use ui_bridge::ErrorCode;

@@ -126,7 +126,9 @@ pub struct PendingOp {
 }
 
 /// The next operations to send, oldest first, at most `max_ops` of them and about
-/// `max_bytes` of payload. Skipped: photos (they travel in their own lane), work orders in
+/// `max_bytes` of payload. Skipped: photos whose bytes the back office has not verified
+/// yet or whose record it does not have yet (their bytes travel in their own lane, so
+/// records never wait for photos), work orders in
 /// `busy` (a batch of theirs is unacknowledged, and a work order's operations must arrive
 /// in order), and every work order held back by a refused operation.
 pub fn next_batch(
@@ -138,8 +140,13 @@ pub fn next_batch(
     let mut stmt = conn.prepare_cached(
         "SELECT seq, op_id, item_id, work_order_id, item_kind, action, payload, created_ms
          FROM outbox
-         WHERE state = 'waiting' AND item_kind != 'photo'
+         WHERE state = 'waiting'
            AND work_order_id NOT IN (SELECT work_order_id FROM outbox WHERE state = 'refused')
+           AND (item_kind != 'photo' OR action != 'create' OR EXISTS (
+                SELECT 1 FROM items i JOIN photo_uploads p ON p.sha256 = i.photo_sha256
+                WHERE i.id = outbox.item_id AND p.complete = 1
+                  AND NOT EXISTS (SELECT 1 FROM outbox r
+                                  WHERE r.item_id = i.record_id AND r.action = 'create')))
          ORDER BY seq LIMIT ?1",
     )?;
     // Look a little past a batch so a busy work order at the head does not starve the

@@ -9,9 +9,9 @@ use ui_bridge::{Event, WorkOrderChange};
 use super::Service;
 use crate::config::UplinkSettings;
 use crate::domain::outbox::{self, PendingOp, StateChange};
-use crate::domain::{journal, work_orders, DomainError};
+use crate::domain::{journal, photos, work_orders, DomainError};
 use crate::store::now_ms;
-use crate::uplink::wire::{Acks, WorkOrderPush, WIRE_VERSION};
+use crate::uplink::wire::{Acks, PhotoAck, WorkOrderPush, WIRE_VERSION};
 
 /// The refusal code for "not applied: an earlier operation of this work order in the
 /// same batch was refused".
@@ -251,6 +251,77 @@ impl Service {
         }
         self.update_sync(|s| s.last_download_ms = Some(now_ms()));
         Ok(())
+    }
+
+    pub async fn next_upload(
+        &self,
+        except: Vec<String>,
+    ) -> Result<Option<photos::Upload>, DomainError> {
+        self.fold().await?;
+        self.inner
+            .store
+            .read(move |c| photos::next_upload(c, &except))
+            .await
+    }
+
+    /// Reads part of a stored photo for upload.
+    pub async fn read_photo(
+        &self,
+        sha256: String,
+        offset: u64,
+        len: usize,
+    ) -> std::io::Result<Vec<u8>> {
+        let path = self.inner.store.photos().path_of(&sha256);
+        tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::FileExt;
+            let file = std::fs::File::open(path)?;
+            let mut buf = vec![0u8; len];
+            let mut got = 0;
+            while got < len {
+                let n = file.read_at(&mut buf[got..], offset + got as u64)?;
+                if n == 0 {
+                    break;
+                }
+                got += n;
+            }
+            buf.truncate(got);
+            Ok(buf)
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    }
+
+    /// The back office's progress on a photo. Needs no fsync: lost, the upload resumes a
+    /// little earlier. Returns false when the device is not uploading that photo.
+    pub async fn photo_progress(&self, ack: PhotoAck) -> Result<bool, DomainError> {
+        let PhotoAck {
+            sha256,
+            received,
+            complete,
+            error,
+            ..
+        } = ack;
+        let bad = error.clone();
+        let known = self
+            .inner
+            .store
+            .write_lazy(move |c| {
+                if error.is_some() {
+                    photos::restart(c, &sha256)?;
+                    return Ok::<_, DomainError>(true);
+                }
+                photos::record_progress(c, &sha256, received, complete)
+            })
+            .await?;
+        if let Some(why) = bad {
+            tracing::warn!(reason = %why, "the back office found a photo damaged; it is sent again from the start");
+        }
+        if complete && known {
+            self.update_sync(|s| s.last_upload_ms = Some(now_ms()));
+            // The photo's own operation can go now.
+            self.inner.sync_wanted.notify_one();
+        }
+        Ok(known)
     }
 
     /// Whether the cache is empty, so the full state should be asked for.

@@ -81,6 +81,18 @@ const MIGRATIONS: &[&str] = &[
         BEGIN UPDATE counters SET value = value - 1 WHERE name = 'unsent'; END;
     CREATE INDEX outbox_by_work_order ON outbox(work_order_id, seq);
     ",
+    // 2: photo upload progress, so an upload resumes where the back office stopped
+    // acknowledging.
+    "
+    CREATE TABLE photo_uploads (
+        sha256   TEXT PRIMARY KEY,
+        size     INTEGER NOT NULL,
+        -- Bytes the back office has confirmed, from the start of the file.
+        acked    INTEGER NOT NULL DEFAULT 0,
+        -- The back office verified size and SHA-256.
+        complete INTEGER NOT NULL DEFAULT 0
+    );
+    ",
 ];
 
 /// Brings the database to the newest schema; returns the version it is at.

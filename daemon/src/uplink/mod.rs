@@ -27,6 +27,15 @@ struct InFlight {
     sent_at: Instant,
 }
 
+/// The photo whose bytes are going out on this connection.
+struct PhotoLane {
+    current: Option<crate::domain::photos::Upload>,
+    /// Next byte to send; `current.acked` is the first byte not yet confirmed.
+    next: u64,
+    /// Photos whose file could not be read, left for the next connection.
+    skip: Vec<String>,
+}
+
 /// How one connection ended.
 enum Ended {
     Shutdown,
@@ -131,9 +140,17 @@ impl Uplink {
         }
         self.service.set_broker("up", None);
 
+        let mut photos = PhotoLane {
+            current: None,
+            next: 0,
+            skip: Vec::new(),
+        };
         let mut in_flight: VecDeque<InFlight> = VecDeque::new();
         let mut op_batch: HashMap<String, usize> = HashMap::new();
         let mut more = true;
+        // Whether a photo may be waiting for its bytes to go; kept apart from `more`,
+        // which the operations' lane clears when it finds nothing.
+        let mut photos_more = true;
         let mut timeout_check = tokio::time::interval(self.settings.ack_timeout / 2);
         timeout_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -179,9 +196,19 @@ impl Uplink {
                     sent_at: Instant::now(),
                 });
             }
+            match self
+                .send_photo_chunks(client, &mut photos, photos_more)
+                .await
+            {
+                Ok(found) => photos_more = found,
+                Err(why) => return Ended::Lost(why),
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => return Ended::Shutdown,
-                _ = self.service.sync_wanted() => more = true,
+                _ = self.service.sync_wanted() => {
+                    more = true;
+                    photos_more = true;
+                }
                 _ = timeout_check.tick() => {
                     if in_flight.front().is_some_and(|b| b.sent_at.elapsed() > self.settings.ack_timeout) {
                         // The back office has not answered: start over on a new
@@ -212,6 +239,11 @@ impl Uplink {
                                 }
                                 more = true;
                             }
+                        } else if p.topic == self.topics.photo_acks() {
+                            if self.on_photo_ack(&p.payload, &mut photos).await {
+                                more = true;
+                                photos_more = true;
+                            }
                         } else if p.topic == self.topics.work_orders() {
                             self.on_work_orders(&p.payload).await;
                         } else {
@@ -228,16 +260,13 @@ impl Uplink {
     /// Handles an acknowledgement message; returns the operation ids it settled
     /// (acknowledged or refused).
     async fn on_acks(&self, payload: &[u8]) -> Vec<String> {
-        let acks: Acks =
-            match wire::decode(payload, self.settings.max_downlink_bytes).and_then(|json| {
-                serde_json::from_slice(&json).map_err(|e| wire::WireError::Decode(e.to_string()))
-            }) {
-                Ok(a) => a,
-                Err(e) => {
-                    self.service.count_bad_downlink("acks", &e.to_string());
-                    return Vec::new();
-                }
-            };
+        let acks: Acks = match wire::parse(payload, self.settings.max_downlink_bytes) {
+            Ok(a) => a,
+            Err(e) => {
+                self.service.count_bad_downlink("acks", &e.to_string());
+                return Vec::new();
+            }
+        };
         if acks.v != WIRE_VERSION {
             self.service
                 .count_bad_downlink("acks", &wire::WireError::Version(acks.v).to_string());
@@ -252,11 +281,115 @@ impl Uplink {
         settled
     }
 
+    /// Keeps up to `photo_window` chunks of the current photo unconfirmed; picks the
+    /// next photo when there is none and `look_for_new`. Returns whether a photo is
+    /// (still) under way.
+    async fn send_photo_chunks(
+        &self,
+        client: &AsyncClient,
+        lane: &mut PhotoLane,
+        look_for_new: bool,
+    ) -> Result<bool, String> {
+        if lane.current.is_none() {
+            if !look_for_new {
+                return Ok(false);
+            }
+            match self.service.next_upload(lane.skip.clone()).await {
+                Ok(Some(u)) => {
+                    tracing::debug!(sha256 = %u.sha256, size = u.size, from = u.acked, "photo upload starts");
+                    lane.next = u.acked;
+                    lane.current = Some(u);
+                }
+                Ok(None) => return Ok(false),
+                Err(e) => return Err(format!("store: {e}")),
+            }
+        }
+        let chunk = self.settings.photo_chunk_bytes as u64;
+        let window = chunk * self.settings.photo_window as u64;
+        while let Some(u) = &lane.current {
+            if lane.next >= u.size || lane.next - u.acked >= window {
+                break;
+            }
+            let len = chunk.min(u.size - lane.next) as usize;
+            let data = match self
+                .service
+                .read_photo(u.sha256.clone(), lane.next, len)
+                .await
+            {
+                Ok(d) if d.len() == len => d,
+                other => {
+                    tracing::error!(sha256 = %u.sha256, result = ?other.map(|d| d.len()), "cannot read a photo for upload; it waits");
+                    lane.skip.push(u.sha256.clone());
+                    lane.current = None;
+                    break;
+                }
+            };
+            let payload = wire::photo_chunk(lane.next, u.size, &data);
+            client
+                .try_publish(
+                    self.topics.photo(&u.sha256),
+                    QoS::AtLeastOnce,
+                    false,
+                    payload,
+                )
+                .map_err(|e| format!("publish: {e}"))?;
+            lane.next += len as u64;
+        }
+        Ok(lane.current.is_some())
+    }
+
+    /// Handles the back office's progress on a photo; returns true when the photo is
+    /// done (its operation may go, and the next photo may start).
+    async fn on_photo_ack(&self, payload: &[u8], lane: &mut PhotoLane) -> bool {
+        let ack = match wire::parse::<wire::PhotoAck>(payload, self.settings.max_downlink_bytes) {
+            Ok(a) if a.v == WIRE_VERSION => a,
+            Ok(a) => {
+                self.service
+                    .count_bad_downlink("photo-acks", &wire::WireError::Version(a.v).to_string());
+                return false;
+            }
+            Err(e) => {
+                self.service
+                    .count_bad_downlink("photo-acks", &e.to_string());
+                return false;
+            }
+        };
+        let is_current = lane
+            .current
+            .as_ref()
+            .is_some_and(|u| u.sha256 == ack.sha256);
+        let (received, complete, failed) = (ack.received, ack.complete, ack.error.is_some());
+        let sha = ack.sha256.clone();
+        match self.service.photo_progress(ack).await {
+            Ok(true) => {}
+            Ok(false) => {
+                self.service.count_bad_downlink(
+                    "photo-acks",
+                    &format!("acknowledgement for photo {sha}, which this device is not sending"),
+                );
+                return false;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot record photo progress");
+                return false;
+            }
+        }
+        if !is_current {
+            return complete;
+        }
+        if complete || failed {
+            lane.current = None;
+            return true;
+        }
+        if let Some(u) = lane.current.as_mut() {
+            u.acked = u.acked.max(received.min(u.size));
+            lane.next = lane.next.max(u.acked);
+        }
+        false
+    }
+
     async fn on_work_orders(&self, payload: &[u8]) {
-        let push: WorkOrderPush = match wire::decode(payload, self.settings.max_downlink_bytes)
-            .and_then(|json| {
-                serde_json::from_slice(&json).map_err(|e| wire::WireError::Decode(e.to_string()))
-            }) {
+        let push: WorkOrderPush = match wire::parse(payload, self.settings.max_downlink_bytes) {
             Ok(p) => p,
             Err(e) => {
                 self.service

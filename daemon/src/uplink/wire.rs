@@ -47,6 +47,40 @@ impl Topics {
     pub fn work_orders(&self) -> String {
         format!("{}/down/work-orders", self.base)
     }
+    /// Device -> back office: chunks of one photo.
+    pub fn photo(&self, sha256: &str) -> String {
+        format!("{}/up/photo/{sha256}", self.base)
+    }
+    pub fn photo_acks(&self) -> String {
+        format!("{}/down/photo-acks", self.base)
+    }
+}
+
+/// Bytes before a photo chunk's data: its offset and the photo's total size, each a
+/// big-endian u64.
+pub const CHUNK_HEADER: usize = 16;
+
+pub fn photo_chunk(offset: u64, total: u64, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(CHUNK_HEADER + data.len());
+    out.extend_from_slice(&offset.to_be_bytes());
+    out.extend_from_slice(&total.to_be_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
+/// The back office's progress on one photo.
+#[derive(Debug, Deserialize, Serialize, PartialEq)]
+pub struct PhotoAck {
+    pub v: u32,
+    pub sha256: String,
+    /// Bytes received in order from the start of the photo.
+    pub received: u64,
+    /// Set once the whole photo arrived and its size and SHA-256 check out.
+    #[serde(default)]
+    pub complete: bool,
+    /// Set when the bytes did not check out; the device starts the photo over.
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 /// One operation as it travels.
@@ -123,6 +157,12 @@ pub fn decode(payload: &[u8], limit: usize) -> Result<Vec<u8>, WireError> {
     } else {
         Ok(payload.to_vec())
     }
+}
+
+/// Decodes and parses a downlink message.
+pub fn parse<T: serde::de::DeserializeOwned>(payload: &[u8], limit: usize) -> Result<T, WireError> {
+    let json = decode(payload, limit)?;
+    serde_json::from_slice(&json).map_err(|e| WireError::Decode(e.to_string()))
 }
 
 /// The back office's answer to operations.

@@ -1,0 +1,82 @@
+//! Photo upload progress: which photo's bytes go next and how far the back office has
+//! confirmed them. The bytes travel in chunks beside the operations; the photo's
+//! operation (its metadata) follows once the back office has verified the whole file.
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::DomainError;
+
+/// A photo whose bytes still have to reach the back office.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Upload {
+    pub sha256: String,
+    pub size: u64,
+    /// Bytes confirmed so far; the upload resumes here.
+    pub acked: u64,
+}
+
+/// The oldest photo waiting for its bytes to be uploaded, skipping `except` (one that
+/// could not be read).
+pub fn next_upload(conn: &Connection, except: &[String]) -> Result<Option<Upload>, DomainError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT i.photo_sha256, json_extract(i.body, '$.size'), coalesce(p.acked, 0)
+         FROM outbox o JOIN items i ON i.id = o.item_id
+         LEFT JOIN photo_uploads p ON p.sha256 = i.photo_sha256
+         WHERE o.item_kind = 'photo' AND o.action = 'create' AND o.state = 'waiting'
+           AND coalesce(p.complete, 0) = 0
+         ORDER BY o.seq LIMIT 16",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok(Upload {
+            sha256: r.get(0)?,
+            size: r.get::<_, i64>(1)?.max(0) as u64,
+            acked: r.get::<_, i64>(2)?.max(0) as u64,
+        })
+    })?;
+    for row in rows {
+        let u = row?;
+        if !except.contains(&u.sha256) {
+            return Ok(Some(u));
+        }
+    }
+    Ok(None)
+}
+
+/// Records the back office's progress on a photo. Returns false for a photo the device
+/// is not uploading (an acknowledgement for something else).
+pub fn record_progress(
+    conn: &Connection,
+    sha256: &str,
+    acked: u64,
+    complete: bool,
+) -> Result<bool, DomainError> {
+    let size: Option<i64> = conn
+        .query_row(
+            "SELECT json_extract(body, '$.size') FROM items WHERE photo_sha256 = ?1 LIMIT 1",
+            [sha256],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let Some(size) = size else {
+        return Ok(false);
+    };
+    if acked > size as u64 {
+        return Ok(false);
+    }
+    conn.execute(
+        "INSERT INTO photo_uploads (sha256, size, acked, complete) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT(sha256) DO UPDATE SET acked = max(acked, excluded.acked),
+                                           complete = max(complete, excluded.complete)",
+        params![sha256, size, acked as i64, complete as i64],
+    )?;
+    Ok(true)
+}
+
+/// Starts a photo over (the back office found its bytes wrong).
+pub fn restart(conn: &Connection, sha256: &str) -> Result<(), DomainError> {
+    conn.execute(
+        "UPDATE photo_uploads SET acked = 0, complete = 0 WHERE sha256 = ?1",
+        [sha256],
+    )?;
+    Ok(())
+}
