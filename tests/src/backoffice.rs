@@ -50,6 +50,8 @@ pub struct State {
     pub photos: HashMap<String, PhotoRx>,
     /// Wait this long before confirming photo chunks (to make uploads slow enough to cut).
     pub photo_ack_delay: Duration,
+    /// Wait this long before acknowledging a batch (to make a drain slow enough to cut).
+    pub ops_ack_delay: Duration,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -98,6 +100,9 @@ impl BackOffice {
         o.set_max_packet_size(64 << 20, 64 << 20);
         o.set_inflight(1000);
         let (client, mut eventloop) = AsyncClient::new(o, 10_000);
+        let mut net = rumqttc::NetworkOptions::new();
+        net.set_tcp_nodelay(true);
+        eventloop.set_network_options(net);
         let state = Arc::new(Mutex::new(State::default()));
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let mut ready_tx = Some(ready_tx);
@@ -116,7 +121,18 @@ impl BackOffice {
                         }
                     }
                     Ok(Event::Incoming(Incoming::Publish(p))) => {
+                        if std::env::var_os("BO_TRACE").is_some() {
+                            eprintln!(
+                                "{:?} BO got {} ({} bytes)",
+                                std::time::SystemTime::now(),
+                                p.topic,
+                                p.payload.len()
+                            );
+                        }
                         handle(&st, &c, &p.topic, &p.payload);
+                        if std::env::var_os("BO_TRACE").is_some() {
+                            eprintln!("{:?} BO handled", std::time::SystemTime::now());
+                        }
                     }
                     Ok(_) => {}
                     // The broker went away (tests restart it): try again shortly.
@@ -240,8 +256,12 @@ fn handle(state: &Arc<Mutex<State>>, client: &AsyncClient, topic: &str, payload:
                     acks.push(a.id);
                     continue;
                 }
-                if held.contains(&a.wo) {
-                    refused.push(json!({"id": a.id, "code": "held", "reason": "an earlier change of this work order was refused"}));
+                // Order per work order: the predecessor the device names must be
+                // applied first; otherwise this one waits (the device sends it again).
+                let prev_missing = op["prev"].as_str().is_some_and(|p| !st.seen.contains(p));
+                if held.contains(&a.wo) || prev_missing {
+                    held.insert(a.wo.clone());
+                    refused.push(json!({"id": a.id, "code": "held", "reason": "an earlier change of this work order is not applied yet"}));
                     continue;
                 }
                 // A photo's operation comes only after its bytes were verified.
@@ -263,14 +283,21 @@ fn handle(state: &Arc<Mutex<State>>, client: &AsyncClient, topic: &str, payload:
                 st.applied.push(a);
                 st.last_applied_at = Some(Instant::now());
             }
+            let delay = st.ops_ack_delay;
             drop(st);
             let msg = json!({"v": 1, "acks": acks, "refused": refused});
-            let _ = client.try_publish(
-                format!("{PREFIX}/{device}/down/acks"),
-                QoS::AtLeastOnce,
-                false,
-                encode(&msg),
-            );
+            let topic = format!("{PREFIX}/{device}/down/acks");
+            if delay.is_zero() {
+                let _ = client.try_publish(topic, QoS::AtLeastOnce, false, encode(&msg));
+            } else {
+                let client = client.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let _ = client
+                        .publish(topic, QoS::AtLeastOnce, false, encode(&msg))
+                        .await;
+                });
+            }
         }
         "photo" if parts.len() == 6 => {
             let sha = parts[5].to_owned();

@@ -44,7 +44,9 @@ impl Broker {
             .expect("temp dir");
         let port = free_port();
         let mut conf = format!(
-            "listener {port} 127.0.0.1\n\
+            "# Small packets (acknowledgements) go out at once, as on a tuned production broker.\n\
+             set_tcp_nodelay true\n\
+             listener {port} 127.0.0.1\n\
              persistence true\n\
              persistence_location {}/\n\
              log_dest file {}/mosquitto.log\n\

@@ -11,8 +11,13 @@ use super::DomainError;
 use crate::store::now_ms;
 use crate::store::photos::StoredPhoto;
 
-const ITEM_COLUMNS: &str =
-    "id, work_order_id, kind, record_id, body, sync_state, reason, created_ms, updated_ms";
+/// An item's columns; its state reads "in progress" while one of its operations is out
+/// and unacknowledged (sending marks only the outbox).
+pub(crate) const ITEM_COLUMNS: &str = "id, work_order_id, kind, record_id, body,
+    CASE WHEN sync_state = 'waiting' AND EXISTS (SELECT 1 FROM outbox o
+         WHERE o.item_id = items.id AND o.state = 'in_progress') THEN 'in_progress'
+         ELSE sync_state END,
+    reason, created_ms, updated_ms";
 
 fn item_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Item> {
     let kind: String = r.get(2)?;
@@ -277,9 +282,13 @@ pub fn delete_item(conn: &Connection, item_id: &str) -> Result<Deleted, DomainEr
 /// may have reached the back office keeps a hidden row and gets a delete operation.
 /// Returns whether nothing was ever sent.
 fn forget_or_send_delete(conn: &Connection, item: &Item) -> Result<bool, DomainError> {
-    let sent: bool = conn.query_row("SELECT sent FROM items WHERE id = ?1", [&item.id], |r| {
-        r.get(0)
-    })?;
+    // Sent: acknowledged once, or an operation went out (acknowledged or not).
+    let sent: bool = conn.query_row(
+        "SELECT sent OR EXISTS (SELECT 1 FROM outbox WHERE item_id = ?1 AND attempts > 0)
+         FROM items WHERE id = ?1",
+        [&item.id],
+        |r| r.get(0),
+    )?;
     if !sent {
         conn.execute("DELETE FROM outbox WHERE item_id = ?1", [&item.id])?;
         conn.execute("DELETE FROM items WHERE id = ?1", [&item.id])?;

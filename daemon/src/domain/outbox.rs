@@ -123,22 +123,28 @@ pub struct PendingOp {
     pub action: String,
     pub payload: String,
     pub created_ms: i64,
+    /// The operation of the same work order that must be applied before this one: the
+    /// latest earlier one still unacknowledged. `None` when all earlier ones were.
+    pub prev: Option<String>,
 }
 
 /// The next operations to send, oldest first, at most `max_ops` of them and about
-/// `max_bytes` of payload. Skipped: photos whose bytes the back office has not verified
+/// `max_bytes` of payload. Skipped: operations already sent and unacknowledged, every work
+/// order held back by a refusal, and photos whose bytes the back office has not verified
 /// yet or whose record it does not have yet (their bytes travel in their own lane, so
-/// records never wait for photos), work orders in
-/// `busy` (a batch of theirs is unacknowledged, and a work order's operations must arrive
-/// in order), and every work order held back by a refused operation.
+/// records never wait for photos; a photo's operation needs no predecessor).
 pub fn next_batch(
     conn: &Connection,
-    busy: &std::collections::HashSet<String>,
     max_ops: usize,
     max_bytes: usize,
 ) -> Result<Vec<PendingOp>, DomainError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT seq, op_id, item_id, work_order_id, item_kind, action, payload, created_ms
+        "SELECT seq, op_id, item_id, work_order_id, item_kind, action, payload, created_ms,
+                CASE WHEN item_kind = 'photo' THEN NULL ELSE
+                  (SELECT p.op_id FROM outbox p
+                   WHERE p.work_order_id = outbox.work_order_id AND p.seq < outbox.seq
+                     AND p.item_kind != 'photo'
+                   ORDER BY p.seq DESC LIMIT 1) END
          FROM outbox
          WHERE state = 'waiting'
            AND work_order_id NOT IN (SELECT work_order_id FROM outbox WHERE state = 'refused')
@@ -149,10 +155,7 @@ pub fn next_batch(
                                   WHERE r.item_id = i.record_id AND r.action = 'create')))
          ORDER BY seq LIMIT ?1",
     )?;
-    // Look a little past a batch so a busy work order at the head does not starve the
-    // others.
-    let scan = (max_ops * 4) as i64;
-    let rows = stmt.query_map([scan], |r| {
+    let rows = stmt.query_map([max_ops as i64], |r| {
         Ok(PendingOp {
             seq: r.get(0)?,
             op_id: r.get(1)?,
@@ -162,23 +165,18 @@ pub fn next_batch(
             action: r.get(5)?,
             payload: r.get(6)?,
             created_ms: r.get(7)?,
+            prev: r.get(8)?,
         })
     })?;
     let mut out = Vec::new();
     let mut bytes = 0;
     for row in rows {
         let op = row?;
-        if busy.contains(&op.work_order_id) {
-            continue;
-        }
         if !out.is_empty() && bytes + op.payload.len() > max_bytes {
             break;
         }
         bytes += op.payload.len();
         out.push(op);
-        if out.len() >= max_ops {
-            break;
-        }
     }
     Ok(out)
 }
@@ -186,17 +184,18 @@ pub fn next_batch(
 /// Records that these operations are about to leave the device. Durable before the
 /// publish: from here on a delete must be sent rather than forgotten.
 pub fn mark_sent(conn: &Connection, seqs: &[i64]) -> Result<(), DomainError> {
-    let mut op = conn.prepare_cached(
-        "UPDATE outbox SET state = 'in_progress', attempts = attempts + 1 WHERE seq = ?1 AND state = 'waiting'",
-    )?;
-    let mut item = conn.prepare_cached(
-        "UPDATE items SET sync_state = 'in_progress', sent = 1
-         WHERE id = (SELECT item_id FROM outbox WHERE seq = ?1)",
-    )?;
-    for seq in seqs {
-        op.execute([seq])?;
-        item.execute([seq])?;
-    }
+    // Only the outbox rows change; an item shows "in progress" from them (see
+    // items::ITEM_COLUMNS), which keeps this write small.
+    let seqs: rusqlite::vtab::array::Array = std::rc::Rc::new(
+        seqs.iter()
+            .map(|s| rusqlite::types::Value::Integer(*s))
+            .collect(),
+    );
+    conn.prepare_cached(
+        "UPDATE outbox SET state = 'in_progress', attempts = attempts + 1
+         WHERE seq IN rarray(?1) AND state = 'waiting'",
+    )?
+    .execute([&seqs])?;
     Ok(())
 }
 
@@ -220,30 +219,56 @@ pub struct StateChange {
     pub reason: Option<String>,
 }
 
-/// Applies the back office's acknowledgements. Unknown ids (already acknowledged, or
-/// never ours) are returned so they can be logged and counted.
+/// Applies the back office's acknowledgements, a whole message at a time. Unknown ids
+/// (already acknowledged, or never ours) are returned so they can be logged and counted.
 pub fn acknowledge(
     conn: &Connection,
     op_ids: &[String],
 ) -> Result<(Vec<StateChange>, Vec<String>), DomainError> {
-    let mut changes = Vec::new();
-    let mut unknown = Vec::new();
-    for op_id in op_ids {
-        let found: Option<(String, String, String, String)> = conn
-            .prepare_cached(
-                "SELECT item_id, work_order_id, item_kind, action FROM outbox WHERE op_id = ?1",
-            )?
-            .query_row([op_id], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-            })
-            .optional()?;
-        let Some((item_id, work_order_id, kind, action)) = found else {
-            unknown.push(op_id.clone());
+    if op_ids.is_empty() {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let ids = id_array(op_ids);
+    let mut known: Vec<(String, String, String, String, String)> = Vec::new();
+    {
+        let mut stmt = conn.prepare_cached(
+            "SELECT op_id, item_id, work_order_id, item_kind, action FROM outbox
+             WHERE op_id IN rarray(?1) ORDER BY seq",
+        )?;
+        let rows = stmt.query_map([&ids], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })?;
+        for row in rows {
+            known.push(row?);
+        }
+    }
+    let found: std::collections::HashSet<&str> = known.iter().map(|k| k.0.as_str()).collect();
+    let unknown = op_ids
+        .iter()
+        .filter(|id| !found.contains(id.as_str()))
+        .cloned()
+        .collect();
+    conn.prepare_cached("DELETE FROM outbox WHERE op_id IN rarray(?1)")?
+        .execute([&ids])?;
+    let items = id_array(known.iter().map(|k| &k.1));
+    // Items with nothing left to send are delivered; a delivered deletion removes the
+    // item for good.
+    conn.prepare_cached(
+        "DELETE FROM items WHERE id IN rarray(?1) AND deleted = 1
+           AND NOT EXISTS (SELECT 1 FROM outbox WHERE item_id = items.id)",
+    )?
+    .execute([&items])?;
+    conn.prepare_cached(
+        "UPDATE items SET sync_state = 'delivered', sent = 1, reason = NULL, updated_ms = ?2
+         WHERE id IN rarray(?1) AND NOT EXISTS (SELECT 1 FROM outbox WHERE item_id = items.id)",
+    )?
+    .execute(params![&items, now_ms()])?;
+    let mut changes = Vec::with_capacity(known.len());
+    let mut seen = std::collections::HashSet::new();
+    for (_, item_id, work_order_id, kind, action) in known.into_iter().rev() {
+        if !seen.insert(item_id.clone()) {
             continue;
-        };
-        conn.prepare_cached("DELETE FROM outbox WHERE op_id = ?1")?
-            .execute([op_id])?;
-        let kind = ItemKind::parse(&kind).unwrap_or(ItemKind::Note);
+        }
         let next: Option<String> = conn
             .prepare_cached(
                 "SELECT state FROM outbox WHERE item_id = ?1 ORDER BY seq DESC LIMIT 1",
@@ -251,34 +276,34 @@ pub fn acknowledge(
             .query_row([&item_id], |r| r.get(0))
             .optional()?;
         let state = match next {
-            Some(s) => SyncState::parse(&s).unwrap_or(SyncState::Waiting),
-            None if action == "delete" => {
-                conn.prepare_cached("DELETE FROM items WHERE id = ?1")?
+            // More changes of the item wait: it stays blue, and it has been sent.
+            Some(s) => {
+                conn.prepare_cached("UPDATE items SET sent = 1 WHERE id = ?1")?
                     .execute([&item_id])?;
-                changes.push(StateChange {
-                    item_id,
-                    work_order_id,
-                    kind,
-                    state: None,
-                    reason: None,
-                });
-                continue;
+                Some(SyncState::parse(&s).unwrap_or(SyncState::Waiting))
             }
-            None => SyncState::Delivered,
+            None if action == "delete" => None,
+            None => Some(SyncState::Delivered),
         };
-        conn.prepare_cached(
-            "UPDATE items SET sync_state = ?2, reason = NULL, updated_ms = ?3 WHERE id = ?1",
-        )?
-        .execute(params![item_id, state.as_str(), now_ms()])?;
         changes.push(StateChange {
             item_id,
             work_order_id,
-            kind,
-            state: Some(state),
+            kind: ItemKind::parse(&kind).unwrap_or(ItemKind::Note),
+            state,
             reason: None,
         });
     }
+    changes.reverse();
     Ok((changes, unknown))
+}
+
+/// A list of ids bound as one parameter (`rarray`), so a whole message is one statement.
+fn id_array<'a>(ids: impl IntoIterator<Item = &'a String>) -> rusqlite::vtab::array::Array {
+    std::rc::Rc::new(
+        ids.into_iter()
+            .map(|s| rusqlite::types::Value::Text(s.clone()))
+            .collect(),
+    )
 }
 
 /// The back office refused an operation: it stays on the device, red with the reason,

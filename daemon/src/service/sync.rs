@@ -114,14 +114,13 @@ impl Service {
     /// The next batch of operations to send.
     pub async fn next_batch(
         &self,
-        busy: HashSet<String>,
         settings: &UplinkSettings,
     ) -> Result<Vec<PendingOp>, DomainError> {
         let (max_ops, max_bytes) = (settings.batch_max_ops, settings.batch_max_bytes);
         self.fold().await?;
         self.inner
             .store
-            .read(move |c| outbox::next_batch(c, &busy, max_ops, max_bytes))
+            .read(move |c| outbox::next_batch(c, max_ops, max_bytes))
             .await
     }
 
@@ -214,13 +213,22 @@ impl Service {
                 "protocol version {v} is not spoken here"
             )));
         }
-        for doc in &docs {
-            doc.validate()?;
-        }
+        // Named in a full state, even if broken: never removed for being unreadable.
+        let listed: HashSet<String> = docs.iter().map(|d| d.id.clone()).collect();
+        // A broken work order is refused on its own; the rest of the message is kept.
+        let docs: Vec<_> = docs
+            .into_iter()
+            .filter(|doc| match doc.validate() {
+                Ok(()) => true,
+                Err(e) => {
+                    self.count_bad_downlink("work-orders", &e.to_string());
+                    false
+                }
+            })
+            .collect();
         let changes = self
             .change(move |c| {
                 let mut changes = Vec::new();
-                let listed: HashSet<String> = docs.iter().map(|d| d.id.clone()).collect();
                 for doc in &docs {
                     if let Some(ch) = work_orders::upsert(c, doc)? {
                         changes.push((doc.id.clone(), ch));

@@ -166,6 +166,8 @@ impl Store {
             source,
         })?;
         reader.busy_timeout(std::time::Duration::from_secs(5))?;
+        reader.execute_batch("PRAGMA cache_size=-1024;")?;
+        rusqlite::vtab::array::load_module(&reader)?;
 
         let store = Store {
             inner: Arc::new(Inner {
@@ -396,14 +398,19 @@ fn check_writable(dir: &Path) -> Result<(), StoreError> {
 
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    // `rarray()`: a whole batch of ids as one statement parameter.
+    rusqlite::vtab::array::load_module(conn)?;
     let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(rusqlite::Error::InvalidQuery);
     }
+    // A modest page cache: the working set is the tail of a few tables, and a handheld's
+    // memory is better left to the app.
     conn.execute_batch(
         "PRAGMA synchronous=FULL;
          PRAGMA foreign_keys=ON;
-         PRAGMA temp_store=MEMORY;",
+         PRAGMA temp_store=MEMORY;
+         PRAGMA cache_size=-2048;",
     )
 }
 
@@ -558,6 +565,7 @@ pub fn now_ms() -> i64 {
 /// The current schema on a bare connection, for unit tests of the domain rules.
 #[cfg(test)]
 pub(crate) fn schema_for_tests(conn: &mut Connection) {
+    rusqlite::vtab::array::load_module(conn).expect("array module");
     schema::migrate(conn).expect("schema applies to an empty database");
 }
 

@@ -57,6 +57,9 @@ const MIGRATIONS: &[&str] = &[
         created_ms    INTEGER NOT NULL
     );
     CREATE INDEX outbox_by_item ON outbox(item_id);
+    -- The uplink's queries: waiting operations in order, and the work orders held back
+    -- by a refusal; without them each batch would scan the whole outbox.
+    CREATE INDEX outbox_by_state ON outbox(state, seq);
 
     -- New records land here first: one row per capture and no index to maintain, so
     -- the fsync that acknowledges a capture writes as little as possible. They are

@@ -23,7 +23,6 @@ use wire::{Acks, Topics, WorkOrderPush, WIRE_VERSION};
 struct InFlight {
     /// Operation ids still waiting for their acknowledgement.
     waiting: HashSet<String>,
-    work_orders: HashSet<String>,
     sent_at: Instant,
 }
 
@@ -72,6 +71,7 @@ impl Uplink {
         loop {
             self.service.set_broker("connecting", None);
             let (client, mut eventloop) = AsyncClient::new(options.clone(), 64);
+            eventloop.set_network_options(mqtt::network_options(&self.settings));
             let connected = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 r = eventloop.poll() => r,
@@ -156,11 +156,9 @@ impl Uplink {
         loop {
             // Fill the window from the outbox.
             while more && in_flight.len() < self.settings.window {
-                let busy: HashSet<String> = in_flight
-                    .iter()
-                    .flat_map(|b| b.work_orders.iter().cloned())
-                    .collect();
-                let batch = match self.service.next_batch(busy, &self.settings).await {
+                // Batches go out back to back: each operation names its predecessor in
+                // its work order, so the back office keeps the order even across cuts.
+                let batch = match self.service.next_batch(&self.settings).await {
                     Ok(b) => b,
                     Err(e) => return Ended::Lost(format!("store: {e}")),
                 };
@@ -192,7 +190,6 @@ impl Uplink {
                 }
                 in_flight.push_back(InFlight {
                     waiting: batch.iter().map(|o| o.op_id.clone()).collect(),
-                    work_orders: batch.iter().map(|o| o.work_order_id.clone()).collect(),
                     sent_at: Instant::now(),
                 });
             }
@@ -272,12 +269,18 @@ impl Uplink {
                 .count_bad_downlink("acks", &wire::WireError::Version(acks.v).to_string());
             return Vec::new();
         }
+        tracing::debug!(
+            acks = acks.acks.len(),
+            refused = acks.refused.len(),
+            "acknowledgements received"
+        );
         let mut settled: Vec<String> = acks.acks.clone();
         settled.extend(acks.refused.iter().map(|r| r.id.clone()));
         if let Err(e) = self.service.apply_acks(acks).await {
             tracing::error!(error = %e, "cannot record acknowledgements; they will come again");
             return Vec::new();
         }
+        tracing::debug!("acknowledgements applied");
         settled
     }
 

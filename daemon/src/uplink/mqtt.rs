@@ -28,6 +28,15 @@ pub enum MqttSetupError {
     Tls(String),
 }
 
+/// Socket options: no Nagle delay (acknowledgements are small and a batch waits for
+/// them), and a connect timeout that suits a slow link.
+pub fn network_options(s: &UplinkSettings) -> rumqttc::NetworkOptions {
+    let mut n = rumqttc::NetworkOptions::new();
+    n.set_tcp_nodelay(true);
+    n.set_connection_timeout(s.keep_alive.as_secs().clamp(5, 60));
+    n
+}
+
 pub fn options(s: &UplinkSettings, topics: &Topics) -> Result<MqttOptions, MqttSetupError> {
     let mut o = MqttOptions::new(&s.device_id, &s.host, s.port);
     // The broker keeps the subscription and queues acknowledgements and work orders

@@ -96,6 +96,10 @@ pub struct WireOp<'a> {
     pub act: &'a str,
     /// When the change was made on the device (ms since the Unix epoch).
     pub at: i64,
+    /// The operation of the same work order to apply before this one, if it may not
+    /// have been applied yet.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub prev: Option<&'a str>,
     #[serde(borrow)]
     pub body: &'a RawValue,
 }
@@ -126,6 +130,7 @@ pub fn encode_batch(ops: &[PendingOp], level: i32) -> Result<Vec<u8>, WireError>
                 kind: &op.item_kind,
                 act: &op.action,
                 at: op.created_ms,
+                prev: op.prev.as_deref(),
                 body: raw,
             })
             .collect(),
@@ -238,6 +243,7 @@ mod tests {
             action: "create".into(),
             payload: body.into(),
             created_ms: 1,
+            prev: None,
         }
     }
 

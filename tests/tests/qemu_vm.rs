@@ -1,0 +1,771 @@
+//! The aarch64 build on a whole emulated handheld: Debian's arm64 kernel under
+//! `qemu-system-aarch64`, the store on an ext4 virtio disk, the daemon and `fieldctl`
+//! driven by the guest's scenarios in `tests/qemu/` and reporting over the serial console.
+//!
+//! - capture: every kind of capture and a photo, a SIGTERM restart, nothing missing; and
+//!   the user network reaches the host's loopback.
+//! - power: the host pulls the plug (SIGKILL of QEMU) at a random moment of a capture
+//!   loop, then boots again on the same disk: every acknowledged capture and photo is
+//!   there and SQLite's integrity check passes on the database exactly as the cut left it.
+//!   `FIELDSYNC_POWER_CYCLES` sets the number of cuts (default 3; the full run is 20).
+//! - footprint: a store the host filled through the x86_64 daemon, copied onto the disk;
+//!   the stripped binary's size, idle memory and start time on it.
+//!   `FIELDSYNC_FOOTPRINT_RECORDS` (default 20,000) and `FIELDSYNC_FOOTPRINT_WAITING`
+//!   (default a tenth of them) set its size; the figures in docs/benchmarks.md come from
+//!   100,000 and 10,000.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use fieldsync_tests::Daemon;
+use rand::Rng;
+use serde_json::Value;
+use tempfile::TempDir;
+use ui_bridge::RecordBody;
+
+/// Emulated, a boot takes a few seconds; a busy machine may need many more.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+/// The device's budget, as promised in docs/benchmarks.md.
+const MAX_BINARY_BYTES: u64 = 8 * 1024 * 1024;
+const MAX_IDLE_RSS_KIB: u64 = 8 * 1024;
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the workspace")
+}
+
+fn run(cmd: &mut Command) {
+    let status = cmd
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(status.success(), "{cmd:?} failed with {status}");
+}
+
+fn output(cmd: &mut Command) -> String {
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?} failed with {}", out.status);
+    String::from_utf8(out.stdout).expect("UTF-8 output")
+}
+
+/// The guest's kernel and initramfs, and the device build they carry.
+struct Images {
+    kernel: PathBuf,
+    initrd: PathBuf,
+    fieldsyncd: PathBuf,
+}
+
+/// Installs QEMU, cross-builds the daemon and assembles the initramfs, once per run of
+/// this test binary; both scripts are no-ops when nothing changed.
+fn images() -> &'static Images {
+    static IMAGES: OnceLock<Images> = OnceLock::new();
+    IMAGES.get_or_init(|| {
+        run(&mut Command::new(
+            repo().join("scripts/install-qemu-deps.sh"),
+        ));
+        run(Command::new(repo().join("scripts/build-aarch64.sh")).arg("--aarch64-only"));
+        let bin = repo().join("target/aarch64/aarch64-unknown-linux-gnu/device");
+        let out = output(
+            Command::new(repo().join("tests/qemu/build-initramfs.sh"))
+                .arg(bin.join("fieldsyncd"))
+                .arg(bin.join("fieldctl")),
+        );
+        let path = |key: &str| -> PathBuf {
+            out.lines()
+                .find_map(|l| l.strip_prefix(&format!("{key}=")))
+                .unwrap_or_else(|| panic!("build-initramfs.sh printed no {key}=:\n{out}"))
+                .into()
+        };
+        Images {
+            kernel: path("kernel"),
+            initrd: path("initrd"),
+            fieldsyncd: bin.join("fieldsyncd"),
+        }
+    })
+}
+
+/// One VM at a time: emulation takes every core, and the timings this suite reports
+/// mean something only on a quiet machine.
+fn one_vm_at_a_time() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The store disk: a fresh raw ext4 image in a temporary folder.
+struct Disk {
+    dir: TempDir,
+    path: PathBuf,
+}
+
+impl Disk {
+    /// An empty file system, or one holding `contents`' files.
+    fn new(size_mib: u64, contents: Option<&Path>) -> Disk {
+        let dir = tempfile::Builder::new()
+            .prefix("fieldsync-vm")
+            .tempdir()
+            .expect("temp dir");
+        let path = dir.path().join("store.img");
+        run(Command::new("qemu-img")
+            .args(["create", "-q", "-f", "raw"])
+            .arg(&path)
+            .arg(format!("{size_mib}M")));
+        let mut mkfs = Command::new("mkfs.ext4");
+        mkfs.args(["-q", "-F", "-L", "fieldsync"]);
+        if let Some(root) = contents {
+            mkfs.arg("-d").arg(root);
+        }
+        run(mkfs.arg(&path));
+        Disk { dir, path }
+    }
+
+    /// Copies a file out of the image, or returns `None` when it is not there. Only for a
+    /// cleanly unmounted image: debugfs does not replay the journal.
+    fn read(&self, guest_path: &str) -> Option<PathBuf> {
+        let out = self.dir.path().join("out");
+        std::fs::create_dir_all(&out).expect("out dir");
+        let dest = out.join(guest_path.trim_start_matches('/').replace('/', "_"));
+        let _ = std::fs::remove_file(&dest);
+        let result = Command::new("debugfs")
+            .arg("-R")
+            .arg(format!("dump -p {guest_path} {}", dest.display()))
+            .arg(&self.path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("debugfs runs");
+        assert!(result.success(), "debugfs failed on {guest_path}");
+        dest.exists().then_some(dest)
+    }
+}
+
+/// One line of the guest's report (see tests/qemu/scenarios/lib.sh).
+#[derive(Clone, Debug, PartialEq)]
+enum Line {
+    Report(String, String),
+    Ack(String),
+    Photo(String, String),
+    Log(String),
+    Fail(String),
+    Done,
+}
+
+impl Line {
+    fn parse(raw: &str) -> Option<Line> {
+        let at = raw.find("FIELDSYNC-")?;
+        let (tag, rest) = raw[at..].split_once(' ').unwrap_or((&raw[at..], ""));
+        let rest = rest.trim_end();
+        Some(match tag {
+            "FIELDSYNC-REPORT" => {
+                let (key, value) = rest.split_once(' ').unwrap_or((rest, ""));
+                Line::Report(key.into(), value.into())
+            }
+            // A line the console mangled must not count as an acknowledgement of an id
+            // that was never given.
+            "FIELDSYNC-ACK" if is_uuid(rest) => Line::Ack(rest.into()),
+            "FIELDSYNC-PHOTO" => {
+                let (id, sha) = rest.split_once(' ')?;
+                if !is_uuid(id) || sha.len() != 64 {
+                    return None;
+                }
+                Line::Photo(id.into(), sha.into())
+            }
+            "FIELDSYNC-LOG" => Line::Log(rest.into()),
+            "FIELDSYNC-FAIL" => Line::Fail(rest.into()),
+            "FIELDSYNC-DONE" => Line::Done,
+            _ => return None,
+        })
+    }
+}
+
+fn is_uuid(s: &str) -> bool {
+    s.len() == 36 && s.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
+}
+
+/// A running VM, its console read line by line on a thread.
+struct Vm {
+    child: Child,
+    lines: Receiver<Line>,
+    console: std::sync::Arc<Mutex<String>>,
+    started: Instant,
+    scenario: String,
+}
+
+impl Vm {
+    fn boot(disk: &Disk, scenario: &str, args: &[(&str, String)]) -> Vm {
+        let images = images();
+        let mut append = format!("console=ttyAMA0 panic=-1 quiet fieldsync.scenario={scenario}");
+        for (k, v) in args {
+            append.push_str(&format!(" fieldsync.{k}={v}"));
+        }
+        let mut child = Command::new("qemu-system-aarch64")
+            .args(["-M", "virt", "-cpu", "cortex-a57", "-smp", "2", "-m", "512"])
+            .args(["-nographic", "-no-reboot"])
+            .arg("-kernel")
+            .arg(&images.kernel)
+            .arg("-initrd")
+            .arg(&images.initrd)
+            .arg("-append")
+            .arg(append)
+            // cache=none: the guest's fsync reaches the image file, as it would the flash.
+            .arg("-drive")
+            .arg(format!(
+                "file={},format=raw,if=virtio,cache=none",
+                disk.path.display()
+            ))
+            .args(["-netdev", "user,id=n"])
+            // No option ROM: the kernel is booted directly, and none is installed.
+            .args(["-device", "virtio-net-pci,netdev=n,romfile="])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("qemu-system-aarch64 starts");
+        let console = std::sync::Arc::new(Mutex::new(String::new()));
+        let (tx, lines) = mpsc::channel();
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let log = console.clone();
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match stdout.read_until(b'\n', &mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+                let text = String::from_utf8_lossy(&buf);
+                log.lock().unwrap().push_str(&text);
+                // A line cut short by the power cut is not a line.
+                if !buf.ends_with(b"\n") {
+                    return;
+                }
+                if let Some(line) = Line::parse(text.trim_end_matches(['\r', '\n'])) {
+                    if tx.send(line).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        let mut stderr = child.stderr.take().expect("stderr");
+        let log = console.clone();
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stderr.read_to_string(&mut s);
+            log.lock().unwrap().push_str(&s);
+        });
+        Vm {
+            child,
+            lines,
+            console,
+            started: Instant::now(),
+            scenario: scenario.into(),
+        }
+    }
+
+    /// The next report line, or `None` once the console closed.
+    fn next(&mut self) -> Option<Line> {
+        let left = BOOT_TIMEOUT.saturating_sub(self.started.elapsed());
+        match self.lines.recv_timeout(left) {
+            Ok(line) => Some(line),
+            Err(RecvTimeoutError::Disconnected) => None,
+            Err(RecvTimeoutError::Timeout) => {
+                let _ = self.child.kill();
+                panic!(
+                    "scenario {} did not finish within {BOOT_TIMEOUT:?}:\n{}",
+                    self.scenario,
+                    self.console()
+                );
+            }
+        }
+    }
+
+    fn console(&self) -> String {
+        let text = self.console.lock().unwrap().clone();
+        // The tail is what explains a failure; a report can run to megabytes.
+        let start = text.len().saturating_sub(20_000);
+        let start = (start..text.len())
+            .find(|&i| text.is_char_boundary(i))
+            .unwrap_or(0);
+        text[start..].to_owned()
+    }
+
+    /// A hard power-off: the guest gets no chance to flush or unmount anything.
+    fn power_cut(mut self) -> Vec<Line> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // What the guest printed before the cut still counts.
+        let mut rest = Vec::new();
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(10)) {
+            rest.push(line);
+        }
+        rest
+    }
+
+    /// Waits for the scenario to finish and the VM to power off, and returns its report.
+    fn finish(mut self) -> Report {
+        let mut lines = Vec::new();
+        while let Some(line) = self.next() {
+            lines.push(line);
+        }
+        let status = self.child.wait().expect("qemu exits");
+        let report = Report {
+            lines,
+            console: self.console(),
+            wall: self.started.elapsed(),
+        };
+        if let Some(reason) = report.failure() {
+            panic!(
+                "scenario {} failed in the guest: {reason}\n{}",
+                self.scenario, report.console
+            );
+        }
+        assert!(
+            report.lines.contains(&Line::Done),
+            "scenario {} ended without finishing (qemu: {status}):\n{}",
+            self.scenario,
+            report.console
+        );
+        assert!(status.success(), "qemu exited with {status}");
+        report
+    }
+}
+
+struct Report {
+    lines: Vec<Line>,
+    console: String,
+    wall: Duration,
+}
+
+impl Report {
+    fn failure(&self) -> Option<&str> {
+        self.lines.iter().find_map(|l| match l {
+            Line::Fail(r) => Some(r.as_str()),
+            _ => None,
+        })
+    }
+
+    fn all(&self, key: &str) -> Vec<&str> {
+        self.lines
+            .iter()
+            .filter_map(|l| match l {
+                Line::Report(k, v) if k == key => Some(v.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn one(&self, key: &str) -> &str {
+        match self.all(key).as_slice() {
+            [v] => v,
+            other => panic!(
+                "expected one `{key}` report, got {}:\n{}",
+                other.len(),
+                self.console
+            ),
+        }
+    }
+
+    fn json(&self, key: &str) -> Value {
+        serde_json::from_str(self.one(key))
+            .unwrap_or_else(|e| panic!("`{key}` is not JSON ({e}): {}", self.one(key)))
+    }
+
+    /// `a=1 b=2` fields of the reports named `key`, in order.
+    fn fields(&self, key: &str) -> Vec<HashMap<String, String>> {
+        self.all(key)
+            .into_iter()
+            .map(|v| {
+                v.split_whitespace()
+                    .filter_map(|kv| kv.split_once('='))
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn number(fields: &HashMap<String, String>, key: &str) -> u64 {
+        fields
+            .get(key)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no number {key} in {fields:?}"))
+    }
+}
+
+fn ids(items: &Value) -> HashSet<String> {
+    items
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|i| i["id"].as_str().expect("an id").to_owned())
+        .collect()
+}
+
+#[test]
+fn captures_survive_a_restart_on_the_emulated_handheld() {
+    // The guest sends one line to this listener through QEMU's user network, the way
+    // the uplink will reach a broker on the host.
+    let listener = TcpListener::bind("127.0.0.1:0").expect("listener");
+    let port = listener.local_addr().unwrap().port();
+    listener
+        .set_nonblocking(true)
+        .expect("non-blocking listener");
+    // Gives up with the boot, so that a guest that never connects fails the test
+    // instead of hanging it.
+    let heard = std::thread::spawn(move || {
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        while Instant::now() < deadline {
+            match listener.accept() {
+                Ok((mut conn, _)) => {
+                    conn.set_nonblocking(false).expect("blocking stream");
+                    conn.set_read_timeout(Some(Duration::from_secs(30)))
+                        .unwrap();
+                    let mut s = String::new();
+                    conn.read_to_string(&mut s).expect("read");
+                    return s;
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+        String::new()
+    });
+
+    let disk = Disk::new(256, None);
+    let report = {
+        let _vm = one_vm_at_a_time();
+        Vm::boot(&disk, "capture", &[("probe_port", port.to_string())]).finish()
+    };
+
+    let boot = &report.fields("boot")[0];
+    eprintln!(
+        "capture scenario: userspace at {} s of guest uptime, {:.1} s wall in all",
+        boot["uptime_s"],
+        report.wall.as_secs_f64()
+    );
+
+    let items: Vec<Value> = report
+        .all("item")
+        .iter()
+        .map(|v| serde_json::from_str(v).expect("item JSON"))
+        .collect();
+    let kinds: Vec<&str> = items.iter().map(|i| i["kind"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "note",
+            "defect",
+            "completed_work",
+            "checklist",
+            "photo",
+            "stage"
+        ]
+    );
+    assert!(items.iter().all(|i| i["state"] == "waiting"), "{items:?}");
+    let captured: HashSet<String> = items
+        .iter()
+        .map(|i| i["id"].as_str().unwrap().to_owned())
+        .collect();
+
+    let work = &items[2]["body"];
+    assert_eq!(work["materials"][0]["name"], "gasket DN100");
+    assert_eq!(work["materials"][1]["quantity"], 8.0);
+    assert_eq!(items[3]["body"]["answers"][1]["value"], 4.2);
+    let photo = &items[4];
+    let sha = report.one("photo-sha256");
+    assert_eq!(photo["body"]["sha256"], sha);
+    assert_eq!(photo["body"]["size"], 300 * 1024);
+    assert_eq!(photo["record_id"], items[1]["id"], "attached to the defect");
+    assert_eq!(report.one("photo-file"), sha, "the stored photo's bytes");
+
+    let before = report.json("status-before");
+    let after = report.json("status-after");
+    assert_eq!(before["unsent"], 6);
+    assert_eq!(after["unsent"], 6);
+    assert!(after["damaged_store"].is_null());
+
+    let stops = report.fields("stopped");
+    assert_eq!(stops.len(), 2);
+    assert!(stops.iter().all(|s| s["exit"] == "0"), "{stops:?}");
+    let ready = report.fields("ready");
+    assert_eq!(Report::number(&ready[1], "unsent"), 6);
+
+    let wo = report.json("work-order-after");
+    assert_eq!(wo["stage"], "accepted");
+    assert_eq!(ids(&wo["items"]), captured);
+    let outbox = report.json("outbox-after");
+    let waiting: HashSet<String> = outbox
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|op| op["item_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(waiting, captured);
+
+    // The host's view of the cleanly unmounted disk agrees.
+    let db = disk
+        .read("/state/fieldsync.db")
+        .expect("the database is on the disk");
+    let db = rusqlite::Connection::open(db).expect("open the guest's database");
+    for id in &captured {
+        assert!(Daemon::item_stored(&db, id), "{id} is not in the database");
+    }
+
+    assert_eq!(report.one("network"), "sent");
+    assert_eq!(heard.join().unwrap(), "fieldsync guest aarch64\n");
+}
+
+/// What the guest acknowledged before the cuts so far.
+#[derive(Default)]
+struct Acked {
+    records: Vec<String>,
+    /// item id -> sha256
+    photos: Vec<(String, String)>,
+}
+
+#[test]
+fn a_power_cut_loses_nothing_acknowledged() {
+    let cycles: usize = std::env::var("FIELDSYNC_POWER_CYCLES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let disk = Disk::new(256, None);
+    let mut acked = Acked::default();
+    let _vm = one_vm_at_a_time();
+    for cycle in 0..cycles {
+        let mut vm = Vm::boot(&disk, "power", &[("cycle", cycle.to_string())]);
+        // Somewhere in the middle of the capture loop: after a few acknowledgements, and
+        // then anywhere inside the next capture or few.
+        let acks_before_cut = rand::rng().random_range(3..=30);
+        let mut acks = 0;
+        let take = |line: Line, acked: &mut Acked| match line {
+            Line::Ack(id) => {
+                acked.records.push(id);
+                1
+            }
+            Line::Photo(id, sha) => {
+                acked.photos.push((id, sha));
+                1
+            }
+            Line::Fail(reason) => panic!("cycle {cycle}: the guest failed: {reason}"),
+            _ => 0,
+        };
+        while acks < acks_before_cut {
+            match vm.next() {
+                Some(line) => acks += take(line, &mut acked),
+                None => panic!(
+                    "cycle {cycle}: the VM stopped before the cut:\n{}",
+                    vm.console()
+                ),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(rand::rng().random_range(0..400)));
+        for line in vm.power_cut() {
+            acks += take(line, &mut acked);
+        }
+
+        let report = Vm::boot(&disk, "verify", &[]).finish();
+        verify_after_cut(&disk, &report, &acked, cycle);
+        eprintln!(
+            "power cut {}: {acks} captures acknowledged this time, {} records and {} photos in all, none lost",
+            cycle + 1,
+            acked.records.len(),
+            acked.photos.len()
+        );
+    }
+}
+
+fn verify_after_cut(disk: &Disk, report: &Report, acked: &Acked, cycle: usize) {
+    // The database exactly as the cut left it, before the daemon recovered anything.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db_path = dir.path().join("fieldsync.db");
+    let copied = disk
+        .read("/after-cut/fieldsync.db")
+        .expect("the guest copied the database");
+    std::fs::copy(copied, &db_path).unwrap();
+    if let Some(wal) = disk.read("/after-cut/fieldsync.db-wal") {
+        std::fs::copy(wal, dir.path().join("fieldsync.db-wal")).unwrap();
+    }
+    let db = rusqlite::Connection::open(&db_path).expect("open the database");
+    let verdict: String = db
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(verdict, "ok", "cycle {cycle}: the database is damaged");
+    for id in &acked.records {
+        assert!(
+            Daemon::item_stored(&db, id),
+            "cycle {cycle}: acknowledged record {id} lost"
+        );
+    }
+    for (id, sha) in &acked.photos {
+        let stored: String = db
+            .query_row("SELECT photo_sha256 FROM items WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .unwrap_or_else(|e| panic!("cycle {cycle}: acknowledged photo {id} lost: {e}"));
+        assert_eq!(&stored, sha);
+    }
+
+    // And the daemon's own view after it recovered on the device.
+    let status = report.json("status");
+    assert!(
+        status["damaged_store"].is_null(),
+        "cycle {cycle}: the daemon set the store aside: {status}"
+    );
+    let listed = ids(&report.json("work-order")["items"]);
+    for id in acked
+        .records
+        .iter()
+        .chain(acked.photos.iter().map(|(id, _)| id))
+    {
+        assert!(
+            listed.contains(id),
+            "cycle {cycle}: {id} not listed after the cut"
+        );
+    }
+    let files: HashMap<&str, &str> = report
+        .all("photo-file")
+        .into_iter()
+        .filter_map(|v| v.split_once(' '))
+        .collect();
+    for (id, sha) in &acked.photos {
+        assert_eq!(
+            files.get(sha.as_str()).copied(),
+            Some(sha.as_str()),
+            "cycle {cycle}: the file of photo {id} is missing or damaged"
+        );
+    }
+}
+
+fn env_number(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Fills a store through the x86_64 daemon: `records` notes, all but `waiting` of them
+/// delivered. SQLite's files are the same on every architecture.
+fn fill_store(records: usize, waiting: usize) -> (Daemon, PathBuf) {
+    let mut d = Daemon::start();
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let capture = |count: usize| {
+            let clients = 8;
+            let tasks: Vec<_> = (0..clients)
+                .map(|w| {
+                    let socket = d.socket.clone();
+                    tokio::spawn(async move {
+                        let mut c = ui_bridge::Client::connect(&socket).await.expect("client");
+                        for i in (w..count).step_by(clients) {
+                            let text = format!(
+                                "Reading {i}: pressure nominal, no leaks at flanges, gauge {}",
+                                i % 97
+                            );
+                            let wo = if i % 2 == 0 { "WO-1" } else { "WO-2" };
+                            c.add_record(wo, RecordBody::Note { text })
+                                .await
+                                .expect("capture");
+                        }
+                    })
+                })
+                .collect();
+            async move {
+                for t in tasks {
+                    t.await.expect("capture task");
+                }
+            }
+        };
+        capture(records - waiting).await;
+        // Delivered, the way the back office's acknowledgements leave them. A bounded
+        // read folds the capture journal first; listing the whole outbox would not fit
+        // one answer at this size.
+        d.client().await.outbox(Some(1)).await.expect("outbox");
+        d.db()
+            .execute_batch(
+                "BEGIN;
+                 UPDATE items SET sync_state = 'delivered', sent = 1;
+                 DELETE FROM outbox;
+                 COMMIT;",
+            )
+            .expect("mark delivered");
+        capture(waiting).await;
+        // Fold the journal so the device starts on what a long-running one would hold.
+        let mut c = d.client().await;
+        assert_eq!(c.status().await.unwrap().unsent, waiting as u64);
+    });
+    assert_eq!(d.stop(), Some(0));
+    let root = d.dir.path().join("disk");
+    std::fs::create_dir(&root).unwrap();
+    run(Command::new("cp")
+        .arg("-a")
+        .arg(&d.state_dir)
+        .arg(root.join("state")));
+    (d, root)
+}
+
+fn tree_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| match e.file_type() {
+                    Ok(t) if t.is_dir() => tree_bytes(&e.path()),
+                    _ => e.metadata().map(|m| m.len()).unwrap_or(0),
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn footprint_on_a_full_store() {
+    let records = env_number("FIELDSYNC_FOOTPRINT_RECORDS", 20_000);
+    let waiting = env_number("FIELDSYNC_FOOTPRINT_WAITING", records / 10).min(records);
+    let binary = std::fs::metadata(&images().fieldsyncd).unwrap().len();
+    assert!(
+        binary <= MAX_BINARY_BYTES,
+        "the device build of fieldsyncd is {binary} bytes"
+    );
+
+    let filling = Instant::now();
+    let (_host_daemon, root) = fill_store(records, waiting);
+    let state_bytes = tree_bytes(&root);
+    let fill_time = filling.elapsed();
+    let disk = Disk::new((state_bytes / (1024 * 1024)) * 3 + 256, Some(&root));
+
+    let report = {
+        let _vm = one_vm_at_a_time();
+        Vm::boot(&disk, "footprint", &[]).finish()
+    };
+    let ready = report.fields("ready");
+    let cold_ms = Report::number(&ready[0], "startup_ms");
+    let warm_ms = Report::number(&ready[1], "startup_ms");
+    assert_eq!(Report::number(&ready[0], "unsent"), waiting as u64);
+    let idle = &report.fields("memory-idle")[0];
+    let idle_warm = &report.fields("memory-idle-warm")[0];
+    let rss = Report::number(idle, "VmRSS");
+    let mut out = std::io::stderr().lock();
+    let _ = writeln!(
+        out,
+        "footprint: {records} records, {waiting} waiting, store {:.1} MiB (filled in {:.1} s)\n\
+         \x20 fieldsyncd aarch64 device build: {binary} bytes ({:.2} MiB)\n\
+         \x20 start to ready: {cold_ms} ms cold, {warm_ms} ms warm (emulated cortex-a57)\n\
+         \x20 idle: VmRSS {rss} KiB (peak {} KiB); after a warm start VmRSS {} KiB",
+        state_bytes as f64 / 1048576.0,
+        fill_time.as_secs_f64(),
+        binary as f64 / 1048576.0,
+        Report::number(idle, "VmHWM"),
+        Report::number(idle_warm, "VmRSS"),
+    );
+    assert!(
+        rss <= MAX_IDLE_RSS_KIB,
+        "idle VmRSS {rss} KiB is over the {MAX_IDLE_RSS_KIB} KiB budget"
+    );
+}
