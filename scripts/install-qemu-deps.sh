@@ -46,8 +46,19 @@ if [ "${#missing[@]}" -gt 0 ]; then
     mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
     echo "install-qemu-deps: installing ${missing[*]}" >&2
     apt_update
+    packages=()
+    for p in "${missing[@]}"; do
+        if [ "$p" = qemu-utils ]; then
+            # A newer qemu-utils (from backports, say) breaks the release's emulator:
+            # take the one that matches the emulator apt will install, even if older.
+            ver="$(apt-cache policy qemu-system-arm | awk '/Candidate:/ {print $2}')"
+            packages+=("qemu-utils=$ver")
+        else
+            packages+=("$p")
+        fi
+    done
     as_root env DEBIAN_FRONTEND=noninteractive \
-        apt-get install -y -q --no-install-recommends "${missing[@]}"
+        apt-get install -y -q --no-install-recommends --allow-downgrades "${packages[@]}"
 fi
 
 # `apt-get download` needs an index that knows the arm64 packages.

@@ -42,6 +42,17 @@ pub struct Settings {
     pub seed_work_orders: Option<PathBuf>,
     /// `None`: no broker configured; the daemon stays offline and keeps everything.
     pub uplink: Option<UplinkSettings>,
+    pub sync: SyncSettings,
+}
+
+/// When to sync and what the link may carry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SyncSettings {
+    /// The inspector's switches as they are at start.
+    pub switches: crate::schedule::Switches,
+    /// Follow NetworkManager and ModemManager on the system bus; off, the broker is
+    /// simply tried and the link class is "unknown".
+    pub watch_network_manager: bool,
 }
 
 /// How to reach the back office.
@@ -101,6 +112,18 @@ struct File {
     dev: DevSection,
     #[serde(default)]
     uplink: UplinkSection,
+    #[serde(default)]
+    sync: SyncSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SyncSection {
+    auto_sync: Option<bool>,
+    sync_on_visit_completed: Option<bool>,
+    files_on_wifi_only: Option<bool>,
+    interval_secs: Option<u64>,
+    network_manager: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -350,6 +373,33 @@ fn validate(file: File, base_dir: &Path) -> Result<Settings, ConfigError> {
         log_format: file.log.format.unwrap_or(LogFormat::Auto),
         seed_work_orders: file.dev.seed_work_orders.clone().map(resolve),
         uplink: uplink(file.uplink, &resolve)?,
+        sync: sync(file.sync)?,
+    })
+}
+
+fn sync(s: SyncSection) -> Result<SyncSettings, ConfigError> {
+    let defaults = crate::schedule::Switches::default();
+    let interval = match s.interval_secs {
+        None => defaults.interval,
+        Some(0) => None,
+        Some(n) if n < 10 => {
+            return Err(invalid(
+                "sync.interval_secs",
+                format!("{n} is too often for a device on a cellular link; use at least 10, or 0 to turn the timer off"),
+            ))
+        }
+        Some(n) => Some(std::time::Duration::from_secs(n)),
+    };
+    Ok(SyncSettings {
+        switches: crate::schedule::Switches {
+            auto_sync: s.auto_sync.unwrap_or(defaults.auto_sync),
+            on_visit_completed: s
+                .sync_on_visit_completed
+                .unwrap_or(defaults.on_visit_completed),
+            files_on_wifi_only: s.files_on_wifi_only.unwrap_or(defaults.files_on_wifi_only),
+            interval,
+        },
+        watch_network_manager: s.network_manager.unwrap_or(true),
     })
 }
 
@@ -555,6 +605,27 @@ mod tests {
         assert_eq!(s.max_photo_bytes, 30);
         assert_eq!(s.max_connections, 3);
         assert_eq!(s.state_dir, dir.path().join("s"));
+    }
+
+    #[test]
+    fn sync_switches_and_their_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = write(
+            dir.path(),
+            "f.toml",
+            "[sync]\nauto_sync = false\nfiles_on_wifi_only = true\ninterval_secs = 0\nnetwork_manager = false\n",
+        );
+        let s = load(Some(&main)).unwrap().sync;
+        assert!(!s.switches.auto_sync && s.switches.on_visit_completed);
+        assert!(s.switches.files_on_wifi_only && !s.watch_network_manager);
+        assert_eq!(s.switches.interval, None);
+        assert_eq!(
+            load(None).unwrap().sync.switches.interval,
+            Some(std::time::Duration::from_secs(120))
+        );
+        let main = write(dir.path(), "g.toml", "[sync]\ninterval_secs = 2\n");
+        let err = load(Some(&main)).unwrap_err().to_string();
+        assert!(err.contains("sync.interval_secs"), "{err}");
     }
 
     #[test]

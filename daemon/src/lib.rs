@@ -5,12 +5,18 @@
 //! - [`domain`]: work orders, records, photos, stages, and the outbox.
 //! - [`service`]: protocol requests turned into store transactions and events.
 //! - [`bridge`]: the UI socket the touchscreen app speaks to.
+//! - [`link`]: the link class from NetworkManager and ModemManager, and the policy of
+//!   what may go on it.
+//! - [`schedule`]: when to sync (triggers and the inspector's switches).
+//! - [`uplink`]: the MQTT session to the back office.
 //! - [`systemd`], [`logging`]: the service's glue to its host.
 
 pub mod bridge;
 pub mod config;
 pub mod domain;
+pub mod link;
 pub mod logging;
+pub mod schedule;
 pub mod service;
 pub mod store;
 pub mod systemd;
@@ -77,19 +83,21 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     );
     systemd::ready(&format!("offline; {status} changes waiting"));
     let watchdog = tokio::spawn(systemd::watchdog(store.clone(), shutdown.clone()));
-    let uplink = settings
-        .uplink
-        .clone()
-        .map(|u| tokio::spawn(uplink::Uplink::new(service.clone(), u).run(shutdown.clone())));
+    let link = link::spawn(settings.sync.watch_network_manager, shutdown.clone());
+    let uplink = match settings.uplink.clone() {
+        Some(u) => {
+            tokio::spawn(uplink::Uplink::new(service.clone(), u, link).run(shutdown.clone()))
+        }
+        // No broker: the app's banner still shows the link.
+        None => tokio::spawn(follow_link(service.clone(), link, shutdown.clone())),
+    };
 
     bridge::serve(listener, service, settings.clone(), shutdown.clone()).await;
 
     systemd::stopping();
     tracing::info!("stopping: UI connections closed, closing the store");
     let _ = watchdog.await;
-    if let Some(uplink) = uplink {
-        let _ = uplink.await;
-    }
+    let _ = uplink.await;
     // The writer finishes the jobs already queued, then checkpoints.
     tokio::task::spawn_blocking(move || store.close())
         .await
@@ -98,6 +106,20 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         let _ = std::fs::remove_file(path);
     }
     Ok(())
+}
+
+async fn follow_link(
+    service: Service,
+    mut link: tokio::sync::watch::Receiver<link::LinkState>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        service.set_link(link.borrow_and_update().clone());
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = link.changed() => if changed.is_err() { return },
+        }
+    }
 }
 
 fn spawn_signal_handler(shutdown: CancellationToken) -> Result<(), RunError> {

@@ -410,6 +410,9 @@ fn ids(items: &Value) -> HashSet<String> {
 
 #[test]
 fn captures_survive_a_restart_on_the_emulated_handheld() {
+    // Taken before the listener's clock starts: another test's VM may hold the machine
+    // for minutes.
+    let vm_slot = one_vm_at_a_time();
     // The guest sends one line to this listener through QEMU's user network, the way
     // the uplink will reach a broker on the host.
     let listener = TcpListener::bind("127.0.0.1:0").expect("listener");
@@ -438,10 +441,8 @@ fn captures_survive_a_restart_on_the_emulated_handheld() {
     });
 
     let disk = Disk::new(256, None);
-    let report = {
-        let _vm = one_vm_at_a_time();
-        Vm::boot(&disk, "capture", &[("probe_port", port.to_string())]).finish()
-    };
+    let report = Vm::boot(&disk, "capture", &[("probe_port", port.to_string())]).finish();
+    drop(vm_slot);
 
     let boot = &report.fields("boot")[0];
     eprintln!(

@@ -328,13 +328,32 @@ pub struct Status {
     pub protocol: u32,
     /// Operations stored on the device and not yet confirmed by the back office.
     pub unsent: u64,
-    /// Link class: `offline`, `2g`, `cellular`, `metered`, `wifi`, `ethernet`.
+    /// Link class: `offline`, `2g`, `cellular`, `metered`, `wifi`, `ethernet`, or
+    /// `unknown` when NetworkManager is not followed (the broker is simply tried).
     pub link: String,
+    /// The link in words: "LTE", "EDGE", "Wi-Fi, metered (guessed)", ...
+    #[serde(default)]
+    pub link_detail: String,
+    /// Who says: `networkmanager`, or `none`.
+    #[serde(default)]
+    pub link_source: String,
     /// Broker session: `not_configured`, `connecting`, `up`, `down`.
     pub broker: String,
     pub last_upload_ms: Option<i64>,
     pub last_download_ms: Option<i64>,
     pub last_error: Option<String>,
+    /// When a sync last sent everything the link allowed.
+    #[serde(default)]
+    pub last_sync_ms: Option<i64>,
+    /// Why the last sync did or did not happen ("auto-sync is off: ...", "offline: ...",
+    /// "photos wait for a faster link than 2G", ...), for the offline banner.
+    #[serde(default)]
+    pub sync_note: Option<String>,
+    /// The sync switches in force.
+    #[serde(default)]
+    pub auto_sync: bool,
+    #[serde(default)]
+    pub files_on_wifi_only: bool,
     /// Free bytes where the store lives, and whether new captures are being refused.
     pub storage_free_bytes: u64,
     pub storage_low: bool,
@@ -451,8 +470,13 @@ pub enum Event {
         work_order_id: String,
         change: WorkOrderChange,
     },
-    /// Link or broker state changed.
-    Link { link: String, broker: String },
+    /// The link class, the broker session or the sync note changed.
+    Link {
+        link: String,
+        broker: String,
+        #[serde(default)]
+        note: Option<String>,
+    },
     /// This subscriber fell behind and missed `missed` events: read the state again.
     Lagged { missed: u64 },
 }

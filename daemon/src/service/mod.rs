@@ -18,6 +18,7 @@ pub use sync::SyncStatus;
 use crate::config::Settings;
 use crate::domain::work_orders::{self, WorkOrderDoc};
 use crate::domain::{items, journal, outbox, DomainError};
+use crate::schedule::{Switches, Trigger, Triggers};
 use crate::store::Store;
 
 /// How many events a slow subscriber may fall behind before it is told to re-read.
@@ -42,10 +43,13 @@ struct Inner {
     journal_dirty: AtomicBool,
     /// What the uplink reports: broker state, last upload and download, last error.
     sync: std::sync::Mutex<SyncStatus>,
-    /// Wakes the uplink: something new to send.
-    sync_wanted: tokio::sync::Notify,
-    /// Wakes a waiting reconnect: the link changed or someone asked to sync now.
-    link_changed: tokio::sync::Notify,
+    /// Requests for a sync, for the uplink's scheduler.
+    triggers: Triggers,
+    /// Wakes the uplink within a sync already running: a window slot or a photo's
+    /// operation was freed.
+    more_to_send: tokio::sync::Notify,
+    /// The inspector's sync switches.
+    switches: std::sync::Mutex<Switches>,
     /// The last free-space reading and when it was taken.
     free_space: std::sync::Mutex<Option<(std::time::Instant, u64)>>,
 }
@@ -58,7 +62,6 @@ impl Service {
             inner: Arc::new(Inner {
                 store,
                 events,
-                settings,
                 damaged_store,
                 journal_dirty: AtomicBool::new(true),
                 free_space: std::sync::Mutex::new(None),
@@ -70,8 +73,10 @@ impl Service {
                     },
                     ..SyncStatus::default()
                 }),
-                sync_wanted: tokio::sync::Notify::new(),
-                link_changed: tokio::sync::Notify::new(),
+                triggers: Triggers::default(),
+                more_to_send: tokio::sync::Notify::new(),
+                switches: std::sync::Mutex::new(settings.sync.switches.clone()),
+                settings,
             }),
         }
     }
@@ -208,7 +213,7 @@ impl Service {
                     self.emit_item(item, true);
                 }
                 self.emit(Event::Unsent { count: unsent });
-                self.inner.sync_wanted.notify_one();
+                self.inner.triggers.fire(Trigger::Capture);
                 Ok(Response::Deleted {
                     item_id: deleted.item.id,
                     sent_nothing: deleted.sent_nothing,
@@ -224,13 +229,20 @@ impl Service {
             }
             Request::AdvanceStage { work_order_id, to } => {
                 self.check_space(0)?;
-                let (item, unsent) = self
+                let (item, unsent, visit_done) = self
                     .change(move |c| {
                         let item = work_orders::advance(c, &work_order_id, &to)?;
-                        Ok((item, journal::unsent(c)?))
+                        let ended = work_orders::get(c, &work_order_id)?
+                            .summary
+                            .next_stage
+                            .is_none();
+                        Ok((item, journal::unsent(c)?, ended || to == "completed"))
                     })
                     .await?;
-                tracing::info!(item_id = %item.id, work_order_id = %item.work_order_id, "stage advanced");
+                tracing::info!(item_id = %item.id, work_order_id = %item.work_order_id, visit_done, "stage advanced");
+                if visit_done {
+                    self.inner.triggers.fire(Trigger::VisitCompleted);
+                }
                 self.emit(Event::WorkOrder {
                     work_order_id: item.work_order_id.clone(),
                     change: WorkOrderChange::Changed,
@@ -285,15 +297,14 @@ impl Service {
                 }
                 self.emit(Event::Unsent { count: unsent });
                 // Later changes of the work order were waiting behind this one.
-                self.inner.sync_wanted.notify_one();
+                self.inner.triggers.fire(Trigger::Capture);
                 Ok(Response::Discarded {
                     item_id,
                     item: d.item,
                 })
             }
             Request::SyncNow => {
-                self.inner.link_changed.notify_one();
-                self.inner.sync_wanted.notify_one();
+                self.inner.triggers.fire(Trigger::SyncNow);
                 Ok(Response::SyncStarted)
             }
         }
@@ -361,7 +372,7 @@ impl Service {
     fn after_change(&self, item: &Item, unsent: u64) {
         self.emit_item(item, false);
         self.emit(Event::Unsent { count: unsent });
-        self.inner.sync_wanted.notify_one();
+        self.inner.triggers.fire(Trigger::Capture);
     }
 
     /// Refuses new captures while free space is under the reserve (promise 2): what is
@@ -397,15 +408,22 @@ impl Service {
         let unsent = self.inner.store.read(journal::unsent).await?;
         let free = free_bytes(self.inner.store.state_dir());
         let sync = self.sync_status();
+        let switches = self.switches();
         Ok(Status {
             daemon_version: env!("CARGO_PKG_VERSION").into(),
             protocol: PROTOCOL_VERSION,
             unsent,
-            link: sync.link().into(),
+            link: sync.link.class.as_str().into(),
+            link_detail: sync.link.detail,
+            link_source: sync.link.source.as_str().into(),
             broker: sync.broker.into(),
             last_upload_ms: sync.last_upload_ms,
             last_download_ms: sync.last_download_ms,
             last_error: sync.last_error,
+            last_sync_ms: sync.last_sync_ms,
+            sync_note: sync.note,
+            auto_sync: switches.auto_sync,
+            files_on_wifi_only: switches.files_on_wifi_only,
             storage_free_bytes: free,
             storage_low: free < self.inner.settings.min_free_bytes,
             damaged_store: self.inner.damaged_store.clone(),

@@ -10,6 +10,8 @@ use super::Service;
 use crate::config::UplinkSettings;
 use crate::domain::outbox::{self, PendingOp, StateChange};
 use crate::domain::{journal, photos, work_orders, DomainError};
+use crate::link::{LinkClass, LinkState};
+use crate::schedule::{Switches, Triggers};
 use crate::store::now_ms;
 use crate::uplink::wire::{Acks, PhotoAck, WorkOrderPush, WIRE_VERSION};
 
@@ -18,23 +20,58 @@ use crate::uplink::wire::{Acks, PhotoAck, WorkOrderPush, WIRE_VERSION};
 pub const HELD: &str = "held";
 
 /// The uplink's state as the app shows it.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct SyncStatus {
     /// `not_configured`, `connecting`, `up`, `down`.
     pub broker: &'static str,
+    pub link: LinkState,
     pub last_upload_ms: Option<i64>,
     pub last_download_ms: Option<i64>,
     pub last_error: Option<String>,
+    /// When a sync last finished with nothing left that the link allowed.
+    pub last_sync_ms: Option<i64>,
+    /// Why the last sync did or did not happen, for the app's offline banner.
+    pub note: Option<String>,
     /// Downlink messages that could not be used, since start.
     pub bad_downlink: u64,
 }
 
+impl Default for SyncStatus {
+    fn default() -> SyncStatus {
+        SyncStatus {
+            broker: "not_configured",
+            link: LinkState::unknown("starting"),
+            last_upload_ms: None,
+            last_download_ms: None,
+            last_error: None,
+            last_sync_ms: None,
+            note: None,
+            bad_downlink: 0,
+        }
+    }
+}
+
 impl SyncStatus {
-    /// Without a link watcher the daemon only knows whether the broker answers.
-    pub fn link(&self) -> &'static str {
-        match self.broker {
-            "up" => "online",
-            _ => "offline",
+    /// One line for systemd's `STATUS=`: what an operator running `systemctl status`
+    /// wants to know first.
+    fn status_line(&self) -> String {
+        let link = match self.link.class {
+            LinkClass::Offline => format!("offline ({})", self.link.detail),
+            LinkClass::Unknown => "link unknown".to_owned(),
+            c => format!("{} ({})", c.as_str(), self.link.detail),
+        };
+        let broker = match self.broker {
+            "up" => "broker connected".to_owned(),
+            "connecting" => "connecting to the broker".to_owned(),
+            "not_configured" => "no broker configured".to_owned(),
+            _ => format!(
+                "broker down ({})",
+                self.last_error.as_deref().unwrap_or("not reached")
+            ),
+        };
+        match &self.note {
+            Some(note) => format!("{link}; {broker}; {note}"),
+            None => format!("{link}; {broker}"),
         }
     }
 }
@@ -56,6 +93,16 @@ impl Service {
         s.clone()
     }
 
+    /// Tells the app and systemd; called when the link, the broker or the note changed.
+    fn announce(&self, now: &SyncStatus) {
+        self.emit(Event::Link {
+            link: now.link.class.as_str().into(),
+            broker: now.broker.into(),
+            note: now.note.clone(),
+        });
+        crate::systemd::status(&now.status_line());
+    }
+
     /// The broker session changed state; `error` says why when it went down.
     pub fn set_broker(&self, state: &'static str, error: Option<String>) {
         let before = self.sync_status().broker;
@@ -66,19 +113,54 @@ impl Service {
             }
         });
         if before != state {
-            self.emit(Event::Link {
-                link: now.link().into(),
-                broker: state.into(),
-            });
-            crate::systemd::status(&match state {
-                "up" => "broker connected; sending".to_owned(),
-                "connecting" => "connecting to the broker".to_owned(),
-                _ => format!(
-                    "offline; captures are kept ({})",
-                    now.last_error.as_deref().unwrap_or("no broker")
-                ),
-            });
+            self.announce(&now);
         }
+    }
+
+    /// The link watcher's latest word.
+    pub fn set_link(&self, link: LinkState) {
+        let before = self.sync_status().link;
+        if before == link {
+            return;
+        }
+        let now = self.update_sync(|s| s.link = link);
+        self.announce(&now);
+    }
+
+    /// Why the last sync did or did not happen; `finished` marks a sync that sent all
+    /// the link allowed.
+    pub fn set_sync_note(&self, note: impl Into<String>, finished: bool) {
+        let note = note.into();
+        let before = self.sync_status().note;
+        let now = self.update_sync(|s| {
+            if finished {
+                s.last_sync_ms = Some(now_ms());
+            }
+            s.note = Some(note.clone());
+        });
+        if before.as_deref() != Some(note.as_str()) {
+            tracing::info!(note = %note, "sync");
+            self.announce(&now);
+        }
+    }
+
+    /// Requests for a sync from the socket and the downlink.
+    pub fn triggers(&self) -> &Triggers {
+        &self.inner.triggers
+    }
+
+    /// The inspector's sync switches as they are now.
+    pub fn switches(&self) -> Switches {
+        match self.inner.switches.lock() {
+            Ok(s) => s.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Resolves when a running sync may have more to send: acknowledgements freed the
+    /// window or a photo finished.
+    pub async fn more_to_send(&self) {
+        self.inner.more_to_send.notified().await
     }
 
     /// A downlink message that could not be used: logged with its reason and counted;
@@ -94,17 +176,6 @@ impl Service {
             count = s.bad_downlink,
             "downlink message ignored"
         );
-    }
-
-    /// Resolves when something new may be waiting to be sent.
-    pub async fn sync_wanted(&self) {
-        self.inner.sync_wanted.notified().await
-    }
-
-    /// Resolves when the link changed or a sync was asked for: a waiting reconnect
-    /// should try at once.
-    pub async fn link_changed(&self) {
-        self.inner.link_changed.notified().await
     }
 
     pub async fn requeue_in_flight(&self) -> Result<usize, DomainError> {
@@ -258,6 +329,9 @@ impl Service {
             });
         }
         self.update_sync(|s| s.last_download_ms = Some(now_ms()));
+        if !full && !changes.is_empty() {
+            self.inner.triggers.fire(crate::schedule::Trigger::Push);
+        }
         Ok(())
     }
 
@@ -327,7 +401,7 @@ impl Service {
         if complete && known {
             self.update_sync(|s| s.last_upload_ms = Some(now_ms()));
             // The photo's own operation can go now.
-            self.inner.sync_wanted.notify_one();
+            self.inner.more_to_send.notify_one();
         }
         Ok(known)
     }

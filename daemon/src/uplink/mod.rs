@@ -15,7 +15,12 @@ use std::time::{Duration, Instant};
 use rumqttc::{AsyncClient, Event, Incoming, QoS};
 use tokio_util::sync::CancellationToken;
 
+use tokio::sync::watch;
+
 use crate::config::UplinkSettings;
+use crate::link::policy::{self, Traffic};
+use crate::link::{LinkClass, LinkState};
+use crate::schedule::{Switches, Trigger, TriggerSet};
 use crate::service::Service;
 use wire::{Acks, Topics, WorkOrderPush, WIRE_VERSION};
 
@@ -38,6 +43,9 @@ struct PhotoLane {
 /// How one connection ended.
 enum Ended {
     Shutdown,
+    /// The link went away or changed under the session: connect again at once (or
+    /// wait for a link), without backoff.
+    LinkChanged(String),
     Lost(String),
 }
 
@@ -45,20 +53,35 @@ pub struct Uplink {
     service: Service,
     settings: UplinkSettings,
     topics: Topics,
+    link: watch::Receiver<LinkState>,
+}
+
+/// What one session is doing about sync.
+struct Sync {
+    /// The trigger of the sync under way; `None` between syncs.
+    running: Option<Trigger>,
+    /// The switches as they were when the last trigger was weighed.
+    switches: Switches,
 }
 
 impl Uplink {
-    pub fn new(service: Service, settings: UplinkSettings) -> Uplink {
+    pub fn new(
+        service: Service,
+        settings: UplinkSettings,
+        link: watch::Receiver<LinkState>,
+    ) -> Uplink {
         let topics = Topics::new(&settings.topic_prefix, &settings.device_id);
         Uplink {
             service,
             settings,
             topics,
+            link,
         }
     }
 
-    /// Connects, drains, reconnects with backoff, until `shutdown`.
-    pub async fn run(self, shutdown: CancellationToken) {
+    /// Connects while a link is up, drains when the scheduler says so, reconnects with
+    /// backoff, until `shutdown`.
+    pub async fn run(mut self, shutdown: CancellationToken) {
         let options = match mqtt::options(&self.settings, &self.topics) {
             Ok(o) => o,
             Err(e) => {
@@ -68,7 +91,11 @@ impl Uplink {
             }
         };
         let mut delay = self.settings.reconnect_min;
+        let mut pending = TriggerSet::default();
         loop {
+            if !self.wait_for_link(&shutdown).await {
+                return;
+            }
             self.service.set_broker("connecting", None);
             let (client, mut eventloop) = AsyncClient::new(options.clone(), 64);
             eventloop.set_network_options(mqtt::network_options(&self.settings));
@@ -84,10 +111,18 @@ impl Uplink {
                         "connected to the broker"
                     );
                     delay = self.settings.reconnect_min;
-                    match self.session(&client, &mut eventloop, &shutdown).await {
+                    match self
+                        .session(&client, &mut eventloop, &shutdown, &mut pending)
+                        .await
+                    {
                         Ended::Shutdown => {
                             self.say_goodbye(&client, &mut eventloop).await;
                             return;
+                        }
+                        Ended::LinkChanged(why) => {
+                            tracing::info!(reason = %why, "broker session closed");
+                            self.service.set_broker("down", None);
+                            continue;
                         }
                         Ended::Lost(why) => why,
                     }
@@ -102,21 +137,104 @@ impl Uplink {
             drop(eventloop);
             // Jitter keeps a fleet that lost the same broker from returning in step.
             let jittered = delay.mul_f64(0.5 + rand_unit());
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(jittered) => {}
-                _ = self.service.link_changed() => {}
-            }
+            self.service.set_sync_note(
+                format!(
+                    "the broker is not reached; next try in {} s",
+                    jittered.as_secs_f64().ceil()
+                ),
+                false,
+            );
+            let retry_at = tokio::time::Instant::now() + jittered;
             delay = (delay * 2).min(self.settings.reconnect_max);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep_until(retry_at) => break,
+                    changed = self.link.changed() => {
+                        if changed.is_err() {
+                            shutdown.cancelled().await;
+                            return;
+                        }
+                        // A new link is a new chance: no reason to wait out the backoff.
+                        delay = self.settings.reconnect_min;
+                        break;
+                    }
+                    _ = self.service.triggers().fired() => {
+                        pending = pending.union(self.service.triggers().take());
+                        if pending.contains(Trigger::SyncNow) {
+                            break;
+                        }
+                    }
+                }
+            }
         }
     }
 
-    /// One connected session: subscribe, announce, then keep `window` batches in flight.
+    /// Waits while the link watcher says there is no link: nothing runs meanwhile, no
+    /// timer and no reconnect attempt (promise 7). Returns false on shutdown.
+    async fn wait_for_link(&mut self, shutdown: &CancellationToken) -> bool {
+        loop {
+            let link = self.link.borrow_and_update().clone();
+            self.service.set_link(link.clone());
+            if link.class != LinkClass::Offline {
+                return true;
+            }
+            self.service.set_broker("down", None);
+            self.service.set_sync_note(
+                format!(
+                    "offline ({}): everything is kept and goes when a link appears",
+                    link.detail
+                ),
+                false,
+            );
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                changed = self.link.changed() => {
+                    if changed.is_err() {
+                        shutdown.cancelled().await;
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Weighs the pending triggers against the switches: starts a sync when one of
+    /// them may, says why not otherwise.
+    fn weigh(&self, pending: &mut TriggerSet, sync: &mut Sync) -> bool {
+        let set = std::mem::take(pending).union(self.service.triggers().take());
+        if set.is_empty() {
+            return false;
+        }
+        sync.switches = self.service.switches();
+        match sync.switches.first_start(set) {
+            Some(t) => {
+                if sync.running.is_none() {
+                    tracing::debug!(trigger = t.as_str(), "sync starts");
+                    sync.running = Some(t);
+                    self.service
+                        .set_sync_note(format!("sending (after {})", t.as_str()), false);
+                }
+                true
+            }
+            None => {
+                if sync.running.is_none() {
+                    self.service
+                        .set_sync_note("auto-sync is off: changes wait for \"sync now\"", false);
+                }
+                false
+            }
+        }
+    }
+
+    /// One connected session: subscribe, announce, then keep `window` batches in flight
+    /// while a sync runs, within what the link policy allows.
     async fn session(
-        &self,
+        &mut self,
         client: &AsyncClient,
         eventloop: &mut rumqttc::EventLoop,
         shutdown: &CancellationToken,
+        pending: &mut TriggerSet,
     ) -> Ended {
         if let Err(e) = client.try_subscribe(self.topics.downlink_filter(), QoS::AtLeastOnce) {
             return Ended::Lost(format!("subscribe: {e}"));
@@ -140,6 +258,14 @@ impl Uplink {
         }
         self.service.set_broker("up", None);
 
+        let mut link = self.link.borrow_and_update().clone();
+        let mut sync = Sync {
+            running: None,
+            switches: self.service.switches(),
+        };
+        pending.insert(Trigger::LinkUp);
+        self.weigh(pending, &mut sync);
+
         let mut photos = PhotoLane {
             current: None,
             next: 0,
@@ -153,58 +279,117 @@ impl Uplink {
         let mut photos_more = true;
         let mut timeout_check = tokio::time::interval(self.settings.ack_timeout / 2);
         timeout_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The periodic sync; its first tick is one interval away, not now.
+        let period = sync.switches.interval.unwrap_or(Duration::from_secs(3600));
+        let mut timer = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            // Fill the window from the outbox.
-            while more && in_flight.len() < self.settings.window {
-                // Batches go out back to back: each operation names its predecessor in
-                // its work order, so the back office keeps the order even across cuts.
-                let batch = match self.service.next_batch(&self.settings).await {
-                    Ok(b) => b,
-                    Err(e) => return Ended::Lost(format!("store: {e}")),
-                };
-                if batch.is_empty() {
-                    more = false;
-                    break;
-                }
-                let payload = match wire::encode_batch(&batch, self.settings.compression_level) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot encode a batch; it stays in the outbox");
+            let files_ok =
+                policy::allows(link.class, Traffic::Files, sync.switches.files_on_wifi_only);
+            if sync.running.is_some() {
+                // Fill the window from the outbox.
+                while more && in_flight.len() < self.settings.window {
+                    // Batches go out back to back: each operation names its predecessor
+                    // in its work order, so the back office keeps the order even across
+                    // cuts.
+                    let batch = match self.service.next_batch(&self.settings).await {
+                        Ok(b) => b,
+                        Err(e) => return Ended::Lost(format!("store: {e}")),
+                    };
+                    if batch.is_empty() {
                         more = false;
                         break;
                     }
-                };
-                let seqs: Vec<i64> = batch.iter().map(|o| o.seq).collect();
-                if let Err(e) = self.service.mark_sent(seqs).await {
-                    return Ended::Lost(format!("store: {e}"));
+                    let payload = match wire::encode_batch(&batch, self.settings.compression_level)
+                    {
+                        Ok(p) => p,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot encode a batch; it stays in the outbox");
+                            more = false;
+                            break;
+                        }
+                    };
+                    let seqs: Vec<i64> = batch.iter().map(|o| o.seq).collect();
+                    if let Err(e) = self.service.mark_sent(seqs).await {
+                        return Ended::Lost(format!("store: {e}"));
+                    }
+                    if let Err(e) =
+                        client.try_publish(self.topics.ops(), QoS::AtLeastOnce, false, payload)
+                    {
+                        return Ended::Lost(format!("publish: {e}"));
+                    }
+                    tracing::debug!(ops = batch.len(), first_op = %batch[0].op_id, "batch sent");
+                    let index = in_flight.len();
+                    for op in &batch {
+                        op_batch.insert(op.op_id.clone(), index);
+                    }
+                    in_flight.push_back(InFlight {
+                        waiting: batch.iter().map(|o| o.op_id.clone()).collect(),
+                        sent_at: Instant::now(),
+                    });
                 }
-                if let Err(e) =
-                    client.try_publish(self.topics.ops(), QoS::AtLeastOnce, false, payload)
-                {
-                    return Ended::Lost(format!("publish: {e}"));
+                // Promise 5: no photo byte is handed to the client on a link the policy
+                // keeps them off.
+                if files_ok {
+                    match self
+                        .send_photo_chunks(client, &mut photos, photos_more)
+                        .await
+                    {
+                        Ok(found) => photos_more = found,
+                        Err(why) => return Ended::Lost(why),
+                    }
                 }
-                tracing::debug!(ops = batch.len(), first_op = %batch[0].op_id, "batch sent");
-                let index = in_flight.len();
-                for op in &batch {
-                    op_batch.insert(op.op_id.clone(), index);
+                let photos_done = !files_ok || (!photos_more && photos.current.is_none());
+                if !more && in_flight.is_empty() && photos_done {
+                    self.finish_sync(&link, &sync).await;
+                    sync.running = None;
                 }
-                in_flight.push_back(InFlight {
-                    waiting: batch.iter().map(|o| o.op_id.clone()).collect(),
-                    sent_at: Instant::now(),
-                });
-            }
-            match self
-                .send_photo_chunks(client, &mut photos, photos_more)
-                .await
-            {
-                Ok(found) => photos_more = found,
-                Err(why) => return Ended::Lost(why),
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return Ended::Shutdown,
-                _ = self.service.sync_wanted() => {
+                _ = self.service.triggers().fired() => {
+                    if self.weigh(pending, &mut sync) {
+                        more = true;
+                        photos_more = true;
+                    }
+                }
+                _ = self.service.more_to_send() => {
                     more = true;
                     photos_more = true;
+                }
+                _ = timer.tick(), if sync.switches.interval.is_some() => {
+                    pending.insert(Trigger::Timer);
+                    if self.weigh(pending, &mut sync) {
+                        more = true;
+                        photos_more = true;
+                    }
+                }
+                changed = self.link.changed() => {
+                    if changed.is_err() {
+                        return Ended::Shutdown;
+                    }
+                    let new = self.link.borrow_and_update().clone();
+                    self.service.set_link(new.clone());
+                    if new.class == LinkClass::Offline {
+                        return Ended::LinkChanged(format!("the link went away ({})", new.detail));
+                    }
+                    if new.connection.is_some() && link.connection.is_some() && new.connection != link.connection {
+                        return Ended::LinkChanged(format!("the link moved to another connection ({})", new.detail));
+                    }
+                    let files_now = policy::allows(new.class, Traffic::Files, sync.switches.files_on_wifi_only);
+                    let chunks_queued = photos.current.as_ref().is_some_and(|u| photos.next > u.acked);
+                    if !files_now && chunks_queued {
+                        // Chunks handed to the client may still be in its queue: only a
+                        // new connection is sure to leave them behind.
+                        return Ended::LinkChanged(format!("photos may not go on {} ({})", new.class.as_str(), new.detail));
+                    }
+                    if files_now && !files_ok {
+                        pending.insert(Trigger::LinkUp);
+                        if self.weigh(pending, &mut sync) {
+                            photos_more = true;
+                        }
+                    }
+                    link = new;
                 }
                 _ = timeout_check.tick() => {
                     if in_flight.front().is_some_and(|b| b.sent_at.elapsed() > self.settings.ack_timeout) {
@@ -252,6 +437,21 @@ impl Uplink {
                 },
             }
         }
+    }
+
+    /// A sync sent everything the link allows: says so, and what still waits.
+    async fn finish_sync(&self, link: &LinkState, sync: &Sync) {
+        let held = policy::files_held_because(link.class, sync.switches.files_on_wifi_only);
+        let photos_wait = match held {
+            Some(_) => matches!(self.service.next_upload(Vec::new()).await, Ok(Some(_))),
+            None => false,
+        };
+        let note = match held {
+            Some(why) if photos_wait => format!("synced records; {why}"),
+            _ => "synced: nothing left to send".to_owned(),
+        };
+        tracing::debug!(trigger = ?sync.running.map(Trigger::as_str), "sync finished");
+        self.service.set_sync_note(note, true);
     }
 
     /// Handles an acknowledgement message; returns the operation ids it settled

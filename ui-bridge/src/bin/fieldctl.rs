@@ -351,8 +351,22 @@ fn state_word(s: SyncState) -> &'static str {
 
 fn print_status(s: &Status) {
     println!("fieldsyncd {} (protocol {})", s.daemon_version, s.protocol);
-    println!("link:           {} (broker {})", s.link, s.broker);
+    if s.link_detail.is_empty() {
+        println!("link:           {}", s.link);
+    } else {
+        println!("link:           {} ({})", s.link, s.link_detail);
+    }
+    println!("broker session: {}", s.broker);
+    if let Some(note) = &s.sync_note {
+        println!("sync:           {note}");
+    }
+    println!(
+        "switches:       auto-sync {}, files on Wi-Fi only {}",
+        if s.auto_sync { "on" } else { "off" },
+        if s.files_on_wifi_only { "on" } else { "off" }
+    );
     println!("unsent changes: {}", s.unsent);
+    println!("last sync:      {}", when(s.last_sync_ms));
     println!("last upload:    {}", when(s.last_upload_ms));
     println!("last download:  {}", when(s.last_download_ms));
     if let Some(e) = &s.last_error {
@@ -461,7 +475,10 @@ fn print_event(e: &Event) {
             work_order_id,
             change,
         } => println!("work order {work_order_id}: {change:?}"),
-        Event::Link { link, broker } => println!("link: {link}, broker: {broker}"),
+        Event::Link { link, broker, note } => match note {
+            Some(note) => println!("link: {link}, broker: {broker}: {note}"),
+            None => println!("link: {link}, broker: {broker}"),
+        },
         Event::Lagged { missed } => println!("(missed {missed} events; state re-read advised)"),
     }
 }

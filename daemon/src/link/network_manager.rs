@@ -1,0 +1,561 @@
+//! The link watcher: NetworkManager's state, connectivity, primary connection and its
+//! type, `Metered`, the primary connection's devices, and for a modem ModemManager's
+//! access technologies, read over the system bus with zbus.
+//!
+//! Driven by signals: any `PropertiesChanged` under NetworkManager's or ModemManager's
+//! object tree, or either name coming or going, makes the watcher read the few
+//! properties it needs again and publish the class when it changed. Reading everything
+//! again is a handful of calls and cannot miss a change the way patching a cached copy
+//! signal by signal can. Between signals nothing runs (promise 7).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, watch, Notify};
+use tokio_util::sync::CancellationToken;
+use zbus::zvariant::{OwnedValue, Value};
+use zbus::{Connection, MatchRule, MessageStream};
+
+use super::{LinkClass, LinkSource, LinkState};
+
+const NM: &str = "org.freedesktop.NetworkManager";
+const NM_PATH: &str = "/org/freedesktop/NetworkManager";
+const NM_ACTIVE: &str = "org.freedesktop.NetworkManager.Connection.Active";
+const NM_DEVICE: &str = "org.freedesktop.NetworkManager.Device";
+const MM: &str = "org.freedesktop.ModemManager1";
+const MM_PATH: &str = "/org/freedesktop/ModemManager1";
+const MM_MODEM: &str = "org.freedesktop.ModemManager1.Modem";
+
+/// A change usually arrives as a burst of signals from several objects; one read after
+/// the burst sees the finished picture.
+const SETTLE: Duration = Duration::from_millis(40);
+
+// NetworkManager's NMState, NMConnectivityState, NMMetered and NMDeviceType values.
+const NM_STATE_CONNECTED_SITE: u32 = 60;
+const NM_CONNECTIVITY_NONE: u32 = 1;
+const NM_CONNECTIVITY_PORTAL: u32 = 2;
+const NM_METERED_YES: u32 = 1;
+const NM_METERED_GUESS_YES: u32 = 3;
+const NM_DEVICE_ETHERNET: u32 = 1;
+const NM_DEVICE_WIFI: u32 = 2;
+const NM_DEVICE_MODEM: u32 = 8;
+
+// ModemManager's MMModemAccessTechnology bits.
+const MM_GSM: u32 = 1 << 1;
+const MM_GSM_COMPACT: u32 = 1 << 2;
+const MM_GPRS: u32 = 1 << 3;
+const MM_EDGE: u32 = 1 << 4;
+const MM_1XRTT: u32 = 1 << 10;
+/// NB-IoT is LTE by name and slower than EDGE in practice: files wait as on 2G.
+const MM_LTE_NB_IOT: u32 = 1 << 17;
+const MM_SLOW: u32 = MM_GSM | MM_GSM_COMPACT | MM_GPRS | MM_EDGE | MM_1XRTT | MM_LTE_NB_IOT;
+/// UMTS through HSPA+, EV-DO, LTE, 5G NR and LTE Cat-M.
+const MM_FAST: u32 = (0b1_1111 << 5) | (0b111 << 11) | (1 << 14) | (1 << 15) | (1 << 16);
+
+/// What the watcher read, before it is classified.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub(super) struct Snapshot {
+    pub state: u32,
+    pub connectivity: u32,
+    /// The primary connection's object path; `None` when NetworkManager names none.
+    pub primary: Option<String>,
+    /// `PrimaryConnectionType`, or the active connection's `Type` when that is missing.
+    pub kind: String,
+    pub metered: u32,
+    /// Device types of the primary connection.
+    pub devices: Vec<u32>,
+    /// The modem's access technologies when the primary connection runs on one and
+    /// ModemManager answers.
+    pub access: Option<u32>,
+}
+
+/// Turns what NetworkManager and ModemManager said into a class. Pure: tested below.
+pub(super) fn classify(s: &Snapshot) -> LinkState {
+    let state = |class, detail: String| LinkState {
+        class,
+        source: LinkSource::NetworkManager,
+        connection: s.primary.clone(),
+        detail,
+    };
+    if s.state < NM_STATE_CONNECTED_SITE {
+        return state(
+            LinkClass::Offline,
+            format!("NetworkManager state {}", s.state),
+        );
+    }
+    match s.connectivity {
+        NM_CONNECTIVITY_NONE => {
+            return state(LinkClass::Offline, "no connectivity".into());
+        }
+        NM_CONNECTIVITY_PORTAL => {
+            return state(LinkClass::Offline, "behind a captive portal".into());
+        }
+        _ => {}
+    }
+    let metered = matches!(s.metered, NM_METERED_YES | NM_METERED_GUESS_YES);
+    let metered_words = match s.metered {
+        NM_METERED_YES => ", metered",
+        NM_METERED_GUESS_YES => ", metered (guessed)",
+        _ => "",
+    };
+    let medium = match s.kind.as_str() {
+        "802-11-wireless" => NM_DEVICE_WIFI,
+        "802-3-ethernet" | "pppoe" => NM_DEVICE_ETHERNET,
+        "gsm" | "cdma" | "bluetooth" => NM_DEVICE_MODEM,
+        // A VPN, a bridge or a bond: what carries it decides.
+        _ => [NM_DEVICE_MODEM, NM_DEVICE_WIFI, NM_DEVICE_ETHERNET]
+            .into_iter()
+            .find(|t| s.devices.contains(t))
+            .unwrap_or(0),
+    };
+    match medium {
+        NM_DEVICE_MODEM => match s.access {
+            Some(a) if a & MM_FAST != 0 => state(LinkClass::Cellular, access_words(a)),
+            Some(a) if a & MM_SLOW != 0 => state(LinkClass::TwoG, access_words(a)),
+            _ => state(
+                LinkClass::Cellular,
+                "cellular, generation unknown".to_owned(),
+            ),
+        },
+        NM_DEVICE_WIFI if metered => state(LinkClass::Metered, format!("Wi-Fi{metered_words}")),
+        NM_DEVICE_WIFI => state(LinkClass::Wifi, "Wi-Fi".into()),
+        NM_DEVICE_ETHERNET if metered => {
+            state(LinkClass::Metered, format!("Ethernet{metered_words}"))
+        }
+        NM_DEVICE_ETHERNET => state(LinkClass::Ethernet, "Ethernet".into()),
+        // A connection on something the watcher does not know: the Metered flag is all
+        // there is to go on.
+        _ if metered => state(LinkClass::Metered, format!("{}{metered_words}", s.kind)),
+        _ => state(LinkClass::Ethernet, format!("{} connection", s.kind)),
+    }
+}
+
+/// The fastest technology in `bits`, the way a phone's status bar names it.
+fn access_words(bits: u32) -> String {
+    const NAMES: [(u32, &str); 12] = [
+        (1 << 15, "5G"),
+        (1 << 14, "LTE"),
+        (1 << 16, "LTE Cat-M"),
+        (1 << 9, "HSPA+"),
+        (1 << 8, "HSPA"),
+        (0b11 << 6, "HSDPA/HSUPA"),
+        (1 << 5, "UMTS"),
+        (0b111 << 11, "EV-DO"),
+        (MM_LTE_NB_IOT, "NB-IoT"),
+        (MM_EDGE, "EDGE"),
+        (MM_GPRS, "GPRS"),
+        (MM_GSM | MM_GSM_COMPACT | MM_1XRTT, "2G"),
+    ];
+    NAMES
+        .iter()
+        .find(|(b, _)| bits & b != 0)
+        .map(|(_, n)| (*n).to_owned())
+        .unwrap_or_else(|| "cellular".to_owned())
+}
+
+/// Follows NetworkManager until `shutdown`, through the bus or NetworkManager going
+/// away and coming back.
+pub(super) async fn follow(
+    tx: watch::Sender<LinkState>,
+    shutdown: CancellationToken,
+    (retry_min, retry_max): (Duration, Duration),
+) {
+    let mut fallback = Fallback::default();
+    let mut delay = retry_min;
+    loop {
+        let connected = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            c = Connection::system() => c,
+        };
+        match connected {
+            Ok(conn) => {
+                delay = retry_min;
+                match watch_bus(&conn, &tx, &shutdown, &mut fallback).await {
+                    None => return,
+                    Some(why) => fallback.enter(&tx, format!("the system bus went away ({why})")),
+                }
+            }
+            Err(e) => fallback.enter(&tx, format!("no system bus ({e})")),
+        }
+        // The bus has no signal for "I am back": try again now and then. The uplink
+        // meanwhile tries the broker on its own.
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(retry_max);
+    }
+}
+
+/// Says once, not at every retry, that the daemon is on its own.
+#[derive(Default)]
+struct Fallback {
+    active: bool,
+}
+
+impl Fallback {
+    fn enter(&mut self, tx: &watch::Sender<LinkState>, why: String) {
+        if !self.active {
+            tracing::warn!(reason = %why, "not following NetworkManager: the broker is tried whatever the link, and photos go on any link unless \"Wi-Fi only for files\" is on");
+            self.active = true;
+        }
+        let state = LinkState::unknown(why);
+        tx.send_if_modified(|s| replace_if_changed(s, state));
+    }
+
+    fn leave(&mut self, state: &LinkState) {
+        if self.active {
+            tracing::info!(link = state.class.as_str(), detail = %state.detail, "following NetworkManager");
+            self.active = false;
+        }
+    }
+}
+
+fn replace_if_changed(current: &mut LinkState, new: LinkState) -> bool {
+    if *current == new {
+        return false;
+    }
+    if current.class != new.class || current.connection != new.connection {
+        tracing::info!(
+            link = new.class.as_str(),
+            detail = %new.detail,
+            was = current.class.as_str(),
+            "link changed"
+        );
+    }
+    *current = new;
+    true
+}
+
+/// Watches one bus connection; returns `None` on shutdown, or why the bus was lost.
+async fn watch_bus(
+    conn: &Connection,
+    tx: &watch::Sender<LinkState>,
+    shutdown: &CancellationToken,
+    fallback: &mut Fallback,
+) -> Option<String> {
+    // Subscribed before the first read, so that no change falls between the two.
+    let streams = match subscribe(conn).await {
+        Ok(s) => s,
+        Err(e) => return Some(e.to_string()),
+    };
+    let wake = Arc::new(Notify::new());
+    let (gone_tx, mut gone) = mpsc::channel::<()>(1);
+    let mut forwarders = tokio::task::JoinSet::new();
+    for mut stream in streams {
+        let wake = wake.clone();
+        let gone_tx = gone_tx.clone();
+        // Each stream is emptied at once: zbus stops reading the socket while a
+        // stream's queue is full, and the reads below need the socket.
+        forwarders.spawn(async move {
+            while let Some(msg) = stream.next().await {
+                if msg.is_err() {
+                    break;
+                }
+                wake.notify_one();
+            }
+            let _ = gone_tx.send(()).await;
+        });
+    }
+    drop(gone_tx);
+    loop {
+        match read(conn).await {
+            Ok(Some(snapshot)) => {
+                let state = classify(&snapshot);
+                fallback.leave(&state);
+                tx.send_if_modified(|s| replace_if_changed(s, state));
+            }
+            Ok(None) => fallback.enter(tx, "NetworkManager is not on the system bus".into()),
+            Err(e) => fallback.enter(tx, format!("cannot read NetworkManager's state: {e}")),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = gone.recv() => return Some("connection closed".into()),
+            _ = wake.notified() => tokio::time::sleep(SETTLE).await,
+        }
+    }
+}
+
+async fn subscribe(conn: &Connection) -> zbus::Result<Vec<MessageStream>> {
+    let changed = |namespace: &'static str| -> zbus::Result<MatchRule<'static>> {
+        Ok(MatchRule::builder()
+            .msg_type(zbus::message::Type::Signal)
+            .interface("org.freedesktop.DBus.Properties")?
+            .member("PropertiesChanged")?
+            .path_namespace(namespace)?
+            .build())
+    };
+    let owner = |name: &'static str| -> zbus::Result<MatchRule<'static>> {
+        Ok(MatchRule::builder()
+            .msg_type(zbus::message::Type::Signal)
+            .interface("org.freedesktop.DBus")?
+            .member("NameOwnerChanged")?
+            .arg(0, name)?
+            .build())
+    };
+    let mut streams = Vec::new();
+    for rule in [owner(NM)?, owner(MM)?, changed(NM_PATH)?, changed(MM_PATH)?] {
+        streams.push(MessageStream::for_match_rule(rule, conn, Some(64)).await?);
+    }
+    Ok(streams)
+}
+
+type Props = HashMap<String, OwnedValue>;
+
+async fn get_all(conn: &Connection, dest: &str, path: &str, iface: &str) -> zbus::Result<Props> {
+    let reply = conn
+        .call_method(
+            Some(dest),
+            path,
+            Some("org.freedesktop.DBus.Properties"),
+            "GetAll",
+            &(iface,),
+        )
+        .await?;
+    reply.body().deserialize()
+}
+
+async fn has_owner(conn: &Connection, name: &str) -> zbus::Result<bool> {
+    let reply = conn
+        .call_method(
+            Some("org.freedesktop.DBus"),
+            "/org/freedesktop/DBus",
+            Some("org.freedesktop.DBus"),
+            "NameHasOwner",
+            &(name,),
+        )
+        .await?;
+    reply.body().deserialize()
+}
+
+fn prop_u32(p: &Props, key: &str) -> Option<u32> {
+    p.get(key).and_then(|v| u32::try_from(v).ok())
+}
+
+fn prop_str(p: &Props, key: &str) -> Option<String> {
+    p.get(key)
+        .and_then(|v| <&str>::try_from(v).ok())
+        .map(str::to_owned)
+}
+
+fn prop_bool(p: &Props, key: &str) -> bool {
+    p.get(key)
+        .and_then(|v| bool::try_from(v).ok())
+        .unwrap_or(false)
+}
+
+fn prop_path(p: &Props, key: &str) -> Option<String> {
+    p.get(key)
+        .and_then(|v| match &**v {
+            Value::ObjectPath(o) => Some(o.to_string()),
+            _ => None,
+        })
+        .filter(|o| o != "/")
+}
+
+fn prop_paths(p: &Props, key: &str) -> Vec<String> {
+    match p.get(key).map(|v| &**v) {
+        Some(Value::Array(a)) => a
+            .inner()
+            .iter()
+            .filter_map(|v| match v {
+                Value::ObjectPath(o) => Some(o.to_string()),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Reads what [`classify`] needs; `None` when NetworkManager is not on the bus. Objects
+/// that vanish between the calls count as absent: the signal of their going follows.
+async fn read(conn: &Connection) -> zbus::Result<Option<Snapshot>> {
+    if !has_owner(conn, NM).await? {
+        return Ok(None);
+    }
+    let nm = get_all(conn, NM, NM_PATH, NM).await?;
+    let mut snap = Snapshot {
+        state: prop_u32(&nm, "State").unwrap_or(0),
+        // Without a connectivity check NetworkManager says "unknown", which is not "none".
+        connectivity: prop_u32(&nm, "Connectivity").unwrap_or(0),
+        metered: prop_u32(&nm, "Metered").unwrap_or(0),
+        kind: prop_str(&nm, "PrimaryConnectionType").unwrap_or_default(),
+        ..Snapshot::default()
+    };
+    snap.primary = prop_path(&nm, "PrimaryConnection");
+    if snap.primary.is_none() && snap.state >= NM_STATE_CONNECTED_SITE {
+        // Older NetworkManager, or a moment between changes: the default route's
+        // connection is the one the broker's traffic takes.
+        let mut fallback = None;
+        for path in prop_paths(&nm, "ActiveConnections") {
+            if let Ok(ac) = get_all(conn, NM, &path, NM_ACTIVE).await {
+                if prop_bool(&ac, "Default") || prop_bool(&ac, "Default6") {
+                    snap.primary = Some(path);
+                    break;
+                }
+                fallback.get_or_insert(path);
+            }
+        }
+        snap.primary = snap.primary.or(fallback);
+    }
+    let Some(primary) = snap.primary.clone() else {
+        return Ok(Some(snap));
+    };
+    let Ok(active) = get_all(conn, NM, &primary, NM_ACTIVE).await else {
+        return Ok(Some(snap));
+    };
+    if snap.kind.is_empty() {
+        snap.kind = prop_str(&active, "Type").unwrap_or_default();
+    }
+    for device in prop_paths(&active, "Devices") {
+        let Ok(d) = get_all(conn, NM, &device, NM_DEVICE).await else {
+            continue;
+        };
+        let kind = prop_u32(&d, "DeviceType").unwrap_or(0);
+        snap.devices.push(kind);
+        if kind == NM_DEVICE_MODEM && snap.access.is_none() {
+            // NetworkManager names a ModemManager modem by its object path.
+            if let Some(udi) = prop_str(&d, "Udi").filter(|u| u.starts_with(MM_PATH)) {
+                if let Ok(m) = get_all(conn, MM, &udi, MM_MODEM).await {
+                    snap.access = prop_u32(&m, "AccessTechnologies");
+                }
+            }
+        }
+    }
+    Ok(Some(snap))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn online(kind: &str, metered: u32, devices: &[u32], access: Option<u32>) -> Snapshot {
+        Snapshot {
+            state: 70,
+            connectivity: 4,
+            primary: Some("/org/freedesktop/NetworkManager/ActiveConnection/1".into()),
+            kind: kind.into(),
+            metered,
+            devices: devices.to_vec(),
+            access,
+        }
+    }
+
+    #[test]
+    fn classes_from_what_network_manager_says() {
+        use LinkClass::*;
+        let table: &[(Snapshot, LinkClass, &str)] = &[
+            (
+                Snapshot {
+                    state: 20,
+                    ..Snapshot::default()
+                },
+                Offline,
+                "disconnected",
+            ),
+            (
+                Snapshot {
+                    state: 50,
+                    connectivity: 4,
+                    ..Snapshot::default()
+                },
+                Offline,
+                "local only",
+            ),
+            (
+                Snapshot {
+                    connectivity: 2,
+                    ..online("802-11-wireless", 4, &[2], None)
+                },
+                Offline,
+                "portal",
+            ),
+            (
+                Snapshot {
+                    connectivity: 1,
+                    ..online("802-11-wireless", 4, &[2], None)
+                },
+                Offline,
+                "none",
+            ),
+            (
+                Snapshot {
+                    connectivity: 0,
+                    ..online("802-11-wireless", 4, &[2], None)
+                },
+                Wifi,
+                "no check",
+            ),
+            (
+                online("802-11-wireless", 4, &[2], None),
+                Wifi,
+                "wifi guess-no",
+            ),
+            (online("802-11-wireless", 2, &[2], None), Wifi, "wifi no"),
+            (
+                online("802-11-wireless", 1, &[2], None),
+                Metered,
+                "wifi yes",
+            ),
+            (
+                online("802-11-wireless", 3, &[2], None),
+                Metered,
+                "wifi guess-yes",
+            ),
+            (
+                online("802-3-ethernet", 0, &[1], None),
+                Ethernet,
+                "ethernet",
+            ),
+            (
+                online("802-3-ethernet", 3, &[1], None),
+                Metered,
+                "ethernet guess-yes",
+            ),
+            (online("gsm", 1, &[8], Some(MM_EDGE)), TwoG, "edge"),
+            (online("gsm", 1, &[8], Some(MM_GPRS)), TwoG, "gprs"),
+            (online("gsm", 1, &[8], Some(MM_LTE_NB_IOT)), TwoG, "nb-iot"),
+            (online("gsm", 1, &[8], Some(1 << 14)), Cellular, "lte"),
+            (
+                online("gsm", 1, &[8], Some((1 << 14) | MM_EDGE)),
+                Cellular,
+                "lte and edge",
+            ),
+            (online("gsm", 1, &[8], Some(1 << 5)), Cellular, "umts"),
+            (
+                online("gsm", 2, &[8], Some(1 << 15)),
+                Cellular,
+                "5g, unmetered apn",
+            ),
+            (online("gsm", 1, &[8], None), Cellular, "no modemmanager"),
+            (online("bluetooth", 0, &[5], None), Cellular, "tethered"),
+            (online("vpn", 0, &[8], Some(MM_EDGE)), TwoG, "vpn over edge"),
+            (online("vpn", 0, &[2], None), Wifi, "vpn over wifi"),
+            (online("", 0, &[2], None), Wifi, "type from the device"),
+            (
+                online("wireguard", 1, &[], None),
+                Metered,
+                "unknown, metered",
+            ),
+        ];
+        for (snapshot, class, case) in table {
+            let state = classify(snapshot);
+            assert_eq!(state.class, *class, "{case}: {state:?}");
+            assert_eq!(state.source, LinkSource::NetworkManager);
+        }
+        assert_eq!(
+            classify(&online("gsm", 1, &[8], Some(MM_EDGE))).detail,
+            "EDGE"
+        );
+        assert_eq!(
+            classify(&online("gsm", 1, &[8], Some(1 << 14))).detail,
+            "LTE"
+        );
+        assert_eq!(
+            classify(&online("802-11-wireless", 3, &[2], None)).detail,
+            "Wi-Fi, metered (guessed)"
+        );
+    }
+}
