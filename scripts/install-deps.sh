@@ -2,8 +2,16 @@
 # Installs what building and testing fieldsync need on Debian (12 "bookworm" or later),
 # only what is missing. Safe to run again.
 #
-#   scripts/install-deps.sh
+#   scripts/install-deps.sh          # everything the build and the test suite need
+#   scripts/install-deps.sh --demo   # only what scripts/demo.sh needs: the build, mosquitto
 set -euo pipefail
+
+demo_only=0
+case "${1:-}" in
+    "") ;;
+    --demo) demo_only=1 ;;
+    *) echo "install-deps: unknown argument $1" >&2; exit 2 ;;
+esac
 
 as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo -n "$@"; fi
@@ -20,15 +28,22 @@ need cargo cargo-web
 need rustc rustc-web
 need cc gcc
 need pkg-config pkg-config
-# Tests: mount/umount for the full-disk test, systemd-analyze for the unit checks,
-# python3-venv for the Yocto lint.
-need mount mount
-need systemd-analyze systemd
-# The uplink's tests run a real broker; mosquitto_pub is the benchmarks' reference.
+# The uplink's tests and the demo run a real broker.
 need mosquitto mosquitto
-need mosquitto_pub mosquitto-clients
-need openssl openssl
-/usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+if [ "$demo_only" -eq 0 ]; then
+    # Tests: mount/umount for the full-disk test, systemd-analyze for the unit checks,
+    # mosquitto_pub as the benchmarks' reference, openssl for the TLS tests' certificates,
+    # python3-venv for the Yocto lint.
+    need mount mount
+    need systemd-analyze systemd
+    need mosquitto_pub mosquitto-clients
+    need openssl openssl
+    /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+    # The link watcher's tests: a private dbus-daemon with NetworkManager and ModemManager
+    # played by python-dbusmock under Debian's own Python (tests/src/netmock.rs).
+    need dbus-daemon dbus-daemon
+    /usr/bin/python3 -c 'import dbusmock' 2>/dev/null || missing+=(python3-dbusmock)
+fi
 
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "install-deps: installing ${missing[*]}" >&2

@@ -4,6 +4,7 @@
 
 pub mod backoffice;
 pub mod broker;
+pub mod netmock;
 pub mod pki;
 
 use std::path::{Path, PathBuf};
@@ -90,6 +91,11 @@ pub struct Options {
     pub work_orders: String,
     /// The `[uplink]` section's keys; empty: no broker.
     pub uplink: String,
+    /// The `[sync]` section's keys. The default leaves NetworkManager alone, so that a
+    /// test does not depend on the machine's own network.
+    pub sync: String,
+    /// Extra environment for the daemon (`DBUS_SYSTEM_BUS_ADDRESS` of a test bus).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for Options {
@@ -99,6 +105,8 @@ impl Default for Options {
             ui: String::new(),
             work_orders: WORK_ORDERS.into(),
             uplink: String::new(),
+            sync: "network_manager = false\n".into(),
+            env: Vec::new(),
         }
     }
 }
@@ -109,6 +117,7 @@ pub struct Daemon {
     pub state_dir: PathBuf,
     pub socket: PathBuf,
     pub config: PathBuf,
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -130,8 +139,8 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "[store]\nstate_dir = \"state\"\n{}\n[ui]\nsocket = \"ui.sock\"\n{}\n[log]\nlevel = \"info\"\nformat = \"text\"\n[dev]\nseed_work_orders = \"work-orders.json\"\n[uplink]\n{}\n",
-                options.store, options.ui, options.uplink
+                "[store]\nstate_dir = \"state\"\n{}\n[ui]\nsocket = \"ui.sock\"\n{}\n[log]\nlevel = \"info\"\nformat = \"text\"\n[dev]\nseed_work_orders = \"work-orders.json\"\n[uplink]\n{}\n[sync]\n{}\n",
+                options.store, options.ui, options.uplink, options.sync
             ),
         )
         .expect("write config");
@@ -140,6 +149,7 @@ impl Daemon {
             state_dir,
             socket,
             config,
+            env: options.env,
             child: None,
         };
         d.spawn();
@@ -169,6 +179,8 @@ impl Daemon {
             .env_remove("RUST_LOG")
             .env_remove("NOTIFY_SOCKET")
             .env_remove("LISTEN_FDS")
+            .env_remove("DBUS_SYSTEM_BUS_ADDRESS")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log)

@@ -1,0 +1,328 @@
+//! The link as NetworkManager and ModemManager tell it, on a private system bus with
+//! python-dbusmock, against the real Mosquitto and the test back office: the policy
+//! holds byte for byte, a link appearing starts a sync at once, auto-sync off waits for
+//! "sync now" or a completed visit, NetworkManager and the bus may come and go, and an
+//! idle offline daemon costs next to no CPU.
+
+use std::time::{Duration, Instant};
+
+use fieldsync_tests::backoffice::BackOffice;
+use fieldsync_tests::broker::Broker;
+use fieldsync_tests::netmock::{MockLink, NetMock};
+use fieldsync_tests::{Daemon, Options};
+use ui_bridge::{RecordBody, SyncState};
+
+fn options(broker: &Broker, bus: &NetMock, device: &str, sync: &str) -> Options {
+    Options {
+        uplink: format!(
+            "broker = \"{}\"\ndevice_id = \"{device}\"\nreconnect_min_ms = 50\nreconnect_max_secs = 1\nphoto_chunk_bytes = 16384\n",
+            broker.url()
+        ),
+        sync: format!("network_manager = true\n{sync}"),
+        env: vec![("DBUS_SYSTEM_BUS_ADDRESS".into(), bus.address())],
+        ..Options::default()
+    }
+}
+
+fn note(text: &str) -> RecordBody {
+    RecordBody::Note { text: text.into() }
+}
+
+/// Waits until the daemon's status satisfies `ok`, or fails with the last status seen.
+async fn wait_status(
+    c: &mut ui_bridge::Client,
+    what: &str,
+    ok: impl Fn(&ui_bridge::Status) -> bool,
+) -> ui_bridge::Status {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = c.status().await.expect("status");
+        if ok(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{what}: status is {s:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Bytes of the photo `sha` the back office has received so far.
+fn photo_bytes(bo: &BackOffice, sha: &str) -> usize {
+    bo.state
+        .lock()
+        .unwrap()
+        .photos
+        .get(sha)
+        .map_or(0, |p| p.data.len() + p.resent as usize)
+}
+
+/// A record and a photo attached to it; returns (record id, photo item id, sha256).
+async fn capture_with_photo(
+    d: &Daemon,
+    c: &mut ui_bridge::Client,
+    name: &str,
+) -> (String, String, String) {
+    let record = c.add_record("WO-1", note(name)).await.expect("record");
+    let (path, bytes) =
+        fieldsync_tests::photo_file(d.dir.path(), &format!("{name}.jpg"), 200 * 1024);
+    let photo = c
+        .attach_photo(&record.id, &std::fs::File::open(&path).unwrap(), None, None)
+        .await
+        .expect("photo");
+    (record.id, photo.id, fieldsync_tests::sha256_hex(&bytes))
+}
+
+async fn wait_delivered(c: &mut ui_bridge::Client, item: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let detail = c.work_order("WO-1").await.expect("work order");
+        let state = detail.items.iter().find(|i| i.id == item).map(|i| i.state);
+        if state == Some(SyncState::Delivered) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{item} still {state:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn photos_wait_for_a_link_the_policy_allows() {
+    let bus = NetMock::start();
+    let broker = Broker::start();
+    let bo = BackOffice::start(broker.port).await;
+
+    // EDGE: records go, not one photo byte.
+    bus.set_link(MockLink::Edge);
+    let d = Daemon::start_with(options(&broker, &bus, "dev-policy", ""));
+    let mut c = d.client().await;
+    wait_status(&mut c, "2G seen", |s| s.link == "2g" && s.broker == "up").await;
+    let (record, photo, sha) = capture_with_photo(&d, &mut c, "edge").await;
+    wait_delivered(&mut c, &record).await;
+    // The record went; give the photo every chance to follow if it wrongly could.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(photo_bytes(&bo, &sha), 0, "photo bytes went out on EDGE");
+    let s = c.status().await.unwrap();
+    assert!(
+        s.sync_note.as_deref().unwrap_or("").contains("2G"),
+        "the banner says why: {s:?}"
+    );
+
+    // LTE: the photo follows, without anyone asking.
+    bus.set_link(MockLink::Lte);
+    wait_delivered(&mut c, &photo).await;
+    assert!(bo.state.lock().unwrap().photos[&sha].complete);
+    drop(c);
+    drop(d);
+
+    // "Wi-Fi only for files": not on LTE, not on a metered (guessed) Wi-Fi; on Wi-Fi.
+    let d = Daemon::start_with(options(
+        &broker,
+        &bus,
+        "dev-wifi-only",
+        "files_on_wifi_only = true\n",
+    ));
+    let mut c = d.client().await;
+    wait_status(&mut c, "LTE seen", |s| {
+        s.link == "cellular" && s.broker == "up"
+    })
+    .await;
+    let (record, photo, sha) = capture_with_photo(&d, &mut c, "lte").await;
+    wait_delivered(&mut c, &record).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(photo_bytes(&bo, &sha), 0, "photo bytes went out on LTE");
+
+    bus.set_link(MockLink::Wifi { metered: true });
+    let s = wait_status(&mut c, "metered Wi-Fi seen", |s| {
+        s.link == "metered" && s.broker == "up"
+    })
+    .await;
+    assert!(s.files_on_wifi_only);
+    let late = c
+        .add_record("WO-1", note("on metered Wi-Fi"))
+        .await
+        .unwrap();
+    wait_delivered(&mut c, &late.id).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        photo_bytes(&bo, &sha),
+        0,
+        "photo bytes went out on metered Wi-Fi"
+    );
+
+    bus.set_link(MockLink::Wifi { metered: false });
+    wait_delivered(&mut c, &photo).await;
+    let rx = bo.state.lock().unwrap().photos[&sha].clone();
+    assert!(rx.complete);
+    assert_eq!(rx.resent, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_appearing_sends_at_once() {
+    let bus = NetMock::start();
+    let broker = Broker::start();
+    let bo = BackOffice::start(broker.port).await;
+    // The broker answers all along; only NetworkManager's word keeps the daemon quiet.
+    bus.set_link(MockLink::Offline);
+    let d = Daemon::start_with(options(&broker, &bus, "dev-appear", ""));
+    let mut c = d.client().await;
+    let item = c
+        .add_record("WO-1", note("captured offline"))
+        .await
+        .unwrap();
+    let s = wait_status(&mut c, "offline seen", |s| s.link == "offline").await;
+    assert!(s.sync_note.unwrap_or_default().contains("offline"));
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(
+        bo.applied().is_empty(),
+        "sent while NetworkManager said offline"
+    );
+    assert_eq!(c.status().await.unwrap().broker, "down");
+
+    let appeared = Instant::now();
+    bus.set_link(MockLink::Wifi { metered: false });
+    let applied = bo.wait_applied(1, Duration::from_secs(20)).await;
+    let took = appeared.elapsed();
+    assert_eq!(applied[0].item, item.id);
+    eprintln!("link appeared -> first record applied: {took:?}");
+    // Far below the 2-minute timer and any reconnect backoff: the link itself started it.
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+
+    // And when the link goes, nothing more is tried until it is back.
+    bus.set_link(MockLink::Offline);
+    wait_status(&mut c, "offline again", |s| {
+        s.link == "offline" && s.broker == "down"
+    })
+    .await;
+    let second = c.add_record("WO-1", note("offline again")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(bo.applied().iter().all(|a| a.item != second.id));
+    bus.set_link(MockLink::Ethernet);
+    wait_delivered(&mut c, &second.id).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_auto_sync_off_only_sync_now_and_a_completed_visit_send() {
+    let bus = NetMock::start();
+    bus.set_link(MockLink::Wifi { metered: false });
+    let broker = Broker::start();
+    let bo = BackOffice::start(broker.port).await;
+    let d = Daemon::start_with(options(&broker, &bus, "dev-manual", "auto_sync = false\n"));
+    let mut c = d.client().await;
+    wait_status(&mut c, "connected", |s| s.broker == "up" && !s.auto_sync).await;
+
+    let first = c
+        .add_record("WO-1", note("kept for sync now"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(bo.applied().is_empty(), "sent with auto-sync off");
+    let s = c.status().await.unwrap();
+    assert!(
+        s.sync_note
+            .as_deref()
+            .unwrap_or("")
+            .contains("auto-sync is off"),
+        "{s:?}"
+    );
+    c.sync_now().await.unwrap();
+    wait_delivered(&mut c, &first.id).await;
+
+    // Each stage is a change that waits; reaching the last one sends them all.
+    for stage in ["accepted", "on_site"] {
+        c.advance_stage("WO-1", stage).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        bo.applied().len(),
+        1,
+        "stages sent before the visit was completed"
+    );
+    let done = c.advance_stage("WO-1", "completed").await.unwrap();
+    wait_delivered(&mut c, &done.id).await;
+    assert_eq!(bo.wait_applied(4, Duration::from_secs(10)).await.len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_manager_and_the_bus_may_come_and_go() {
+    let mut bus = NetMock::start_bus_only();
+    let broker = Broker::start();
+    let bo = BackOffice::start(broker.port).await;
+    let d = Daemon::start_with(options(&broker, &bus, "dev-nm", ""));
+    let mut c = d.client().await;
+
+    // No NetworkManager: the broker is simply tried, and records go.
+    let s = wait_status(&mut c, "fallback", |s| {
+        s.link == "unknown" && s.broker == "up"
+    })
+    .await;
+    assert_eq!(s.link_source, "none");
+    let first = c
+        .add_record("WO-1", note("no NetworkManager"))
+        .await
+        .unwrap();
+    wait_delivered(&mut c, &first.id).await;
+
+    // NetworkManager appears: followed at once.
+    bus.set_link(MockLink::Offline);
+    bus.start_network_manager();
+    let s = wait_status(&mut c, "NetworkManager followed", |s| s.link == "offline").await;
+    assert_eq!(s.link_source, "networkmanager");
+    bus.set_link(MockLink::Lte);
+    wait_status(&mut c, "LTE", |s| s.link == "cellular" && s.broker == "up").await;
+
+    // The bus restarts: the daemon keeps serving, then follows the new bus.
+    bus.set_link(MockLink::Ethernet);
+    bus.restart_bus();
+    let second = c
+        .add_record("WO-1", note("during the bus restart"))
+        .await
+        .unwrap();
+    wait_status(&mut c, "ethernet after the restart", |s| {
+        s.link == "ethernet" && s.link_source == "networkmanager"
+    })
+    .await;
+    wait_delivered(&mut c, &second.id).await;
+    assert_eq!(bo.applied().len(), 2);
+
+    let log = d.log();
+    let said = log.matches("not following NetworkManager").count();
+    assert!(
+        (1..=3).contains(&said),
+        "fallback logged {said} times:\n{log}"
+    );
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc stat");
+    // The command name may hold spaces; the fields after it are fixed.
+    let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields[11].parse().unwrap();
+    let stime: u64 = fields[12].parse().unwrap();
+    utime + stime
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_and_idle_the_daemon_sleeps() {
+    let bus = NetMock::start();
+    bus.set_link(MockLink::Offline);
+    let broker = Broker::start();
+    let d = Daemon::start_with(options(&broker, &bus, "dev-idle", ""));
+    let mut c = d.client().await;
+    c.add_record("WO-1", note("waiting for a link"))
+        .await
+        .unwrap();
+    wait_status(&mut c, "offline", |s| s.link == "offline").await;
+    drop(c);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as u64;
+    let before = cpu_ticks(d.pid());
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let used_ms = (cpu_ticks(d.pid()) - before) * 1000 / hz;
+    eprintln!("offline and idle for 60 s: {used_ms} ms of CPU");
+    assert!(used_ms < 50, "{used_ms} ms of CPU in 60 s offline");
+}
