@@ -51,8 +51,16 @@ impl RunError {
     }
 }
 
-/// Runs the daemon until SIGTERM or SIGINT.
-pub async fn run(settings: Settings) -> Result<(), RunError> {
+/// What SIGHUP needs to apply a changed configuration.
+pub struct Reload {
+    /// The file to read again (its `config.d/` with it); `None`: the built-in defaults.
+    pub config: Option<std::path::PathBuf>,
+    pub log_level: logging::LogLevel,
+}
+
+/// Runs the daemon until SIGTERM or SIGINT; SIGHUP reloads what can change without a
+/// restart.
+pub async fn run(settings: Settings, reload: Reload) -> Result<(), RunError> {
     let started = std::time::Instant::now();
     let settings = Arc::new(settings);
     let (store, report) = Store::open(&settings.state_dir)?;
@@ -61,6 +69,9 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         (*settings).clone(),
         report.damaged_moved_to.map(|p| p.display().to_string()),
     );
+    if let Err(e) = service.load_switches().await {
+        tracing::warn!(error = %e, "cannot read the sync switches the app set; the config's apply");
+    }
     if let Some(seed) = &settings.seed_work_orders {
         let changed = service.seed_work_orders(seed).await?;
         tracing::info!(path = %seed.display(), changed, "seed work orders loaded");
@@ -68,6 +79,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     let (listener, origin) = bridge::listen(&settings)?;
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone())?;
+    spawn_reload_handler(service.clone(), reload, shutdown.clone())?;
 
     let status = service.status().await.map(|s| s.unsent).unwrap_or(0);
     let where_ = match &origin {
@@ -120,6 +132,45 @@ async fn follow_link(
             changed = link.changed() => if changed.is_err() { return },
         }
     }
+}
+
+/// SIGHUP (`systemctl reload`): reads the configuration again and applies what can
+/// change while running. A file that does not validate changes nothing: the daemon
+/// goes on with what it has and says why.
+fn spawn_reload_handler(
+    service: Service,
+    reload: Reload,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let mut hup = signal(SignalKind::hangup()).map_err(RunError::Signals)?;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                got = hup.recv() => if got.is_none() { return },
+            }
+            systemd::reloading();
+            match config::load(reload.config.as_deref()) {
+                Ok(new) => {
+                    reload.log_level.set(&new.log_level);
+                    let need_restart = service.reload(new).await;
+                    if need_restart.is_empty() {
+                        tracing::info!("configuration reloaded");
+                    } else {
+                        tracing::warn!(
+                            keys = %need_restart.join(", "),
+                            "configuration reloaded; these changes take effect at the next restart"
+                        );
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "configuration not reloaded: the running settings stay");
+                }
+            }
+            systemd::ready("configuration reloaded");
+        }
+    });
+    Ok(())
 }
 
 fn spawn_signal_handler(shutdown: CancellationToken) -> Result<(), RunError> {

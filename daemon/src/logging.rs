@@ -1,17 +1,48 @@
 //! Logging through tracing: to the journal when stderr is connected to it
-//! (`JOURNAL_STREAM`), compact text on stderr otherwise.
+//! (`JOURNAL_STREAM`), compact text on stderr otherwise. The level can be changed while
+//! running (SIGHUP re-reads `log.level`).
 
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::{reload, EnvFilter, Registry};
 
 use crate::config::LogFormat;
 
+/// Changes the level of the installed subscriber.
+#[derive(Clone)]
+pub struct LogLevel {
+    handle: Option<reload::Handle<EnvFilter, Registry>>,
+}
+
+impl LogLevel {
+    /// A handle that changes nothing, for a daemon run without [`init`] (tests).
+    pub fn fixed() -> LogLevel {
+        LogLevel { handle: None }
+    }
+
+    /// Applies `level` unless `RUST_LOG` was set at start, which keeps precedence.
+    pub fn set(&self, level: &str) {
+        if std::env::var_os("RUST_LOG").is_some() {
+            return;
+        }
+        let (Some(handle), Ok(filter)) = (&self.handle, EnvFilter::try_new(level)) else {
+            return;
+        };
+        if let Err(e) = handle.reload(filter) {
+            tracing::warn!(error = %e, "cannot change the log level");
+        }
+    }
+}
+
 /// Installs the global subscriber. `RUST_LOG`, when set, overrides the configured level.
-pub fn init(level: &str, format: LogFormat) {
+pub fn init(level: &str, format: LogFormat) -> LogLevel {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(filter);
+    let level = LogLevel {
+        handle: Some(handle),
+    };
     let want_journal = match format {
         LogFormat::Journald => true,
         LogFormat::Text => false,
@@ -22,7 +53,7 @@ pub fn init(level: &str, format: LogFormat) {
         match tracing_journald::layer() {
             Ok(journald) => {
                 let _ = registry.with(journald).try_init();
-                return;
+                return level;
             }
             Err(e) => eprintln!("fieldsyncd: journald unavailable ({e}); logging to stderr"),
         }
@@ -31,7 +62,10 @@ pub fn init(level: &str, format: LogFormat) {
         .with(
             tracing_subscriber::fmt::layer()
                 .compact()
+                // Colours only for a person at a terminal, not in a log file.
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .with_writer(std::io::stderr),
         )
         .try_init();
+    level
 }

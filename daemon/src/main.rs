@@ -33,7 +33,7 @@ fn main() -> ExitCode {
         println!("{settings:#?}");
         return ExitCode::SUCCESS;
     }
-    fieldsyncd::logging::init(&settings.log_level, settings.log_format);
+    let log_level = fieldsyncd::logging::init(&settings.log_level, settings.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         // A handheld has few cores; two workers plus the store's writer thread are plenty.
         .worker_threads(2)
@@ -46,7 +46,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(fieldsyncd::run(settings)) {
+    let reload = fieldsyncd::Reload {
+        config: args.config,
+        log_level,
+    };
+    match runtime.block_on(fieldsyncd::run(settings, reload)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let chain = cause_chain(&e);

@@ -1,7 +1,8 @@
 //! A test back office written from `docs/protocol.md` alone: a real MQTT client on the
 //! real broker that applies each operation id once, in order per work order, answers
 //! with acknowledgements (or refusals, on demand), plays the dispatcher, and records
-//! everything so tests can check exactly-once and order.
+//! everything so tests can check exactly-once and order. The demo's back office
+//! (`src/bin/demo-backoffice.rs`) is this one with an observer that prints what happens.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -26,6 +27,78 @@ pub struct Applied {
 
 /// Decides whether to refuse an operation: `Some((code, reason))` refuses it.
 pub type RefusePolicy = Box<dyn Fn(&Applied) -> Option<(String, String)> + Send>;
+
+/// What the back office just did or saw, as it happens.
+#[derive(Debug)]
+pub enum Happened<'a> {
+    /// Connected to the broker and subscribed (again, after a loss).
+    Connected,
+    /// The broker connection failed; the back office keeps trying.
+    Lost {
+        error: String,
+    },
+    /// A device's retained status: `online` or `offline`.
+    Status {
+        device: &'a str,
+        state: &'a str,
+    },
+    Applied(&'a Applied),
+    /// An operation already applied came again: acknowledged again, not applied.
+    Repeat(&'a Applied),
+    /// Refused, `held` included.
+    Refused {
+        op: &'a Applied,
+        code: &'a str,
+        reason: &'a str,
+    },
+    /// A photo's bytes all arrived and their SHA-256 matches.
+    PhotoComplete {
+        device: &'a str,
+        sha256: &'a str,
+        size: u64,
+    },
+    /// A photo's bytes did not match their SHA-256; they were discarded.
+    PhotoMismatch {
+        device: &'a str,
+        sha256: &'a str,
+    },
+    /// A device asked for its full state and got this many work orders.
+    Resync {
+        device: &'a str,
+        work_orders: usize,
+    },
+}
+
+/// Called under the state's lock for everything that happens.
+pub type Observer = Box<dyn Fn(&Happened<'_>) + Send>;
+
+/// Where the back office connects and what it serves.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub host: String,
+    pub port: u16,
+    /// The devices' `uplink.topic_prefix`.
+    pub prefix: String,
+    /// Serve this device only; `None`: every device under the prefix.
+    pub device: Option<String>,
+    pub client_id: String,
+    /// How long to keep trying the first connection before giving up.
+    pub connect_timeout: Duration,
+}
+
+impl Options {
+    /// Every device under the default prefix, on a broker on this machine.
+    pub fn local(port: u16) -> Options {
+        Options {
+            host: "127.0.0.1".into(),
+            port,
+            prefix: PREFIX.into(),
+            device: None,
+            client_id: format!("backoffice-{}", std::process::id()),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
 
 #[derive(Default)]
 pub struct State {
@@ -52,6 +125,15 @@ pub struct State {
     pub photo_ack_delay: Duration,
     /// Wait this long before acknowledging a batch (to make a drain slow enough to cut).
     pub ops_ack_delay: Duration,
+    pub observer: Option<Observer>,
+}
+
+impl State {
+    fn tell(&self, what: Happened<'_>) {
+        if let Some(f) = &self.observer {
+            f(&what);
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone)]
@@ -67,6 +149,7 @@ pub struct PhotoRx {
 pub struct BackOffice {
     pub state: Arc<Mutex<State>>,
     client: AsyncClient,
+    prefix: String,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -90,10 +173,21 @@ fn encode(v: &Value) -> Vec<u8> {
 impl BackOffice {
     /// Connects to the broker on `port` and starts serving.
     pub async fn start(port: u16) -> BackOffice {
+        BackOffice::connect(Options::local(port), None)
+            .await
+            .unwrap_or_else(|e| panic!("back office: {e}"))
+    }
+
+    /// Connects and starts serving, with `observer` told of everything from the start.
+    /// Fails when the broker cannot be reached within `options.connect_timeout`.
+    pub async fn connect(
+        options: Options,
+        observer: Option<Observer>,
+    ) -> Result<BackOffice, String> {
         let mut o = MqttOptions::new(
-            format!("backoffice-{}", std::process::id()),
-            "127.0.0.1",
-            port,
+            options.client_id.clone(),
+            options.host.clone(),
+            options.port,
         );
         o.set_keep_alive(Duration::from_secs(5));
         o.set_clean_session(false);
@@ -103,19 +197,38 @@ impl BackOffice {
         let mut net = rumqttc::NetworkOptions::new();
         net.set_tcp_nodelay(true);
         eventloop.set_network_options(net);
-        let state = Arc::new(Mutex::new(State::default()));
+        let state = Arc::new(Mutex::new(State {
+            observer,
+            ..State::default()
+        }));
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let mut ready_tx = Some(ready_tx);
+        let last_error = Arc::new(Mutex::new(None::<String>));
         let st = state.clone();
         let c = client.clone();
+        let prefix = options.prefix.clone();
+        let device = options.device.clone().unwrap_or_else(|| "+".into());
+        let error_slot = last_error.clone();
         let task = tokio::spawn(async move {
+            let mut connected = false;
             loop {
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Incoming::ConnAck(_))) => {
-                        c.try_subscribe(format!("{PREFIX}/+/up/#"), QoS::AtLeastOnce)
-                            .expect("subscribe");
+                        c.try_subscribe_many([
+                            rumqttc::SubscribeFilter::new(
+                                format!("{prefix}/{device}/up/#"),
+                                QoS::AtLeastOnce,
+                            ),
+                            rumqttc::SubscribeFilter::new(
+                                format!("{prefix}/{device}/status"),
+                                QoS::AtLeastOnce,
+                            ),
+                        ])
+                        .expect("subscribe");
                     }
                     Ok(Event::Incoming(Incoming::SubAck(_))) => {
+                        connected = true;
+                        st.lock().unwrap().tell(Happened::Connected);
                         if let Some(tx) = ready_tx.take() {
                             let _ = tx.send(());
                         }
@@ -129,25 +242,45 @@ impl BackOffice {
                                 p.payload.len()
                             );
                         }
-                        handle(&st, &c, &p.topic, &p.payload);
+                        handle(&st, &c, &prefix, &p.topic, &p.payload);
                         if std::env::var_os("BO_TRACE").is_some() {
                             eprintln!("{:?} BO handled", std::time::SystemTime::now());
                         }
                     }
                     Ok(_) => {}
                     // The broker went away (tests restart it): try again shortly.
-                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    Err(e) => {
+                        if connected {
+                            connected = false;
+                            st.lock().unwrap().tell(Happened::Lost {
+                                error: e.to_string(),
+                            });
+                        }
+                        *error_slot.lock().unwrap() = Some(e.to_string());
+                        tokio::time::sleep(Duration::from_millis(50)).await
+                    }
                 }
             }
         });
-        tokio::time::timeout(Duration::from_secs(10), ready_rx)
-            .await
-            .expect("back office subscribed within 10 s")
-            .expect("back office task alive");
-        BackOffice {
-            state,
-            client,
-            task,
+        match tokio::time::timeout(options.connect_timeout, ready_rx).await {
+            Ok(Ok(())) => Ok(BackOffice {
+                state,
+                client,
+                prefix: options.prefix,
+                task,
+            }),
+            _ => {
+                task.abort();
+                let why = last_error
+                    .lock()
+                    .unwrap()
+                    .take()
+                    .unwrap_or_else(|| "no answer".into());
+                Err(format!(
+                    "cannot reach the broker at {}:{} within {:?}: {why}",
+                    options.host, options.port, options.connect_timeout
+                ))
+            }
         }
     }
 
@@ -157,6 +290,10 @@ impl BackOffice {
 
     pub fn set_refuse(&self, policy: Option<RefusePolicy>) {
         self.state.lock().unwrap().refuse = policy;
+    }
+
+    pub fn set_observer(&self, observer: Option<Observer>) {
+        self.state.lock().unwrap().observer = observer;
     }
 
     /// Waits until `n` operations were applied, or panics after `timeout`.
@@ -194,7 +331,7 @@ impl BackOffice {
     pub async fn publish_down(&self, device: &str, topic: &str, payload: Vec<u8>) {
         self.client
             .publish(
-                format!("{PREFIX}/{device}/down/{topic}"),
+                format!("{}/{device}/down/{topic}", self.prefix),
                 QoS::AtLeastOnce,
                 false,
                 payload,
@@ -210,14 +347,35 @@ impl Drop for BackOffice {
     }
 }
 
-fn handle(state: &Arc<Mutex<State>>, client: &AsyncClient, topic: &str, payload: &[u8]) {
-    let parts: Vec<&str> = topic.split('/').collect();
-    // fieldsync/v1/<device>/up/<what>
-    if parts.len() < 5 || parts[3] != "up" {
+fn handle(
+    state: &Arc<Mutex<State>>,
+    client: &AsyncClient,
+    prefix: &str,
+    topic: &str,
+    payload: &[u8],
+) {
+    // <prefix>/<device>/up/<what>[/<sha256>] or <prefix>/<device>/status
+    let Some(rest) = topic.strip_prefix(prefix).and_then(|r| r.strip_prefix('/')) else {
+        return;
+    };
+    let parts: Vec<&str> = rest.split('/').collect();
+    if parts.len() == 2 && parts[1] == "status" {
+        let msg = decode(payload).and_then(|j| serde_json::from_slice::<Value>(&j).ok());
+        let st = state.lock().unwrap();
+        if let Some(s) = msg.as_ref().and_then(|m| m["state"].as_str()) {
+            st.tell(Happened::Status {
+                device: parts[0],
+                state: s,
+            });
+        }
         return;
     }
-    let device = parts[2].to_owned();
-    let msg = if parts[4] == "photo" {
+    if parts.len() < 3 || parts[1] != "up" {
+        return;
+    }
+    let device = parts[0].to_owned();
+    let prefix = prefix.to_owned();
+    let msg = if parts[2] == "photo" {
         Value::Null
     } else {
         let Some(json) = decode(payload) else {
@@ -226,13 +384,13 @@ fn handle(state: &Arc<Mutex<State>>, client: &AsyncClient, topic: &str, payload:
         let Ok(msg) = serde_json::from_slice::<Value>(&json) else {
             return;
         };
-        if parts[4] == "ops" {
+        if parts[2] == "ops" {
             let mut st = state.lock().unwrap();
             st.json_bytes += json.len() as u64;
         }
         msg
     };
-    match parts[4] {
+    match parts[2] {
         "ops" => {
             let mut st = state.lock().unwrap();
             st.batches += 1;
@@ -253,6 +411,7 @@ fn handle(state: &Arc<Mutex<State>>, client: &AsyncClient, topic: &str, payload:
                 };
                 if st.seen.contains(&a.id) {
                     st.duplicates += 1;
+                    st.tell(Happened::Repeat(&a));
                     acks.push(a.id);
                     continue;
                 }
@@ -261,32 +420,50 @@ fn handle(state: &Arc<Mutex<State>>, client: &AsyncClient, topic: &str, payload:
                 let prev_missing = op["prev"].as_str().is_some_and(|p| !st.seen.contains(p));
                 if held.contains(&a.wo) || prev_missing {
                     held.insert(a.wo.clone());
-                    refused.push(json!({"id": a.id, "code": "held", "reason": "an earlier change of this work order is not applied yet"}));
+                    let reason = "an earlier change of this work order is not applied yet";
+                    st.tell(Happened::Refused {
+                        op: &a,
+                        code: "held",
+                        reason,
+                    });
+                    refused.push(json!({"id": a.id, "code": "held", "reason": reason}));
                     continue;
                 }
                 // A photo's operation comes only after its bytes were verified.
                 if a.kind == "photo" && a.act == "create" {
                     let sha = a.body["sha256"].as_str().unwrap_or_default();
                     if !st.photos.get(sha).is_some_and(|p| p.complete) {
-                        refused.push(json!({"id": a.id, "code": "validation", "reason": "photo bytes missing"}));
+                        let reason = "photo bytes missing";
+                        st.tell(Happened::Refused {
+                            op: &a,
+                            code: "validation",
+                            reason,
+                        });
+                        refused.push(json!({"id": a.id, "code": "validation", "reason": reason}));
                         continue;
                     }
                 }
                 if let Some((code, reason)) = st.refuse.as_ref().and_then(|f| f(&a)) {
                     held.insert(a.wo.clone());
                     st.refused.push(a.id.clone());
+                    st.tell(Happened::Refused {
+                        op: &a,
+                        code: &code,
+                        reason: &reason,
+                    });
                     refused.push(json!({"id": a.id, "code": code, "reason": reason}));
                     continue;
                 }
                 st.seen.insert(a.id.clone());
                 acks.push(a.id.clone());
+                st.tell(Happened::Applied(&a));
                 st.applied.push(a);
                 st.last_applied_at = Some(Instant::now());
             }
             let delay = st.ops_ack_delay;
             drop(st);
             let msg = json!({"v": 1, "acks": acks, "refused": refused});
-            let topic = format!("{PREFIX}/{device}/down/acks");
+            let topic = format!("{prefix}/{device}/down/acks");
             if delay.is_zero() {
                 let _ = client.try_publish(topic, QoS::AtLeastOnce, false, encode(&msg));
             } else {
@@ -299,8 +476,8 @@ fn handle(state: &Arc<Mutex<State>>, client: &AsyncClient, topic: &str, payload:
                 });
             }
         }
-        "photo" if parts.len() == 6 => {
-            let sha = parts[5].to_owned();
+        "photo" if parts.len() == 4 => {
+            let sha = parts[3].to_owned();
             if payload.len() < 16 {
                 return;
             }
@@ -319,20 +496,35 @@ fn handle(state: &Arc<Mutex<State>>, client: &AsyncClient, topic: &str, payload:
                 rx.resent += data.len() as u64;
             }
             let mut ack = json!({"v": 1, "sha256": sha, "received": rx.data.len()});
+            let mut verdict = None;
             if rx.data.len() as u64 == total && !rx.complete {
                 use sha2::Digest;
                 if hex::encode(sha2::Sha256::digest(&rx.data)) == sha {
                     rx.complete = true;
+                    verdict = Some(true);
                 } else {
                     rx.data.clear();
                     ack["error"] = json!("hash_mismatch");
+                    verdict = Some(false);
                 }
             }
             if rx.complete {
                 ack["complete"] = json!(true);
             }
+            match verdict {
+                Some(true) => st.tell(Happened::PhotoComplete {
+                    device: &device,
+                    sha256: &sha,
+                    size: total,
+                }),
+                Some(false) => st.tell(Happened::PhotoMismatch {
+                    device: &device,
+                    sha256: &sha,
+                }),
+                None => {}
+            }
             drop(st);
-            let topic = format!("{PREFIX}/{device}/down/photo-acks");
+            let topic = format!("{prefix}/{device}/down/photo-acks");
             let client = client.clone();
             let body = encode(&ack);
             if delay.is_zero() {
@@ -348,11 +540,15 @@ fn handle(state: &Arc<Mutex<State>>, client: &AsyncClient, topic: &str, payload:
             let mut st = state.lock().unwrap();
             st.resync_requests += 1;
             let list = st.work_orders.get(&device).cloned().unwrap_or_default();
+            st.tell(Happened::Resync {
+                device: &device,
+                work_orders: list.len(),
+            });
             drop(st);
             let msg =
                 json!({"v": 1, "type": "full", "request": msg["request"], "work_orders": list});
             let _ = client.try_publish(
-                format!("{PREFIX}/{device}/down/work-orders"),
+                format!("{prefix}/{device}/down/work-orders"),
                 QoS::AtLeastOnce,
                 false,
                 encode(&msg),

@@ -239,6 +239,25 @@ async fn with_auto_sync_off_only_sync_now_and_a_completed_visit_send() {
     let done = c.advance_stage("WO-1", "completed").await.unwrap();
     wait_delivered(&mut c, &done.id).await;
     assert_eq!(bo.wait_applied(4, Duration::from_secs(10)).await.len(), 4);
+
+    // The app switches auto-sync on: from then on changes go by themselves, and the
+    // choice outlives a restart, over the config's default.
+    let s = c
+        .set_sync_switches(Some(true), None, Some(true))
+        .await
+        .unwrap();
+    assert!(s.auto_sync && s.files_on_wifi_only && s.sync_on_visit_completed);
+    let later = c
+        .add_record("WO-1", note("auto-sync back on"))
+        .await
+        .unwrap();
+    wait_delivered(&mut c, &later.id).await;
+    drop(c);
+    let mut d = d;
+    d.restart();
+    let mut c = d.client().await;
+    let s = c.status().await.unwrap();
+    assert!(s.auto_sync && s.files_on_wifi_only, "{s:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

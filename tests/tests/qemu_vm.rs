@@ -410,8 +410,9 @@ fn ids(items: &Value) -> HashSet<String> {
 
 #[test]
 fn captures_survive_a_restart_on_the_emulated_handheld() {
-    // Taken before the listener's clock starts: another test's VM may hold the machine
-    // for minutes.
+    // The images first: building them may take minutes, and only then does the guest
+    // look for the listener.
+    images();
     let vm_slot = one_vm_at_a_time();
     // The guest sends one line to this listener through QEMU's user network, the way
     // the uplink will reach a broker on the host.
@@ -420,11 +421,12 @@ fn captures_survive_a_restart_on_the_emulated_handheld() {
     listener
         .set_nonblocking(true)
         .expect("non-blocking listener");
-    // Gives up with the boot, so that a guest that never connects fails the test
+    // Listens until the VM is done, so that a guest that never connects fails the test
     // instead of hanging it.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let vm_done = done.clone();
     let heard = std::thread::spawn(move || {
-        let deadline = Instant::now() + BOOT_TIMEOUT;
-        while Instant::now() < deadline {
+        while !vm_done.load(std::sync::atomic::Ordering::Acquire) {
             match listener.accept() {
                 Ok((mut conn, _)) => {
                     conn.set_nonblocking(false).expect("blocking stream");
@@ -442,6 +444,7 @@ fn captures_survive_a_restart_on_the_emulated_handheld() {
 
     let disk = Disk::new(256, None);
     let report = Vm::boot(&disk, "capture", &[("probe_port", port.to_string())]).finish();
+    done.store(true, std::sync::atomic::Ordering::Release);
     drop(vm_slot);
 
     let boot = &report.fields("boot")[0];

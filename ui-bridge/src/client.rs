@@ -227,6 +227,24 @@ impl Client {
         }
     }
 
+    /// Sets the switches given (`None` keeps one as it is); returns the new status.
+    pub async fn set_sync_switches(
+        &mut self,
+        auto_sync: Option<bool>,
+        sync_on_visit_completed: Option<bool>,
+        files_on_wifi_only: Option<bool>,
+    ) -> Result<Status, ClientError> {
+        let request = Request::SetSyncSwitches {
+            auto_sync,
+            sync_on_visit_completed,
+            files_on_wifi_only,
+        };
+        match self.call(request).await? {
+            Response::Status(s) => Ok(s),
+            other => Err(unexpected("set_sync_switches", &other)),
+        }
+    }
+
     pub async fn status(&mut self) -> Result<Status, ClientError> {
         match self.call(Request::Status).await? {
             Response::Status(s) => Ok(s),

@@ -67,6 +67,16 @@ pub enum Request {
     Discard { item_id: String },
     /// Sync now: connect at once if the broker is away, send what waits.
     SyncNow,
+    /// Change the inspector's sync switches; a field left out keeps its value. Kept
+    /// across restarts. Answered with `status`.
+    SetSyncSwitches {
+        #[serde(default)]
+        auto_sync: Option<bool>,
+        #[serde(default)]
+        sync_on_visit_completed: Option<bool>,
+        #[serde(default)]
+        files_on_wifi_only: Option<bool>,
+    },
 }
 
 impl Request {
@@ -86,6 +96,7 @@ impl Request {
         "retry",
         "discard",
         "sync_now",
+        "set_sync_switches",
     ];
 }
 
@@ -352,6 +363,8 @@ pub struct Status {
     /// The sync switches in force.
     #[serde(default)]
     pub auto_sync: bool,
+    #[serde(default)]
+    pub sync_on_visit_completed: bool,
     #[serde(default)]
     pub files_on_wifi_only: bool,
     /// Free bytes where the store lives, and whether new captures are being refused.

@@ -7,6 +7,7 @@ pub mod items;
 pub mod journal;
 pub mod outbox;
 pub mod photos;
+pub mod settings;
 pub mod work_orders;
 
 use ui_bridge::ErrorCode;

@@ -31,6 +31,10 @@ const MM_MODEM: &str = "org.freedesktop.ModemManager1.Modem";
 /// A change usually arrives as a burst of signals from several objects; one read after
 /// the burst sees the finished picture.
 const SETTLE: Duration = Duration::from_millis(40);
+/// Longest wait for the bus or NetworkManager to answer one call.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// After a failed read, when to try again even if no signal comes.
+const REREAD: Duration = Duration::from_secs(5);
 
 // NetworkManager's NMState, NMConnectivityState, NMMetered and NMDeviceType values.
 const NM_STATE_CONNECTED_SITE: u32 = 60;
@@ -165,9 +169,18 @@ pub(super) async fn follow(
     let mut fallback = Fallback::default();
     let mut delay = retry_min;
     loop {
+        let connect = async {
+            zbus::connection::Builder::system()?
+                // A NetworkManager that hangs must not hang the watcher with it.
+                .method_timeout(CALL_TIMEOUT)
+                .build()
+                .await
+        };
         let connected = tokio::select! {
             _ = shutdown.cancelled() => return,
-            c = Connection::system() => c,
+            c = tokio::time::timeout(CALL_TIMEOUT, connect) => {
+                c.unwrap_or_else(|_| Err(zbus::Error::Failure("the system bus does not answer".into())))
+            }
         };
         match connected {
             Ok(conn) => {
@@ -261,19 +274,29 @@ async fn watch_bus(
     }
     drop(gone_tx);
     loop {
-        match read(conn).await {
+        let failed = match read(conn).await {
             Ok(Some(snapshot)) => {
                 let state = classify(&snapshot);
                 fallback.leave(&state);
                 tx.send_if_modified(|s| replace_if_changed(s, state));
+                false
             }
-            Ok(None) => fallback.enter(tx, "NetworkManager is not on the system bus".into()),
-            Err(e) => fallback.enter(tx, format!("cannot read NetworkManager's state: {e}")),
-        }
+            Ok(None) => {
+                fallback.enter(tx, "NetworkManager is not on the system bus".into());
+                false
+            }
+            Err(e) => {
+                fallback.enter(tx, format!("cannot read NetworkManager's state: {e}"));
+                true
+            }
+        };
         tokio::select! {
             _ = shutdown.cancelled() => return None,
             _ = gone.recv() => return Some("connection closed".into()),
             _ = wake.notified() => tokio::time::sleep(SETTLE).await,
+            // Only after a failure: a NetworkManager that answered badly may send no
+            // signal to say it is well again.
+            _ = tokio::time::sleep(REREAD), if failed => {}
         }
     }
 }

@@ -17,7 +17,7 @@ pub use sync::SyncStatus;
 
 use crate::config::Settings;
 use crate::domain::work_orders::{self, WorkOrderDoc};
-use crate::domain::{items, journal, outbox, DomainError};
+use crate::domain::{items, journal, outbox, settings, DomainError};
 use crate::schedule::{Switches, Trigger, Triggers};
 use crate::store::Store;
 
@@ -37,7 +37,8 @@ pub struct Service {
 struct Inner {
     store: Store,
     events: broadcast::Sender<Event>,
-    settings: Settings,
+    /// Swapped whole by a reload (SIGHUP); read through [`Service::settings`].
+    settings: std::sync::RwLock<Arc<Settings>>,
     damaged_store: Option<String>,
     /// Set by captures, cleared by folds: whether the journal may hold rows.
     journal_dirty: AtomicBool,
@@ -76,7 +77,7 @@ impl Service {
                 triggers: Triggers::default(),
                 more_to_send: tokio::sync::Notify::new(),
                 switches: std::sync::Mutex::new(settings.sync.switches.clone()),
-                settings,
+                settings: std::sync::RwLock::new(Arc::new(settings)),
             }),
         }
     }
@@ -116,6 +117,71 @@ impl Service {
             result?;
         }
         Ok(())
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> Arc<Settings> {
+        match self.inner.settings.read() {
+            Ok(s) => s.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Takes what can change without a restart from `new` (SIGHUP): the store's limits,
+    /// the sync switches' defaults (the app's own choices still win) and the timer.
+    /// Returns the keys that changed but need a restart.
+    pub async fn reload(&self, new: Settings) -> Vec<&'static str> {
+        let old = self.settings();
+        let mut need_restart = Vec::new();
+        let checks: [(&'static str, bool); 6] = [
+            ("store.state_dir", old.state_dir != new.state_dir),
+            (
+                "ui",
+                (
+                    &old.socket_path,
+                    old.socket_mode,
+                    &old.socket_group,
+                    old.max_frame_bytes,
+                    old.max_connections,
+                    &old.allowed_uids,
+                    &old.allowed_gids,
+                ) != (
+                    &new.socket_path,
+                    new.socket_mode,
+                    &new.socket_group,
+                    new.max_frame_bytes,
+                    new.max_connections,
+                    &new.allowed_uids,
+                    &new.allowed_gids,
+                ),
+            ),
+            ("uplink", old.uplink != new.uplink),
+            (
+                "sync.network_manager",
+                old.sync.watch_network_manager != new.sync.watch_network_manager,
+            ),
+            ("log.format", old.log_format != new.log_format),
+            (
+                "dev.seed_work_orders",
+                old.seed_work_orders != new.seed_work_orders,
+            ),
+        ];
+        for (key, changed) in checks {
+            if changed {
+                need_restart.push(key);
+            }
+        }
+        match self.inner.settings.write() {
+            Ok(mut s) => *s = Arc::new(new),
+            Err(p) => *p.into_inner() = Arc::new(new),
+        }
+        if let Err(e) = self.load_switches().await {
+            tracing::warn!(error = %e, "cannot read the sync switches the app set");
+        }
+        self.set_switches(self.switches());
+        // The uplink weighs the switches again.
+        self.inner.triggers.fire(Trigger::Capture);
+        need_restart
     }
 
     pub fn store(&self) -> &Store {
@@ -307,6 +373,30 @@ impl Service {
                 self.inner.triggers.fire(Trigger::SyncNow);
                 Ok(Response::SyncStarted)
             }
+            Request::SetSyncSwitches {
+                auto_sync,
+                sync_on_visit_completed,
+                files_on_wifi_only,
+            } => {
+                let mut s = self.switches();
+                s.auto_sync = auto_sync.unwrap_or(s.auto_sync);
+                s.on_visit_completed = sync_on_visit_completed.unwrap_or(s.on_visit_completed);
+                s.files_on_wifi_only = files_on_wifi_only.unwrap_or(s.files_on_wifi_only);
+                let saved = s.clone();
+                self.change(move |c| settings::save_switches(c, &saved))
+                    .await?;
+                tracing::info!(
+                    auto_sync = s.auto_sync,
+                    on_visit_completed = s.on_visit_completed,
+                    files_on_wifi_only = s.files_on_wifi_only,
+                    "sync switches set"
+                );
+                self.set_switches(s);
+                // The uplink weighs the switches again: one switched on may start a
+                // sync, "Wi-Fi only for files" may stop a photo.
+                self.inner.triggers.fire(Trigger::Capture);
+                Ok(Response::Status(self.status().await?))
+            }
         }
     }
 
@@ -318,7 +408,7 @@ impl Service {
         caption: Option<String>,
     ) -> Result<Response, DomainError> {
         let store = self.inner.store.clone();
-        let limit = self.inner.settings.max_photo_bytes;
+        let limit = self.settings().max_photo_bytes;
         // Refuse before copying when the file alone would eat the reserve.
         let size = nix::sys::stat::fstat(&fd)
             .map(|s| s.st_size.max(0) as u64)
@@ -378,7 +468,7 @@ impl Service {
     /// Refuses new captures while free space is under the reserve (promise 2): what is
     /// stored keeps its room to sync, and the inspector gets a clear error.
     fn check_space(&self, extra: u64) -> Result<(), DomainError> {
-        let needed = self.inner.settings.min_free_bytes;
+        let needed = self.settings().min_free_bytes;
         let free = self.free_space(extra > 0 || needed == 0);
         if free < needed.saturating_add(extra) {
             return Err(DomainError::StorageLow { free, needed });
@@ -423,9 +513,10 @@ impl Service {
             last_sync_ms: sync.last_sync_ms,
             sync_note: sync.note,
             auto_sync: switches.auto_sync,
+            sync_on_visit_completed: switches.on_visit_completed,
             files_on_wifi_only: switches.files_on_wifi_only,
             storage_free_bytes: free,
-            storage_low: free < self.inner.settings.min_free_bytes,
+            storage_low: free < self.settings().min_free_bytes,
             damaged_store: self.inner.damaged_store.clone(),
         })
     }

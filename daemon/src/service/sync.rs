@@ -157,6 +157,33 @@ impl Service {
         }
     }
 
+    pub(super) fn set_switches(&self, s: Switches) {
+        let now = {
+            let mut current = match self.inner.switches.lock() {
+                Ok(c) => c,
+                Err(p) => p.into_inner(),
+            };
+            *current = s;
+            self.sync_status()
+        };
+        self.announce(&now);
+    }
+
+    /// Puts the switches the app set (kept in the store) over the config's defaults.
+    pub async fn load_switches(&self) -> Result<(), DomainError> {
+        let defaults = self.settings().sync.switches.clone();
+        let s = self
+            .inner
+            .store
+            .read(move |c| crate::domain::settings::load_switches(c, &defaults))
+            .await?;
+        *match self.inner.switches.lock() {
+            Ok(c) => c,
+            Err(p) => p.into_inner(),
+        } = s;
+        Ok(())
+    }
+
     /// Resolves when a running sync may have more to send: acknowledgements freed the
     /// window or a photo finished.
     pub async fn more_to_send(&self) {

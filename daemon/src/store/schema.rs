@@ -96,6 +96,10 @@ const MIGRATIONS: &[&str] = &[
         complete INTEGER NOT NULL DEFAULT 0
     );
     ",
+    // 3: the inspector's choices that outlive a restart (the sync switches).
+    "
+    CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+    ",
 ];
 
 /// Brings the database to the newest schema; returns the version it is at.

@@ -259,6 +259,8 @@ impl Uplink {
         self.service.set_broker("up", None);
 
         let mut link = self.link.borrow_and_update().clone();
+        // It may have changed since the wait for a link looked.
+        self.service.set_link(link.clone());
         let mut sync = Sync {
             running: None,
             switches: self.service.switches(),
@@ -351,6 +353,10 @@ impl Uplink {
                     if self.weigh(pending, &mut sync) {
                         more = true;
                         photos_more = true;
+                    }
+                    let files_now = policy::allows(link.class, Traffic::Files, sync.switches.files_on_wifi_only);
+                    if !files_now && photos.current.as_ref().is_some_and(|u| photos.next > u.acked) {
+                        return Ended::LinkChanged("photos may not go on this link any more (\"Wi-Fi only for files\")".into());
                     }
                 }
                 _ = self.service.more_to_send() => {

@@ -73,6 +73,30 @@ enum Command {
     Discard { item: String },
     /// Sync now.
     Sync,
+    /// Show or set the sync switches (kept across restarts).
+    Switches {
+        /// Sync by itself: on a link, after changes, on pushes and on the timer.
+        #[arg(long, value_name = "on|off")]
+        auto_sync: Option<OnOff>,
+        /// Sync when a work order reaches its last stage, even with auto-sync off.
+        #[arg(long, value_name = "on|off")]
+        on_visit_completed: Option<OnOff>,
+        /// Keep photos off cellular and metered links.
+        #[arg(long, value_name = "on|off")]
+        files_on_wifi_only: Option<OnOff>,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
+impl OnOff {
+    fn on(self) -> bool {
+        matches!(self, OnOff::On)
+    }
 }
 
 #[derive(Subcommand)]
@@ -300,6 +324,36 @@ async fn run(cli: Cli, socket: PathBuf) -> Result<(), Failure> {
             print(json, &serde_json::json!({"sync": "started"}), |_| {
                 println!("sync started")
             });
+        }
+        Command::Switches {
+            auto_sync,
+            on_visit_completed,
+            files_on_wifi_only,
+        } => {
+            let s = client
+                .set_sync_switches(
+                    auto_sync.map(OnOff::on),
+                    on_visit_completed.map(OnOff::on),
+                    files_on_wifi_only.map(OnOff::on),
+                )
+                .await?;
+            let word = |b: bool| if b { "on" } else { "off" };
+            print(
+                json,
+                &serde_json::json!({
+                    "auto_sync": s.auto_sync,
+                    "sync_on_visit_completed": s.sync_on_visit_completed,
+                    "files_on_wifi_only": s.files_on_wifi_only,
+                }),
+                |_| {
+                    println!("auto-sync:              {}", word(s.auto_sync));
+                    println!(
+                        "sync on visit complete: {}",
+                        word(s.sync_on_visit_completed)
+                    );
+                    println!("files on Wi-Fi only:    {}", word(s.files_on_wifi_only));
+                },
+            );
         }
         Command::Watch => {
             client.subscribe().await?;
