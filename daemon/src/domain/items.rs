@@ -168,9 +168,9 @@ pub fn add_record(
     super::journal::stage(conn, work_order_id, record)
 }
 
-/// Replaces an undelivered record's content. If its operation has not been sent, the edit
-/// folds into it (a refused one becomes waiting again: that is the resend); otherwise an
-/// update operation follows it.
+/// Replaces an undelivered record's content. If its operations have not been sent, the
+/// edit folds into them (a refused one becomes waiting again: that is the resend);
+/// otherwise an update operation follows them.
 pub fn edit_record(
     conn: &Connection,
     item_id: &str,
@@ -196,23 +196,15 @@ pub fn edit_record(
     let doc = work_orders::doc(conn, &item.work_order_id)?;
     validate_record(&doc, record)?;
     let body = body_json(record)?;
-    match outbox::foldable_op(conn, item_id)? {
-        Some(seq) => {
-            conn.execute(
-                "UPDATE outbox SET payload = ?2, state = 'waiting', reason = NULL WHERE seq = ?1",
-                params![seq, body.to_string()],
-            )?;
-        }
-        None => {
-            outbox::append(
-                conn,
-                item_id,
-                &item.work_order_id,
-                item.kind,
-                Action::Update,
-                &body,
-            )?;
-        }
+    if outbox::fold_edit(conn, item_id, &body.to_string())? == 0 {
+        outbox::append(
+            conn,
+            item_id,
+            &item.work_order_id,
+            item.kind,
+            Action::Update,
+            &body,
+        )?;
     }
     conn.execute(
         "UPDATE items SET body = ?2, sync_state = 'waiting', reason = NULL, updated_ms = ?3 WHERE id = ?1",
@@ -396,6 +388,51 @@ mod tests {
         let item = super::add_record(conn, wo, r)?;
         crate::domain::journal::fold(conn)?;
         Ok(item)
+    }
+
+    #[test]
+    fn an_edit_after_a_refused_creation_fixes_it_and_the_update_behind_it() {
+        let conn = conn_with_work_order();
+        let item = add_record(&conn, "WO-1", &note("first")).unwrap();
+        let ops = |conn: &Connection| -> Vec<(String, String, String)> {
+            conn.prepare("SELECT action, state, payload FROM outbox ORDER BY seq")
+                .unwrap()
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect()
+        };
+        // The creation leaves, an edit queues an update behind it, the creation is refused.
+        let seqs: Vec<i64> = conn
+            .prepare("SELECT seq FROM outbox")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        outbox::mark_sent(&conn, &seqs).unwrap();
+        edit_record(&conn, &item.id, &note("second")).unwrap();
+        let create_id: String = conn
+            .query_row(
+                "SELECT op_id FROM outbox WHERE action = 'create'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        outbox::refuse(&conn, &create_id, "validation: text too vague").unwrap();
+        assert_eq!(
+            load_item(&conn, &item.id).unwrap().state,
+            SyncState::Refused
+        );
+
+        let fixed = edit_record(&conn, &item.id, &note("third, precise")).unwrap();
+        assert_eq!(fixed.state, SyncState::Waiting);
+        let all = ops(&conn);
+        assert_eq!(all.len(), 2, "{all:?}");
+        for (action, state, payload) in &all {
+            assert_eq!(state, "waiting", "{action}");
+            assert!(payload.contains("third, precise"), "{action}: {payload}");
+        }
     }
 
     #[test]

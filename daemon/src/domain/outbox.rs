@@ -56,17 +56,19 @@ pub fn append(
 
 /// The newest operation of an item if it has not been sent (waiting, or refused and so
 /// not applied): an edit may still fold into it.
-pub fn foldable_op(conn: &Connection, item_id: &str) -> Result<Option<i64>, DomainError> {
-    let newest: Option<(i64, String)> = conn
-        .query_row(
-            "SELECT seq, state FROM outbox WHERE item_id = ?1 ORDER BY seq DESC LIMIT 1",
-            [item_id],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()?;
-    Ok(newest
-        .filter(|(_, state)| state == "waiting" || state == "refused")
-        .map(|(seq, _)| seq))
+/// Puts an edit's content into every operation of the item that has not left the
+/// device or was refused, and makes them waiting again; returns how many there were
+/// (none: the edit needs an operation of its own).
+///
+/// All of them, not the newest only: after a refused creation, an update queued behind
+/// it would otherwise keep the old content and the refused creation the old mistake,
+/// and the work order would stay held with the item looking fine.
+pub fn fold_edit(conn: &Connection, item_id: &str, body: &str) -> Result<usize, DomainError> {
+    Ok(conn.execute(
+        "UPDATE outbox SET payload = ?2, state = 'waiting', reason = NULL
+         WHERE item_id = ?1 AND state IN ('waiting', 'refused')",
+        params![item_id, body],
+    )?)
 }
 
 /// Operations still waiting for delivery, the figure the app shows.

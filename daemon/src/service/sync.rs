@@ -243,6 +243,7 @@ impl Service {
             .write_lazy(move |c| {
                 let (mut changes, unknown) = outbox::acknowledge(c, &ids)?;
                 let mut wo_changes = Vec::new();
+                let mut bad_docs = Vec::new();
                 for r in &refused {
                     if r.code == HELD {
                         // Not applied because an earlier change of its work order was
@@ -258,15 +259,31 @@ impl Service {
                     }
                     // The back office's current version of the work order, so the
                     // inspector sees what changed.
+                    // A broken one is left out: the refusal itself must still be kept,
+                    // or the same batch would come back and be refused for ever.
                     if let Some(doc) = &r.work_order {
-                        if let Some(ch) = work_orders::upsert(c, doc)? {
-                            wo_changes.push((doc.id.clone(), ch));
+                        match doc.validate() {
+                            Ok(()) => {
+                                if let Some(ch) = work_orders::upsert(c, doc)? {
+                                    wo_changes.push((doc.id.clone(), ch));
+                                }
+                            }
+                            Err(e) => bad_docs.push(format!("work order in a refusal: {e}")),
                         }
                     }
                 }
-                Ok::<_, DomainError>((changes, unknown, journal::unsent(c)?, wo_changes))
+                Ok::<_, DomainError>((
+                    changes,
+                    unknown,
+                    journal::unsent(c)?,
+                    (wo_changes, bad_docs),
+                ))
             })
             .await?;
+        let (wo_changes, bad_docs) = wo_changes;
+        for why in bad_docs {
+            self.count_bad_downlink("acks", &why);
+        }
         if !unknown.is_empty() {
             tracing::info!(count = unknown.len(), first = %unknown[0], "acknowledgements for operations no longer in the outbox (repeats) ignored");
         }
