@@ -12,9 +12,9 @@ use super::outbox::{self, Action};
 use super::{next_stage, DomainError};
 use crate::store::now_ms;
 
-/// A work order as the dispatcher sends it.
+/// A work order as the dispatcher sends it. Fields this version does not know are
+/// ignored, so that a newer back office can add some without breaking older devices.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct WorkOrderDoc {
     pub id: String,
     /// Grows with every change on the back office's side.

@@ -284,4 +284,15 @@ mod tests {
         assert!(decode(&big, 100).is_err());
         assert!(decode(&[0x28, 0xb5, 0x2f, 0xfd, 1, 2, 3], 100).is_err());
     }
+
+    #[test]
+    fn a_newer_back_office_may_add_fields_to_work_orders() {
+        let push = br#"{"type":"upsert","v":1,"work_orders":[{"id":"WO-9","version":2,
+            "title":"Valve","stage":"new","workflow":["new","done"],"priority":"high",
+            "checklist":[{"id":"a","text":"A?","answer":"bool","photo_required":true}]}]}"#;
+        match parse::<WorkOrderPush>(push, 10_000).unwrap() {
+            WorkOrderPush::Upsert { work_orders, .. } => assert_eq!(work_orders[0].id, "WO-9"),
+            other => panic!("{other:?}"),
+        }
+    }
 }
