@@ -8,6 +8,9 @@ pub struct Pki {
     pub ca: PathBuf,
     pub server_cert: PathBuf,
     pub server_key: PathBuf,
+    /// Signed by the same CA, but no longer valid.
+    pub expired_server_cert: PathBuf,
+    pub expired_server_key: PathBuf,
     pub client_cert: PathBuf,
     pub client_key: PathBuf,
 }
@@ -49,7 +52,7 @@ pub fn make(dir: &Path, name: &str) -> Pki {
             &format!("/CN={name} test CA"),
         ],
     );
-    let leaf = |stem: &str, cn: &str, ext: &str| -> (PathBuf, PathBuf) {
+    let leaf = |stem: &str, cn: &str, ext: &str, days: &str| -> (PathBuf, PathBuf) {
         let (key, csr, cert, extf) = (
             p(&format!("{stem}.key")),
             p(&format!("{stem}.csr")),
@@ -89,23 +92,26 @@ pub fn make(dir: &Path, name: &str) -> Pki {
                 "-out",
                 cert.to_str().unwrap(),
                 "-days",
-                "2",
+                days,
                 "-extfile",
                 extf.to_str().unwrap(),
             ],
         );
         (cert, key)
     };
-    let (server_cert, server_key) = leaf(
-        "server",
-        "127.0.0.1",
-        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-    );
-    let (client_cert, client_key) = leaf("client", "dev-test", "extendedKeyUsage=clientAuth\n");
+    let server_ext = "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n";
+    let (server_cert, server_key) = leaf("server", "127.0.0.1", server_ext, "2");
+    // Valid until yesterday: `-days -1` puts its end before its start.
+    let (expired_server_cert, expired_server_key) =
+        leaf("server-expired", "127.0.0.1", server_ext, "-1");
+    let (client_cert, client_key) =
+        leaf("client", "dev-test", "extendedKeyUsage=clientAuth\n", "2");
     Pki {
         ca,
         server_cert,
         server_key,
+        expired_server_cert,
+        expired_server_key,
         client_cert,
         client_key,
     }

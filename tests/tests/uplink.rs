@@ -507,6 +507,53 @@ async fn tls_with_client_certificates_and_a_wrong_ca_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_with_an_expired_certificate_is_refused() {
+    let certs = tempfile::tempdir().unwrap();
+    let pki = fieldsync_tests::pki::make(certs.path(), "fleet");
+    // The right CA signed it, but its time is over.
+    let broker = Broker::start_with(Some(fieldsync_tests::broker::TlsListener {
+        ca: pki.ca.clone(),
+        cert: pki.expired_server_cert.clone(),
+        key: pki.expired_server_key.clone(),
+    }));
+    let bo = BackOffice::start(broker.port).await;
+    let d = Daemon::start_with(Options {
+        uplink: format!(
+            "broker = \"mqtts://127.0.0.1:{}\"\ndevice_id = \"{DEVICE}\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nreconnect_max_secs = 1\n",
+            broker.tls_port.unwrap(),
+            pki.ca.display(),
+            pki.client_cert.display(),
+            pki.client_key.display()
+        ),
+        ..Options::default()
+    });
+    let mut c = d.client().await;
+    let kept = c
+        .add_record("WO-1", note("not for an expired broker".into()))
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let s = c.status().await.unwrap();
+        if s.last_error.is_some() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "no error: {s:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.broker, "down");
+    let err = status.last_error.unwrap_or_default().to_lowercase();
+    assert!(err.contains("expired"), "the error says why: {err}");
+    assert_eq!(status.unsent, 1);
+    assert!(bo.applied().iter().all(|a| a.item != kept.id));
+    assert!(
+        d.log().to_lowercase().contains("expired"),
+        "the log says why:\n{}",
+        d.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_photo_cut_three_times_resumes_and_arrives_verified() {
     const CHUNK: u64 = 32 * 1024;
     const WINDOW: u64 = 4;
