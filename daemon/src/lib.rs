@@ -76,6 +76,9 @@ pub async fn run(settings: Settings, reload: Reload) -> Result<(), RunError> {
         let changed = service.seed_work_orders(seed).await?;
         tracing::info!(path = %seed.display(), changed, "seed work orders loaded");
     }
+    if let Err(e) = service.sweep_attachments().await {
+        tracing::warn!(error = %e, "cannot sweep attachment files");
+    }
     let (listener, origin) = bridge::listen(&settings)?;
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone())?;

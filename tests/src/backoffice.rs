@@ -126,6 +126,12 @@ pub struct State {
     /// Wait this long before acknowledging a batch (to make a drain slow enough to cut).
     pub ops_ack_delay: Duration,
     pub observer: Option<Observer>,
+    /// Attachment files the dispatcher serves, by SHA-256.
+    pub attachment_files: HashMap<String, Vec<u8>>,
+    /// Attachment bytes sent, by SHA-256 (more than the size after cuts).
+    pub attachment_bytes_sent: HashMap<String, u64>,
+    /// Serve these attachments with one byte changed, to see the device refuse them.
+    pub corrupt_attachments: HashSet<String>,
 }
 
 impl State {
@@ -534,6 +540,45 @@ fn handle(
                     tokio::time::sleep(delay).await;
                     let _ = client.publish(topic, QoS::AtLeastOnce, false, body).await;
                 });
+            }
+        }
+        "attachments" => {
+            // Serves the range asked for in 32 KiB chunks at QoS 0, as docs/protocol.md
+            // says: the device asks again for what does not arrive.
+            let sha = msg["sha256"].as_str().unwrap_or_default().to_owned();
+            let offset = msg["offset"].as_u64().unwrap_or(0);
+            let length = msg["length"].as_u64().unwrap_or(0);
+            let mut st = state.lock().unwrap();
+            let Some(file) = st.attachment_files.get(&sha).cloned() else {
+                drop(st);
+                let err = json!({"v": 1, "sha256": sha, "error": "unknown attachment"});
+                let _ = client.try_publish(
+                    format!("{prefix}/{device}/down/attachment-errors"),
+                    QoS::AtLeastOnce,
+                    false,
+                    encode(&err),
+                );
+                return;
+            };
+            let mut file = file;
+            if st.corrupt_attachments.contains(&sha) {
+                if let Some(b) = file.last_mut() {
+                    *b ^= 0xff;
+                }
+            }
+            let total = file.len() as u64;
+            let end = offset.saturating_add(length).min(total);
+            let mut at = offset.min(total);
+            let topic = format!("{prefix}/{device}/down/attachment/{sha}");
+            while at < end {
+                let next = (at + 32 * 1024).min(end);
+                let mut chunk = Vec::with_capacity(16 + (next - at) as usize);
+                chunk.extend_from_slice(&at.to_be_bytes());
+                chunk.extend_from_slice(&total.to_be_bytes());
+                chunk.extend_from_slice(&file[at as usize..next as usize]);
+                *st.attachment_bytes_sent.entry(sha.clone()).or_default() += next - at;
+                let _ = client.try_publish(topic.clone(), QoS::AtMostOnce, false, chunk);
+                at = next;
             }
         }
         "resync" => {

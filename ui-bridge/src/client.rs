@@ -3,11 +3,11 @@
 //! for [`Client::next_event`].
 
 use std::collections::VecDeque;
-use std::io::{self, IoSlice};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
-use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 use tokio::io::Interest;
 use tokio::net::UnixStream;
 
@@ -46,6 +46,8 @@ pub struct Client {
     events: VecDeque<Event>,
     /// Error frames without an id (the daemon could not read the request's id).
     orphan_errors: VecDeque<ErrorBody>,
+    /// Descriptors the daemon sent (with `open_attachment` answers), oldest first.
+    fds: VecDeque<OwnedFd>,
 }
 
 impl Client {
@@ -63,6 +65,7 @@ impl Client {
             next_id: 1,
             events: VecDeque::new(),
             orphan_errors: VecDeque::new(),
+            fds: VecDeque::new(),
         })
     }
 
@@ -182,9 +185,32 @@ impl Client {
             }
             self.stream.readable().await?;
             let mut chunk = [0u8; 16 * 1024];
-            match self.stream.try_read(&mut chunk) {
-                Ok(0) => return Err(ClientError::Closed),
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            // recvmsg rather than read: a descriptor the daemon sends rides on the bytes.
+            let res = self.stream.try_io(Interest::READABLE, || {
+                let mut iov = [IoSliceMut::new(&mut chunk)];
+                let mut space = nix::cmsg_space!([RawFd; 4]);
+                let msg = recvmsg::<()>(
+                    self.stream.as_raw_fd(),
+                    &mut iov,
+                    Some(&mut space),
+                    MsgFlags::MSG_CMSG_CLOEXEC,
+                )
+                .map_err(io::Error::from)?;
+                let mut fds = Vec::new();
+                for c in msg.cmsgs().map_err(io::Error::from)? {
+                    if let ControlMessageOwned::ScmRights(raw) = c {
+                        // SAFETY: the kernel just installed these descriptors for us.
+                        fds.extend(raw.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }));
+                    }
+                }
+                Ok((msg.bytes, fds))
+            });
+            match res {
+                Ok((0, _)) => return Err(ClientError::Closed),
+                Ok((n, fds)) => {
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    self.fds.extend(fds);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e.into()),
             }
@@ -242,6 +268,27 @@ impl Client {
         match self.call(request).await? {
             Response::Status(s) => Ok(s),
             other => Err(unexpected("set_sync_switches", &other)),
+        }
+    }
+
+    /// A downloaded attachment and a read-only descriptor of its file.
+    pub async fn open_attachment(
+        &mut self,
+        work_order_id: &str,
+        attachment_id: &str,
+    ) -> Result<(Attachment, OwnedFd), ClientError> {
+        let request = Request::OpenAttachment {
+            work_order_id: work_order_id.into(),
+            attachment_id: attachment_id.into(),
+        };
+        match self.call(request).await? {
+            Response::Attachment(a) => match self.fds.pop_front() {
+                Some(fd) => Ok((a, fd)),
+                None => Err(ClientError::BadFrame(
+                    "the attachment came without its descriptor".into(),
+                )),
+            },
+            other => Err(unexpected("open_attachment", &other)),
         }
     }
 

@@ -67,6 +67,12 @@ pub enum Request {
     Discard { item_id: String },
     /// Sync now: connect at once if the broker is away, send what waits.
     SyncNow,
+    /// Open a downloaded attachment: the answer carries a read-only descriptor of the
+    /// file (SCM_RIGHTS), as `attach_photo` carries the photo the other way.
+    OpenAttachment {
+        work_order_id: String,
+        attachment_id: String,
+    },
     /// Change the inspector's sync switches; a field left out keeps its value. Kept
     /// across restarts. Answered with `status`.
     SetSyncSwitches {
@@ -97,6 +103,7 @@ impl Request {
         "discard",
         "sync_now",
         "set_sync_switches",
+        "open_attachment",
     ];
 }
 
@@ -292,6 +299,8 @@ pub enum Response {
         operations: Vec<Operation>,
     },
     Subscribed,
+    /// After `open_attachment`; the file's descriptor comes with this frame.
+    Attachment(Attachment),
     /// After `discard`: the item as it is now, or null when it is gone.
     Discarded {
         item_id: String,
@@ -330,6 +339,8 @@ pub enum ErrorCode {
     PhotoTooLarge,
     StorageLow,
     StorageUnavailable,
+    /// No such attachment on the work order, or it is not downloaded yet.
+    AttachmentUnavailable,
     Internal,
 }
 

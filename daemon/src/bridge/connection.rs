@@ -86,11 +86,15 @@ pub async fn run(
                 }
                 while let Some(frame) = inbox.next_frame() {
                     let reply = if frame.line.len() > max_frame {
-                        too_large(max_frame)
+                        too_large(max_frame).into()
                     } else {
                         handle_frame(&service, frame, &mut events).await
                     };
-                    if send(&stream, &reply).await.is_err() {
+                    let sent = match reply {
+                        Reply::Plain(bytes) => send(&stream, &bytes).await,
+                        Reply::WithFd(bytes, fd) => send_with_fd(&stream, &bytes, fd).await,
+                    };
+                    if sent.is_err() {
                         return;
                     }
                 }
@@ -176,24 +180,48 @@ fn read_some(stream: &UnixStream, inbox: &mut Inbox) -> io::Result<usize> {
     Ok(n)
 }
 
+/// An answer, with the descriptor it carries, if any.
+enum Reply {
+    Plain(Vec<u8>),
+    WithFd(Vec<u8>, OwnedFd),
+}
+
+impl From<Vec<u8>> for Reply {
+    fn from(bytes: Vec<u8>) -> Reply {
+        Reply::Plain(bytes)
+    }
+}
+
 async fn handle_frame(
     service: &Service,
     frame: Frame,
     events: &mut Option<broadcast::Receiver<Event>>,
-) -> Vec<u8> {
+) -> Reply {
     let (id, request) = match parse(&frame.line) {
         Ok(parsed) => parsed,
         Err((id, body)) => {
             tracing::warn!(code = ?body.code, reason = %body.message, "bad UI request");
-            return error_frame(id, body);
+            return error_frame(id, body).into();
         }
     };
     if request == Request::Subscribe && events.is_none() {
         *events = Some(service.subscribe());
     }
-    let fd = frame.fds.into_iter().next();
-    match service.handle(request, fd).await {
-        Ok(response) => ok_frame(id, response),
+    let result = match request {
+        Request::OpenAttachment {
+            work_order_id,
+            attachment_id,
+        } => match service
+            .open_attachment(&work_order_id, &attachment_id)
+            .await
+        {
+            Ok((a, fd)) => return Reply::WithFd(ok_frame(id, Response::Attachment(a)), fd),
+            Err(e) => Err(e),
+        },
+        request => service.handle(request, frame.fds.into_iter().next()).await,
+    };
+    match result {
+        Ok(response) => ok_frame(id, response).into(),
         Err(e) => {
             let code = e.code();
             if code == ErrorCode::StorageUnavailable {
@@ -208,6 +236,7 @@ async fn handle_frame(
                     message: e.to_string(),
                 },
             )
+            .into()
         }
     }
 }
@@ -324,6 +353,38 @@ async fn send(stream: &UnixStream, bytes: &[u8]) -> io::Result<()> {
     tokio::time::timeout(WRITE_TIMEOUT, write_all(stream, bytes))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "client does not read"))?
+}
+
+/// Like [`send`], with `fd` riding on the first byte (SCM_RIGHTS).
+async fn send_with_fd(stream: &UnixStream, bytes: &[u8], fd: OwnedFd) -> io::Result<()> {
+    let first = async {
+        loop {
+            stream.writable().await?;
+            let res = stream.try_io(Interest::WRITABLE, || {
+                let iov = [io::IoSlice::new(bytes)];
+                let fds = [fd.as_raw_fd()];
+                nix::sys::socket::sendmsg::<()>(
+                    stream.as_raw_fd(),
+                    &iov,
+                    &[nix::sys::socket::ControlMessage::ScmRights(&fds)],
+                    MsgFlags::MSG_NOSIGNAL,
+                    None,
+                )
+                .map_err(io::Error::from)
+            });
+            match res {
+                Ok(n) => return Ok::<usize, io::Error>(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    let n = tokio::time::timeout(WRITE_TIMEOUT, first)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "client does not read"))??;
+    // Sent (the kernel holds its own reference); ours can go.
+    drop(fd);
+    send(stream, &bytes[n..]).await
 }
 
 pub(super) async fn write_all(stream: &UnixStream, mut bytes: &[u8]) -> io::Result<()> {

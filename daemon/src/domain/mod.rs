@@ -44,6 +44,8 @@ pub enum DomainError {
     StorageLow { free: u64, needed: u64 },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("{0}")]
+    AttachmentUnavailable(String),
 }
 
 impl From<rusqlite::Error> for DomainError {
@@ -77,6 +79,7 @@ impl DomainError {
                 ErrorCode::StorageLow
             }
             DomainError::Store(_) => ErrorCode::StorageUnavailable,
+            DomainError::AttachmentUnavailable(_) => ErrorCode::AttachmentUnavailable,
         }
     }
 }

@@ -84,6 +84,20 @@ impl WorkOrderDoc {
                 self.id, c.id, c.answer
             ));
         }
+        // The hash names the file on the device: nothing but a SHA-256 may get there.
+        if let Some(a) = self.attachments.iter().find(|a| {
+            a.id.is_empty()
+                || a.sha256.len() != 64
+                || !a
+                    .sha256
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        }) {
+            return bad(format!(
+                "{}: attachment {:?} needs an id and a SHA-256 of 64 lowercase hex digits, not {:?}",
+                self.id, a.id, a.sha256
+            ));
+        }
         Ok(())
     }
 }
@@ -272,6 +286,24 @@ pub fn advance(conn: &Connection, id: &str, to: &str) -> Result<Item, DomainErro
     Ok(item)
 }
 
+/// Every attachment the cached work orders name, with the work order naming it, in the
+/// order the work orders are scheduled.
+pub fn attachments(conn: &Connection) -> Result<Vec<(String, Attachment)>, DomainError> {
+    let mut stmt = conn.prepare(
+        "SELECT id, doc FROM work_orders ORDER BY scheduled_for IS NULL, scheduled_for, id",
+    )?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, doc) = row?;
+        // Stored only after validation; one that no longer parses has nothing to fetch.
+        if let Ok(doc) = serde_json::from_str::<WorkOrderDoc>(&doc) {
+            out.extend(doc.attachments.into_iter().map(|a| (id.clone(), a)));
+        }
+    }
+    Ok(out)
+}
+
 pub fn ids(conn: &Connection) -> Result<Vec<String>, DomainError> {
     let mut stmt = conn.prepare_cached("SELECT id FROM work_orders ORDER BY id")?;
     let ids = stmt
@@ -297,4 +329,27 @@ pub fn remove(conn: &Connection, id: &str) -> Result<bool, DomainError> {
     }
     conn.execute("DELETE FROM items WHERE work_order_id = ?1", [id])?;
     Ok(conn.execute("DELETE FROM work_orders WHERE id = ?1", [id])? > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_attachment_hash_names_a_file_so_nothing_else_passes() {
+        let mut doc = WorkOrderDoc::placeholder("WO-1");
+        let attachment = |sha: &str| Attachment {
+            id: "dwg".into(),
+            name: "layout.pdf".into(),
+            size: 10,
+            sha256: sha.into(),
+            downloaded: false,
+        };
+        doc.attachments = vec![attachment(&"ab".repeat(32))];
+        assert!(doc.validate().is_ok());
+        for bad in ["../../etc/passwd", &"AB".repeat(32), &"ab".repeat(31), ""] {
+            doc.attachments = vec![attachment(bad)];
+            assert!(doc.validate().is_err(), "{bad:?} accepted");
+        }
+    }
 }

@@ -13,7 +13,7 @@ use ui_bridge::{Event, Item, Request, Response, Status, WorkOrderChange, PROTOCO
 
 mod sync;
 
-pub use sync::SyncStatus;
+pub use sync::{ChunkOutcome, Download, SyncStatus};
 
 use crate::config::Settings;
 use crate::domain::work_orders::{self, WorkOrderDoc};
@@ -119,6 +119,33 @@ impl Service {
         Ok(())
     }
 
+    /// A downloaded attachment and a read-only descriptor of its file.
+    pub async fn open_attachment(
+        &self,
+        work_order_id: &str,
+        attachment_id: &str,
+    ) -> Result<(ui_bridge::Attachment, OwnedFd), DomainError> {
+        let wo = work_order_id.to_owned();
+        let doc = self
+            .inner
+            .store
+            .read(move |c| work_orders::doc(c, &wo))
+            .await?;
+        let Some(mut a) = doc.attachments.into_iter().find(|a| a.id == attachment_id) else {
+            return Err(DomainError::AttachmentUnavailable(format!(
+                "work order {work_order_id} has no attachment {attachment_id:?}"
+            )));
+        };
+        let path = self.inner.store.attachments().path_of(&a.sha256);
+        let file = std::fs::File::open(&path).map_err(|_| {
+            DomainError::AttachmentUnavailable(format!(
+                "attachment {attachment_id:?} of {work_order_id} is not downloaded yet"
+            ))
+        })?;
+        a.downloaded = true;
+        Ok((a, file.into()))
+    }
+
     /// The settings in force.
     pub fn settings(&self) -> Arc<Settings> {
         match self.inner.settings.read() {
@@ -221,9 +248,12 @@ impl Service {
                 Ok(Response::WorkOrders { work_orders })
             }
             Request::GetWorkOrder { work_order_id } => {
-                let wo = store
+                let mut wo = store
                     .read(move |c| work_orders::get(c, &work_order_id))
                     .await?;
+                for a in &mut wo.attachments {
+                    a.downloaded = store.attachments().is_complete(&a.sha256);
+                }
                 Ok(Response::WorkOrder(wo))
             }
             Request::AddRecord {
@@ -373,6 +403,14 @@ impl Service {
                 self.inner.triggers.fire(Trigger::SyncNow);
                 Ok(Response::SyncStarted)
             }
+            // The socket server answers it: the answer carries a descriptor.
+            Request::OpenAttachment {
+                work_order_id,
+                attachment_id,
+            } => self
+                .open_attachment(&work_order_id, &attachment_id)
+                .await
+                .map(|(a, _)| Response::Attachment(a)),
             Request::SetSyncSwitches {
                 auto_sync,
                 sync_on_visit_completed,

@@ -19,6 +19,29 @@ use crate::uplink::wire::{Acks, PhotoAck, WorkOrderPush, WIRE_VERSION};
 /// same batch was refused".
 pub const HELD: &str = "held";
 
+/// An attachment to fetch, and how much of it is on the device.
+#[derive(Debug, Clone)]
+pub struct Download {
+    pub sha256: String,
+    pub size: u64,
+    pub work_order_id: String,
+    pub attachment_id: String,
+    pub received: u64,
+}
+
+/// What a downloaded chunk did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ChunkOutcome {
+    /// Bytes on the device now.
+    Grew(u64),
+    /// Not the next bytes (a repeat, or a gap after a loss); the device has this many.
+    NotNext(u64),
+    /// The last bytes arrived and the SHA-256 checks out.
+    Complete,
+    /// The whole file arrived but its SHA-256 does not match: thrown away.
+    Mismatch,
+}
+
 /// The uplink's state as the app shows it.
 #[derive(Debug, Clone)]
 pub struct SyncStatus {
@@ -205,6 +228,97 @@ impl Service {
         );
     }
 
+    /// The next attachment a work order names that is not on the device yet, skipping
+    /// `skip` and anything that would eat into the free-space reserve kept for captures.
+    pub async fn next_download(&self, skip: Vec<String>) -> Result<Option<Download>, DomainError> {
+        let named = self.inner.store.read(work_orders::attachments).await?;
+        let files = self.store().attachments();
+        let reserve = self.settings().min_free_bytes;
+        for (work_order_id, a) in named {
+            if skip.contains(&a.sha256) || files.is_complete(&a.sha256) {
+                continue;
+            }
+            let mut received = files.received(&a.sha256);
+            if received > a.size {
+                // Longer than the back office says the file is: start again.
+                files.remove(&a.sha256);
+                received = 0;
+            }
+            if self.free_space(true) < (a.size - received).saturating_add(reserve) {
+                tracing::warn!(sha256 = %a.sha256, size = a.size, "an attachment waits: it would eat into the space kept for captures");
+                continue;
+            }
+            return Ok(Some(Download {
+                sha256: a.sha256,
+                size: a.size,
+                work_order_id,
+                attachment_id: a.id,
+                received,
+            }));
+        }
+        Ok(None)
+    }
+
+    /// Appends a chunk of `d` and, once the file is whole, checks it.
+    pub async fn attachment_chunk(
+        &self,
+        d: &Download,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> Result<ChunkOutcome, DomainError> {
+        if offset.saturating_add(data.len() as u64) > d.size {
+            return Ok(ChunkOutcome::NotNext(d.received));
+        }
+        let store = self.store().clone();
+        let (sha, size) = (d.sha256.clone(), d.size);
+        let outcome = tokio::task::spawn_blocking(move || {
+            use crate::store::attachments::Appended;
+            let files = store.attachments();
+            Ok::<_, std::io::Error>(match files.append(&sha, offset, &data)? {
+                Appended::NotNext { have } => ChunkOutcome::NotNext(have),
+                Appended::Grew(n) if n < size => ChunkOutcome::Grew(n),
+                Appended::Grew(_) if files.finish(&sha)? => ChunkOutcome::Complete,
+                Appended::Grew(_) => ChunkOutcome::Mismatch,
+            })
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r)
+        .map_err(|source| crate::store::PhotoError::Io {
+            path: self.store().state_dir().join("attachments"),
+            source,
+        })?;
+        if outcome == ChunkOutcome::Complete {
+            tracing::info!(sha256 = %d.sha256, size = d.size, work_order_id = %d.work_order_id, attachment_id = %d.attachment_id, "attachment downloaded and verified");
+            self.update_sync(|s| s.last_download_ms = Some(now_ms()));
+            self.emit(Event::WorkOrder {
+                work_order_id: d.work_order_id.clone(),
+                change: WorkOrderChange::Changed,
+            });
+        }
+        Ok(outcome)
+    }
+
+    /// Removes attachment files no cached work order names any more.
+    pub async fn sweep_attachments(&self) -> Result<(), DomainError> {
+        let named: HashSet<String> = self
+            .inner
+            .store
+            .read(work_orders::attachments)
+            .await?
+            .into_iter()
+            .map(|(_, a)| a.sha256)
+            .collect();
+        let files = self.store().attachments();
+        for sha in files.list() {
+            if !named.contains(&sha) {
+                tracing::info!(sha256 = %sha, "attachment no longer named by a work order removed");
+                files.remove(&sha);
+            }
+        }
+        Ok(())
+    }
+
     pub async fn requeue_in_flight(&self) -> Result<usize, DomainError> {
         self.change(outbox::requeue_in_flight).await
     }
@@ -373,6 +487,12 @@ impl Service {
             });
         }
         self.update_sync(|s| s.last_download_ms = Some(now_ms()));
+        if !changes.is_empty() {
+            // A changed or removed work order may have let go of attachments.
+            if let Err(e) = self.sweep_attachments().await {
+                tracing::warn!(error = %e, "cannot sweep attachment files");
+            }
+        }
         if !full && !changes.is_empty() {
             self.inner.triggers.fire(crate::schedule::Trigger::Push);
         }

@@ -12,6 +12,7 @@
 //! returned, and SQLite with `synchronous=FULL` in WAL mode fsyncs the log before COMMIT
 //! returns.
 
+pub mod attachments;
 pub mod photos;
 mod schema;
 
@@ -113,6 +114,7 @@ struct Inner {
     writer: Mutex<Writer>,
     reader: Mutex<Connection>,
     pub photos: PhotoDir,
+    attachments: attachments::AttachmentDir,
     state_dir: PathBuf,
 }
 
@@ -156,6 +158,13 @@ impl Store {
             },
         })?;
         sweep_unreferenced_photos(&conn, &photos)?;
+        let attachments_dir = state_dir.join("attachments");
+        let attachments = attachments::AttachmentDir::open(&attachments_dir).map_err(|source| {
+            StoreError::NotWritable {
+                path: attachments_dir,
+                source,
+            }
+        })?;
 
         let reader = Connection::open_with_flags(
             &db_path,
@@ -178,6 +187,7 @@ impl Store {
                 }),
                 reader: Mutex::new(reader),
                 photos,
+                attachments,
                 state_dir: state_dir.to_owned(),
             }),
         };
@@ -186,6 +196,10 @@ impl Store {
 
     pub fn photos(&self) -> &PhotoDir {
         &self.inner.photos
+    }
+
+    pub fn attachments(&self) -> &attachments::AttachmentDir {
+        &self.inner.attachments
     }
 
     pub fn state_dir(&self) -> &Path {

@@ -21,7 +21,7 @@ use crate::config::UplinkSettings;
 use crate::link::policy::{self, Traffic};
 use crate::link::{LinkClass, LinkState};
 use crate::schedule::{Switches, Trigger, TriggerSet};
-use crate::service::Service;
+use crate::service::{ChunkOutcome, Service};
 use wire::{Acks, Topics, WorkOrderPush, WIRE_VERSION};
 
 /// A batch published and not yet acknowledged by the back office.
@@ -39,6 +39,33 @@ struct PhotoLane {
     /// Photos whose file could not be read, left for the next connection.
     skip: Vec<String>,
 }
+
+/// The attachment whose bytes are coming in on this connection. The device pulls: it
+/// asks for a window of bytes from where its file ends, and asks again when they are in
+/// or when they stop coming (the back office sends them at QoS 0, so nothing stale is
+/// queued for the device while it is away).
+struct DownloadLane {
+    current: Option<crate::service::Download>,
+    /// The end of the bytes asked for so far.
+    asked_to: u64,
+    asked_at: Instant,
+    /// Attachments the back office cannot serve, or that failed their check too often.
+    skip: Vec<String>,
+    mismatches: HashMap<String, u32>,
+}
+
+impl DownloadLane {
+    /// Bytes asked for and not yet in.
+    fn in_flight(&self) -> bool {
+        self.current
+            .as_ref()
+            .is_some_and(|d| self.asked_to > d.received)
+    }
+}
+
+/// After this many downloads that fail their SHA-256, an attachment waits for the next
+/// connection.
+const MAX_MISMATCHES: u32 = 3;
 
 /// How one connection ended.
 enum Ended {
@@ -273,6 +300,14 @@ impl Uplink {
             next: 0,
             skip: Vec::new(),
         };
+        let mut downloads = DownloadLane {
+            current: None,
+            asked_to: 0,
+            asked_at: Instant::now(),
+            skip: Vec::new(),
+            mismatches: HashMap::new(),
+        };
+        let mut downloads_more = true;
         let mut in_flight: VecDeque<InFlight> = VecDeque::new();
         let mut op_batch: HashMap<String, usize> = HashMap::new();
         let mut more = true;
@@ -340,9 +375,17 @@ impl Uplink {
                         Ok(found) => photos_more = found,
                         Err(why) => return Ended::Lost(why),
                     }
+                    match self
+                        .ask_for_attachment(client, &mut downloads, downloads_more)
+                        .await
+                    {
+                        Ok(found) => downloads_more = found,
+                        Err(why) => return Ended::Lost(why),
+                    }
                 }
                 let photos_done = !files_ok || (!photos_more && photos.current.is_none());
-                if !more && in_flight.is_empty() && photos_done {
+                let downloads_done = !files_ok || (!downloads_more && downloads.current.is_none());
+                if !more && in_flight.is_empty() && photos_done && downloads_done {
                     self.finish_sync(&link, &sync).await;
                     sync.running = None;
                 }
@@ -353,9 +396,10 @@ impl Uplink {
                     if self.weigh(pending, &mut sync) {
                         more = true;
                         photos_more = true;
+                        downloads_more = true;
                     }
                     let files_now = policy::allows(link.class, Traffic::Files, sync.switches.files_on_wifi_only);
-                    if !files_now && photos.current.as_ref().is_some_and(|u| photos.next > u.acked) {
+                    if !files_now && (photos.current.as_ref().is_some_and(|u| photos.next > u.acked) || downloads.in_flight()) {
                         return Ended::LinkChanged("photos may not go on this link any more (\"Wi-Fi only for files\")".into());
                     }
                 }
@@ -368,6 +412,7 @@ impl Uplink {
                     if self.weigh(pending, &mut sync) {
                         more = true;
                         photos_more = true;
+                        downloads_more = true;
                     }
                 }
                 changed = self.link.changed() => {
@@ -383,7 +428,8 @@ impl Uplink {
                         return Ended::LinkChanged(format!("the link moved to another connection ({})", new.detail));
                     }
                     let files_now = policy::allows(new.class, Traffic::Files, sync.switches.files_on_wifi_only);
-                    let chunks_queued = photos.current.as_ref().is_some_and(|u| photos.next > u.acked);
+                    let chunks_queued = photos.current.as_ref().is_some_and(|u| photos.next > u.acked)
+                        || downloads.in_flight();
                     if !files_now && chunks_queued {
                         // Chunks handed to the client may still be in its queue: only a
                         // new connection is sure to leave them behind.
@@ -393,11 +439,17 @@ impl Uplink {
                         pending.insert(Trigger::LinkUp);
                         if self.weigh(pending, &mut sync) {
                             photos_more = true;
+                            downloads_more = true;
                         }
                     }
                     link = new;
                 }
                 _ = timeout_check.tick() => {
+                    if downloads.in_flight() && downloads.asked_at.elapsed() > self.settings.ack_timeout / 2 {
+                        // Bytes asked for did not come (QoS 0 may drop them): ask again
+                        // from where the file ends.
+                        downloads.asked_to = 0;
+                    }
                     if in_flight.front().is_some_and(|b| b.sent_at.elapsed() > self.settings.ack_timeout) {
                         // The back office has not answered: start over on a new
                         // connection, which sends everything unacknowledged again.
@@ -434,6 +486,12 @@ impl Uplink {
                             }
                         } else if p.topic == self.topics.work_orders() {
                             self.on_work_orders(&p.payload).await;
+                        } else if let Some(sha) = p.topic.strip_prefix(&self.topics.attachment_prefix()) {
+                            if self.on_attachment_chunk(sha, &p.payload, &mut downloads).await {
+                                downloads_more = true;
+                            }
+                        } else if p.topic == self.topics.attachment_errors() {
+                            self.on_attachment_error(&p.payload, &mut downloads);
                         } else {
                             tracing::warn!(topic = %p.topic, "message on an unknown downlink topic ignored");
                         }
@@ -545,6 +603,151 @@ impl Uplink {
             lane.next += len as u64;
         }
         Ok(lane.current.is_some())
+    }
+
+    /// Keeps a window of the current attachment's bytes asked for; picks the next
+    /// attachment when there is none and `look_for_new`. Returns whether one is under way.
+    async fn ask_for_attachment(
+        &self,
+        client: &AsyncClient,
+        lane: &mut DownloadLane,
+        look_for_new: bool,
+    ) -> Result<bool, String> {
+        if lane.current.is_none() {
+            if !look_for_new {
+                return Ok(false);
+            }
+            match self.service.next_download(lane.skip.clone()).await {
+                Ok(Some(d)) => {
+                    tracing::debug!(sha256 = %d.sha256, size = d.size, from = d.received, "attachment download starts");
+                    lane.asked_to = 0;
+                    lane.current = Some(d);
+                }
+                Ok(None) => return Ok(false),
+                Err(e) => return Err(format!("store: {e}")),
+            }
+        }
+        let Some(d) = &lane.current else {
+            return Ok(false);
+        };
+        if lane.asked_to > d.received {
+            return Ok(true);
+        }
+        let window = (self.settings.photo_chunk_bytes * self.settings.photo_window) as u64;
+        let length = window.min(d.size - d.received);
+        let request = wire::AttachmentRequest {
+            v: WIRE_VERSION,
+            sha256: d.sha256.clone(),
+            work_order_id: d.work_order_id.clone(),
+            attachment_id: d.attachment_id.clone(),
+            offset: d.received,
+            length,
+        };
+        let body = serde_json::to_vec(&request).map_err(|e| format!("encode: {e}"))?;
+        client
+            .try_publish(
+                self.topics.attachment_requests(),
+                QoS::AtLeastOnce,
+                false,
+                body,
+            )
+            .map_err(|e| format!("publish: {e}"))?;
+        lane.asked_to = d.received + length;
+        lane.asked_at = Instant::now();
+        Ok(true)
+    }
+
+    /// Takes a chunk of the attachment being downloaded; returns true when the lane is
+    /// free for the next one.
+    async fn on_attachment_chunk(
+        &self,
+        sha: &str,
+        payload: &[u8],
+        lane: &mut DownloadLane,
+    ) -> bool {
+        let Some(d) = lane.current.as_mut().filter(|d| d.sha256 == sha) else {
+            // A late chunk of something no longer asked for: QoS 0, nothing to answer.
+            return false;
+        };
+        let Some((offset, total, data)) = wire::parse_chunk(payload) else {
+            self.service
+                .count_bad_downlink("attachment", "a chunk shorter than its header");
+            return false;
+        };
+        if total != d.size {
+            self.service.count_bad_downlink(
+                "attachment",
+                &format!("attachment {sha} is {total} bytes by the back office's chunk, {} by its work order", d.size),
+            );
+            lane.skip.push(sha.to_owned());
+            lane.current = None;
+            return true;
+        }
+        match self
+            .service
+            .attachment_chunk(d, offset, data.to_vec())
+            .await
+        {
+            Ok(ChunkOutcome::Grew(n)) => {
+                d.received = n;
+                false
+            }
+            Ok(ChunkOutcome::NotNext(have)) => {
+                d.received = have;
+                false
+            }
+            Ok(ChunkOutcome::Complete) => {
+                lane.current = None;
+                true
+            }
+            Ok(ChunkOutcome::Mismatch) => {
+                let n = lane.mismatches.entry(sha.to_owned()).or_default();
+                *n += 1;
+                self.service.count_bad_downlink(
+                    "attachment",
+                    &format!("attachment {sha} does not match its SHA-256 (try {n}); fetched again from the start"),
+                );
+                if *n >= MAX_MISMATCHES {
+                    lane.skip.push(sha.to_owned());
+                }
+                lane.current = None;
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, sha256 = %sha, "cannot store an attachment chunk; it waits");
+                lane.skip.push(sha.to_owned());
+                lane.current = None;
+                true
+            }
+        }
+    }
+
+    fn on_attachment_error(&self, payload: &[u8], lane: &mut DownloadLane) {
+        let err =
+            match wire::parse::<wire::AttachmentError>(payload, self.settings.max_downlink_bytes) {
+                Ok(e) if e.v == WIRE_VERSION => e,
+                Ok(e) => {
+                    self.service.count_bad_downlink(
+                        "attachment-errors",
+                        &wire::WireError::Version(e.v).to_string(),
+                    );
+                    return;
+                }
+                Err(e) => {
+                    self.service
+                        .count_bad_downlink("attachment-errors", &e.to_string());
+                    return;
+                }
+            };
+        tracing::warn!(sha256 = %err.sha256, error = %err.error, "the back office cannot serve an attachment; it waits for the next connection");
+        lane.skip.push(err.sha256.clone());
+        if lane
+            .current
+            .as_ref()
+            .is_some_and(|d| d.sha256 == err.sha256)
+        {
+            lane.current = None;
+        }
     }
 
     /// Handles the back office's progress on a photo; returns true when the photo is

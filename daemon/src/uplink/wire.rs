@@ -51,6 +51,20 @@ impl Topics {
     pub fn photo(&self, sha256: &str) -> String {
         format!("{}/up/photo/{sha256}", self.base)
     }
+    /// The device asks for a range of an attachment's bytes.
+    pub fn attachment_requests(&self) -> String {
+        format!("{}/up/attachments", self.base)
+    }
+
+    /// Where the back office sends an attachment's bytes; the topic ends in its SHA-256.
+    pub fn attachment_prefix(&self) -> String {
+        format!("{}/down/attachment/", self.base)
+    }
+
+    pub fn attachment_errors(&self) -> String {
+        format!("{}/down/attachment-errors", self.base)
+    }
+
     pub fn photo_acks(&self) -> String {
         format!("{}/down/photo-acks", self.base)
     }
@@ -66,6 +80,32 @@ pub fn photo_chunk(offset: u64, total: u64, data: &[u8]) -> Vec<u8> {
     out.extend_from_slice(&total.to_be_bytes());
     out.extend_from_slice(data);
     out
+}
+
+/// Splits a chunk (photo or attachment) into its offset, the file's total size and data.
+pub fn parse_chunk(payload: &[u8]) -> Option<(u64, u64, &[u8])> {
+    let offset = u64::from_be_bytes(payload.get(0..8)?.try_into().ok()?);
+    let total = u64::from_be_bytes(payload.get(8..16)?.try_into().ok()?);
+    Some((offset, total, &payload[CHUNK_HEADER..]))
+}
+
+/// "Send me these bytes of this attachment."
+#[derive(Debug, Deserialize, Serialize, PartialEq)]
+pub struct AttachmentRequest {
+    pub v: u32,
+    pub sha256: String,
+    pub work_order_id: String,
+    pub attachment_id: String,
+    pub offset: u64,
+    pub length: u64,
+}
+
+/// The back office cannot serve an attachment.
+#[derive(Debug, Deserialize, Serialize, PartialEq)]
+pub struct AttachmentError {
+    pub v: u32,
+    pub sha256: String,
+    pub error: String,
 }
 
 /// The back office's progress on one photo.

@@ -73,6 +73,14 @@ enum Command {
     Discard { item: String },
     /// Sync now.
     Sync,
+    /// Save a downloaded attachment of a work order to a file.
+    Attachment {
+        work_order: String,
+        attachment: String,
+        /// Where to write it; default: its name, in the current folder.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
     /// Show or set the sync switches (kept across restarts).
     Switches {
         /// Sync by itself: on a link, after changes, on pushes and on the timer.
@@ -230,12 +238,18 @@ async fn main() -> ExitCode {
             eprintln!("fieldctl: {e}");
             ExitCode::from(1)
         }
+        Err(Failure::Local(msg)) => {
+            eprintln!("fieldctl: {msg}");
+            ExitCode::from(1)
+        }
     }
 }
 
 enum Failure {
     Usage(String),
     Client(ClientError),
+    /// A local file could not be written.
+    Local(String),
 }
 
 impl From<ClientError> for Failure {
@@ -324,6 +338,34 @@ async fn run(cli: Cli, socket: PathBuf) -> Result<(), Failure> {
             print(json, &serde_json::json!({"sync": "started"}), |_| {
                 println!("sync started")
             });
+        }
+        Command::Attachment {
+            work_order,
+            attachment,
+            output,
+        } => {
+            let (a, fd) = client.open_attachment(&work_order, &attachment).await?;
+            // Only the last part of the back office's name: never a path it chose.
+            let fallback = std::path::Path::new(&a.name)
+                .file_name()
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(&a.sha256));
+            let out = output.unwrap_or(fallback);
+            let mut src = std::fs::File::from(fd);
+            let mut dst = std::fs::File::create(&out)
+                .map_err(|e| Failure::Local(format!("cannot create {}: {e}", out.display())))?;
+            let n = std::io::copy(&mut src, &mut dst)
+                .map_err(|e| Failure::Local(format!("cannot write {}: {e}", out.display())))?;
+            print(
+                json,
+                &serde_json::json!({"path": out, "bytes": n, "sha256": a.sha256}),
+                |_| {
+                    println!(
+                        "saved {} ({n} bytes, SHA-256 verified on download)",
+                        out.display()
+                    )
+                },
+            );
         }
         Command::Switches {
             auto_sync,
