@@ -338,6 +338,8 @@ mod tests {
     #[test]
     fn an_attachment_hash_names_a_file_so_nothing_else_passes() {
         let mut doc = WorkOrderDoc::placeholder("WO-1");
+        doc.stage = "new".into();
+        doc.workflow = vec!["new".into()];
         let attachment = |sha: &str| Attachment {
             id: "dwg".into(),
             name: "layout.pdf".into(),
