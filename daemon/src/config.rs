@@ -525,9 +525,9 @@ fn uplink(
         batch_max_ops: positive("uplink.batch_max_ops", u.batch_max_ops.unwrap_or(200))?,
         batch_max_bytes: positive(
             "uplink.batch_max_bytes",
-            u.batch_max_bytes.unwrap_or(256 * 1024),
+            u.batch_max_bytes.unwrap_or(64 * 1024),
         )?,
-        window: positive("uplink.window", u.window.unwrap_or(8))?,
+        window: positive("uplink.window", u.window.unwrap_or(4))?,
         ack_timeout: secs(positive(
             "uplink.ack_timeout_secs",
             u.ack_timeout_secs.unwrap_or(30) as usize,

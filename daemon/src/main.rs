@@ -33,6 +33,7 @@ fn main() -> ExitCode {
         println!("{settings:#?}");
         return ExitCode::SUCCESS;
     }
+    limit_malloc_arenas();
     let log_level = fieldsyncd::logging::init(&settings.log_level, settings.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         // A handheld has few cores; two workers plus the store's writer thread are plenty.
@@ -61,6 +62,21 @@ fn main() -> ExitCode {
             } else {
                 ExitCode::FAILURE
             }
+        }
+    }
+}
+
+/// glibc gives each thread that allocates its own arena and rarely hands freed memory
+/// back; with the runtime's workers, the store's writer and blocking tasks, a drain left
+/// the daemon several MiB larger for good. One arena keeps memory flat (promise 7) at no
+/// measurable cost for a daemon whose threads mostly wait. `MALLOC_ARENA_MAX` in the
+/// environment still wins, for anyone measuring otherwise.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: called before any other thread exists; mallopt only sets a parameter.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
         }
     }
 }

@@ -159,6 +159,23 @@ struct Drain {
     all_s: f64,
     wire: u64,
     peak_kib: u64,
+    /// CPU seconds the daemon and this process (the back office) spent on the drain.
+    daemon_cpu_s: f64,
+    backoffice_cpu_s: f64,
+}
+
+/// utime + stime of a process in seconds (`self` for this one).
+fn cpu_s(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let Some(end) = stat.rfind(')') else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = stat[end + 2..].split_whitespace().collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
+        .sum();
+    ticks as f64 / 100.0
 }
 
 /// Captures with the broker down, restarts the daemon (so its peak memory reflects the
@@ -172,9 +189,12 @@ async fn drain(bodies: Vec<RecordBody>) -> (Drain, usize) {
     let json = capture(&d, bodies).await;
     d.restart();
     let pid = d.pid();
+    let (daemon_cpu0, self_cpu0) = (cpu_s(&pid.to_string()), cpu_s("self"));
     let t0 = Instant::now();
     broker.spawn();
     bo.wait_applied(n, Duration::from_secs(600)).await;
+    let daemon_cpu_s = cpu_s(&pid.to_string()) - daemon_cpu0;
+    let backoffice_cpu_s = cpu_s("self") - self_cpu0;
     let st = bo.state.lock().unwrap();
     let first = st.first_batch_at.expect("a batch").duration_since(t0);
     let last = st.last_applied_at.expect("applied").duration_since(t0);
@@ -183,6 +203,8 @@ async fn drain(bodies: Vec<RecordBody>) -> (Drain, usize) {
         all_s: last.as_secs_f64(),
         wire: st.wire_bytes,
         peak_kib: rss_kib(pid, "VmHWM:"),
+        daemon_cpu_s,
+        backoffice_cpu_s,
     };
     (out, json)
 }
@@ -221,8 +243,8 @@ async fn main() {
     let texts: Vec<String> = (0..n).map(|_| random_text()).collect();
 
     println!("## Drain of {n} queued 1 KiB records\n");
-    println!("| run | mosquitto_pub -q 1 msgs/s | fieldsync records/s | ratio | first batch after broker up | wire bytes per payload byte |");
-    println!("|---|---|---|---|---|---|");
+    println!("| run | mosquitto_pub -q 1 msgs/s | fieldsync records/s | ratio | first batch after broker up | wire bytes per payload byte | CPU s: daemon, back office |");
+    println!("|---|---|---|---|---|---|---|");
     for run in 1..=2 {
         let reference = mosquitto_pub(&texts);
         let bodies = texts
@@ -232,10 +254,12 @@ async fn main() {
         let (d, _) = drain(bodies).await;
         let rate = n as f64 / d.all_s;
         println!(
-            "| {run} | {reference:.0} | {rate:.0} | {:.2}x | {:.0} ms | {:.3} |",
+            "| {run} | {reference:.0} | {rate:.0} | {:.2}x | {:.0} ms | {:.3} | {:.2}, {:.2} |",
             rate / reference,
             d.first_ms,
-            d.wire as f64 / (n * 1024) as f64
+            d.wire as f64 / (n * 1024) as f64,
+            d.daemon_cpu_s,
+            d.backoffice_cpu_s
         );
     }
 
