@@ -133,6 +133,15 @@ impl Service {
             s.broker = state;
             if error.is_some() {
                 s.last_error = error;
+            } else if state == "up" {
+                // The connection works again: yesterday's refusal to connect is no news
+                // for the banner. Errors about messages stay until the next one.
+                if s.last_error
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with("broker: "))
+                {
+                    s.last_error = None;
+                }
             }
         });
         if before != state {
@@ -165,6 +174,11 @@ impl Service {
             tracing::info!(note = %note, "sync");
             self.announce(&now);
         }
+    }
+
+    /// Changes stored and not yet confirmed by the back office.
+    pub async fn unsent(&self) -> Result<u64, DomainError> {
+        self.inner.store.read(journal::unsent).await
     }
 
     /// Requests for a sync from the socket and the downlink.

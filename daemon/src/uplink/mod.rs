@@ -510,9 +510,13 @@ impl Uplink {
             Some(_) => matches!(self.service.next_upload(Vec::new()).await, Ok(Some(_))),
             None => false,
         };
-        let note = match held {
-            Some(why) if photos_wait => format!("synced records; {why}"),
-            _ => "synced: nothing left to send".to_owned(),
+        let unsent = self.service.unsent().await.unwrap_or(0);
+        let note = match (held, unsent) {
+            (Some(why), _) if photos_wait => format!("synced records; {why}"),
+            (_, 0) => "synced: nothing left to send".to_owned(),
+            // What is left waits behind a refusal (or is a photo's change waiting for its
+            // bytes): the app shows the red items.
+            (_, n) => format!("synced what could go; {n} changes wait behind a refused change"),
         };
         tracing::debug!(trigger = ?sync.running.map(Trigger::as_str), "sync finished");
         self.service.set_sync_note(note, true);

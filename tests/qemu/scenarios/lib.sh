@@ -77,3 +77,39 @@ make_photo() { # make_photo PATH KIB
     head -c "$(($2 * 1024))" /dev/urandom >"$1"
     sha256sum "$1" | cut -d' ' -f1
 }
+
+# Waiting on the uplink. The guest cannot sleep a fixed time and hope: emulation runs at
+# the pace of a busy host, so every wait polls for what it waits for, up to a deadline.
+
+now_s() { cut -d. -f1 /proc/uptime; }
+
+# await SECONDS WHAT COMMAND...: runs COMMAND until it succeeds; fails the scenario
+# with the daemon's log when SECONDS pass first.
+await() {
+    _secs=$1 _what=$2
+    shift 2
+    _until=$(($(now_s) + _secs))
+    until "$@"; do
+        [ "$(now_s)" -lt "$_until" ] || fail "no $_what within $_secs s; outbox: $out"
+        sleep 0.2
+    done
+}
+
+# Everything delivered: the back office acknowledged every operation.
+outbox_empty() {
+    ctl outbox
+    [ "$out" = "[]" ]
+}
+
+# op_in ITEM STATE: ITEM's operation is in the outbox in STATE (waiting, in_progress,
+# refused). An operation's JSON is flat, so its fields sit between its braces.
+op_in() {
+    ctl outbox
+    echo "$out" | grep -q "\"item_id\":\"$1\"[^}]*\"state\":\"$2\""
+}
+
+# delivered ITEM: nothing of ITEM waits in the outbox any more.
+delivered() {
+    ctl outbox
+    ! echo "$out" | grep -q "\"item_id\":\"$1\""
+}

@@ -1,5 +1,7 @@
 # Captures notes, and now and then a photo, as fast as the UI can, until the host pulls
-# the plug. Each ACK line is printed only after fieldctl had the daemon's answer.
+# the plug. Each ACK line is printed only after fieldctl had the daemon's answer. With
+# `fieldsync.broker=` the daemon delivers as it captures, so the cut also lands between
+# a send and its acknowledgement.
 
 start_daemon
 cycle="$(arg cycle)"

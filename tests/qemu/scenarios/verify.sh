@@ -18,4 +18,11 @@ report work-order "$out"
 for f in /data/state/photos/??/*; do
     [ -f "$f" ] && report photo-file "$(basename "$f") $(sha256sum "$f" | cut -d' ' -f1)"
 done
+# With the host's broker: whatever the cut left unsent, or sent and unacknowledged, goes
+# now, and the host checks that the back office applied each capture once.
+if [ -n "$(arg broker)" ]; then
+    await 90 "delivery of everything after the cut" outbox_empty
+    ctl status
+    report status-drained "$out"
+fi
 stop_daemon
