@@ -713,9 +713,15 @@ async fn attachments_download_resume_after_cuts_and_are_checked() {
     std::io::Read::read_to_end(&mut std::fs::File::from(fd), &mut stored).unwrap();
     assert!(stored == drawing, "the stored drawing is the drawing");
     let err = c.open_attachment("WO-20", "man").await.unwrap_err();
-    assert_eq!(err.code(), Some(ui_bridge::ErrorCode::AttachmentUnavailable));
+    assert_eq!(
+        err.code(),
+        Some(ui_bridge::ErrorCode::AttachmentUnavailable)
+    );
     let err = c.open_attachment("WO-20", "../etc").await.unwrap_err();
-    assert_eq!(err.code(), Some(ui_bridge::ErrorCode::AttachmentUnavailable));
+    assert_eq!(
+        err.code(),
+        Some(ui_bridge::ErrorCode::AttachmentUnavailable)
+    );
     // Resumed, not restarted: each cut costs at most the window asked for ahead.
     let sent = attachment_sent(&bo, &good);
     let extra = sent - drawing.len() as u64;
