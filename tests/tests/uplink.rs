@@ -371,6 +371,9 @@ async fn the_dispatcher_pushes_work_orders_and_bad_downlink_is_ignored() {
         ("work-orders", vec![0x28, 0xb5, 0x2f, 0xfd, 0, 1, 2]),
         ("acks", br#"{"v":1,"acks":["no-such-operation"]}"#.to_vec()),
         ("acks", b"[]".to_vec()),
+        // A photo acknowledgement for a hash this device is not sending.
+        ("photo-acks", format!(r#"{{"v":1,"sha256":"{}","received":5,"complete":true}}"#, "cd".repeat(32)).into_bytes()),
+        ("photo-acks", b"{\"v\":1}".to_vec()),
         ("nonsense", b"hello".to_vec()),
     ] {
         bo.publish_down(DEVICE, topic, payload).await;
@@ -420,7 +423,7 @@ async fn the_dispatcher_pushes_work_orders_and_bad_downlink_is_ignored() {
     );
     let log = d.log();
     assert!(
-        log.matches("downlink message ignored").count() >= 6,
+        log.matches("downlink message ignored").count() >= 8,
         "{log}"
     );
     // A changed version replaces it; an older one is ignored.
