@@ -42,12 +42,19 @@ pub enum RunError {
     Seed(#[from] service::SeedError),
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
+    #[error("the database failed its integrity check; the next start sets it aside")]
+    DamagedStore,
 }
 
 impl RunError {
     /// Problems an operator fixes in the configuration, as opposed to the machine.
     pub fn is_config(&self) -> bool {
-        matches!(self, RunError::Seed(_))
+        // A seed file that cannot be read or parsed is the operator's to fix; a store
+        // that fails while loading it is not, and systemd should restart the daemon.
+        matches!(
+            self,
+            RunError::Seed(service::SeedError::Read { .. } | service::SeedError::Parse { .. })
+        )
     }
 }
 
@@ -64,6 +71,7 @@ pub async fn run(settings: Settings, reload: Reload) -> Result<(), RunError> {
     let started = std::time::Instant::now();
     let settings = Arc::new(settings);
     let (store, report) = Store::open(&settings.state_dir)?;
+    let check_deferred = report.check_deferred;
     let service = Service::new(
         store.clone(),
         (*settings).clone(),
@@ -107,6 +115,29 @@ pub async fn run(settings: Settings, reload: Reload) -> Result<(), RunError> {
         None => tokio::spawn(follow_link(service.clone(), link, shutdown.clone())),
     };
 
+    // After a clean stop the whole-database check runs now, beside the work, instead of
+    // delaying ready; a failure stops the daemon so that the next start, which checks
+    // first, sets the file aside (promise: a damaged store is reported, never used).
+    let damaged = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if check_deferred {
+        let (store, shutdown, damaged) = (store.clone(), shutdown.clone(), damaged.clone());
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            match tokio::task::spawn_blocking(move || store.check()).await {
+                Ok(Ok(())) => tracing::info!(
+                    check_ms = started.elapsed().as_millis() as u64,
+                    "database checked after a clean start: ok"
+                ),
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "the database failed its check; stopping so that the next start sets it aside");
+                    damaged.store(true, std::sync::atomic::Ordering::Release);
+                    shutdown.cancel();
+                }
+                Err(e) => tracing::warn!(error = %e, "the database check did not run"),
+            }
+        });
+    }
+
     bridge::serve(listener, service, settings.clone(), shutdown.clone()).await;
 
     systemd::stopping();
@@ -119,6 +150,9 @@ pub async fn run(settings: Settings, reload: Reload) -> Result<(), RunError> {
         .ok();
     if let bridge::Origin::Bound(path) = origin {
         let _ = std::fs::remove_file(path);
+    }
+    if damaged.load(std::sync::atomic::Ordering::Acquire) {
+        return Err(RunError::DamagedStore);
     }
     Ok(())
 }

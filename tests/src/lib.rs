@@ -167,6 +167,28 @@ impl Daemon {
 
     /// Starts the binary and waits until its socket answers.
     pub fn spawn(&mut self) {
+        self.start_process();
+        self.wait_ready();
+    }
+
+    /// Starts the binary and waits for it to exit by itself; returns its exit code.
+    pub fn run_until_exit(&mut self) -> Option<i32> {
+        self.start_process();
+        let mut child = self.child.take().expect("started");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("fieldsyncd did not exit by itself:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn start_process(&mut self) {
         assert!(self.child.is_none(), "daemon already running");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -187,7 +209,6 @@ impl Daemon {
             .spawn()
             .expect("fieldsyncd starts");
         self.child = Some(child);
-        self.wait_ready();
     }
 
     fn wait_ready(&mut self) {

@@ -476,6 +476,56 @@ async fn a_damaged_database_is_moved_aside_and_reported() {
     c.add_record("WO-1", note("after")).await.unwrap();
 }
 
+#[tokio::test]
+async fn damage_behind_a_clean_stop_is_caught_after_ready_and_set_aside_next_start() {
+    let mut d = Daemon::start();
+    let mut c = d.client().await;
+    for i in 0..200 {
+        c.add_record("WO-1", note(&format!("reading {i}")))
+            .await
+            .unwrap();
+    }
+    // Folded into items and outbox, so that starting again touches none of it.
+    c.outbox(Some(1)).await.unwrap();
+    drop(c);
+    assert_eq!(d.stop(), Some(0));
+    assert!(d.state_dir.join("clean-stop").exists());
+
+    // Damage the last pages (the captures), keeping the size and the time of the file:
+    // a start trusts the clean stop and is ready at once.
+    let db = d.state_dir.join("fieldsync.db");
+    let mut bytes = std::fs::read(&db).unwrap();
+    let modified = std::fs::metadata(&db).unwrap().modified().unwrap();
+    assert!(bytes.len() > 3 * 4096, "a few pages");
+    let len = bytes.len();
+    bytes[len - 3 * 4096..].fill(0x55);
+    std::fs::write(&db, &bytes).unwrap();
+    File::options()
+        .write(true)
+        .open(&db)
+        .unwrap()
+        .set_modified(modified)
+        .unwrap();
+    // The check behind ready finds it and stops the daemon, with a failure for systemd
+    // (which restarts it).
+    assert_eq!(d.run_until_exit(), Some(1), "{}", d.log());
+    assert!(
+        d.log().contains("fieldsyncd ready"),
+        "ready before the check"
+    );
+    assert!(d.log().contains("failed its check"));
+    assert!(!d.state_dir.join("clean-stop").exists());
+
+    // The next start checks first and sets the file aside, byte for byte.
+    d.spawn();
+    let mut c = d.client().await;
+    let moved = c.status().await.unwrap().damaged_store.expect("reported");
+    assert!(
+        std::fs::read(&moved).unwrap() == bytes,
+        "kept byte for byte"
+    );
+}
+
 /// Waits until the daemon's log holds `needle` `n` times.
 async fn wait_log(d: &Daemon, needle: &str, n: usize) {
     for _ in 0..500 {

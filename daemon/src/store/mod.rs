@@ -90,6 +90,26 @@ pub struct OpenReport {
     /// Where a damaged database was moved, if one was.
     pub damaged_moved_to: Option<PathBuf>,
     pub schema_version: usize,
+    /// The last stop was clean and the database is as it was left: the full check was
+    /// not run before ready; run [`Store::check`] in the background.
+    pub check_deferred: bool,
+}
+
+/// Left by a clean stop: the database's size and modification time at that moment.
+/// A start that finds it with the database unchanged trusts it enough to be ready at
+/// once and checks it in the background; any other start (a crash, a power cut, a file
+/// touched while stopped) checks the whole database before it serves anyone. The file
+/// is removed, durably, before the database is used, so a crash later can never leave
+/// a stale one behind.
+const CLEAN_STOP: &str = "clean-stop";
+
+fn fingerprint(db: &Path) -> Option<String> {
+    let meta = std::fs::metadata(db).ok()?;
+    let modified = meta.modified().ok()?.duration_since(UNIX_EPOCH).ok()?;
+    let wal = std::fs::metadata(format!("{}-wal", db.display()))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    Some(format!("{} {} {wal}", meta.len(), modified.as_nanos()))
 }
 
 type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
@@ -116,6 +136,8 @@ struct Inner {
     pub photos: PhotoDir,
     attachments: attachments::AttachmentDir,
     state_dir: PathBuf,
+    /// Set when a deferred check failed: this stop must not count as clean.
+    suspect: std::sync::atomic::AtomicBool,
 }
 
 pub const DB_FILE: &str = "fieldsync.db";
@@ -131,7 +153,19 @@ impl Store {
         check_writable(state_dir)?;
         let db_path = state_dir.join(DB_FILE);
         let mut report = OpenReport::default();
-        let conn = match open_checked(&db_path) {
+        let marker = state_dir.join(CLEAN_STOP);
+        let left = std::fs::read_to_string(&marker).ok();
+        if left.is_some() {
+            std::fs::remove_file(&marker)
+                .and_then(|_| photos::fsync_dir(state_dir))
+                .map_err(|source| StoreError::NotWritable {
+                    path: marker.clone(),
+                    source,
+                })?;
+        }
+        report.check_deferred =
+            left.is_some() && left.as_deref().map(str::trim) == fingerprint(&db_path).as_deref();
+        let conn = match open_checked(&db_path, !report.check_deferred) {
             Ok(conn) => conn,
             Err(problem) => {
                 let moved = move_aside(&db_path)?;
@@ -142,7 +176,8 @@ impl Store {
                     "the database is damaged; it was moved aside and a new one started"
                 );
                 report.damaged_moved_to = Some(moved);
-                open_checked(&db_path).map_err(|e| StoreError::Open {
+                report.check_deferred = false;
+                open_checked(&db_path, true).map_err(|e| StoreError::Open {
                     path: db_path.clone(),
                     source: e,
                 })?
@@ -189,6 +224,7 @@ impl Store {
                 photos,
                 attachments,
                 state_dir: state_dir.to_owned(),
+                suspect: std::sync::atomic::AtomicBool::new(false),
             }),
         };
         Ok((store, report))
@@ -310,10 +346,51 @@ impl Store {
             }
         }
         if let Some(conn) = writer.conn.take() {
-            if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
-                tracing::warn!(error = %e, "checkpoint at shutdown failed");
+            match conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
+                Err(e) => tracing::warn!(error = %e, "checkpoint at shutdown failed"),
+                Ok(())
+                    if !self
+                        .inner
+                        .suspect
+                        .load(std::sync::atomic::Ordering::Acquire) =>
+                {
+                    drop(conn);
+                    self.leave_clean_stop();
+                }
+                Ok(()) => {}
             }
         }
+    }
+
+    fn leave_clean_stop(&self) {
+        let dir = &self.inner.state_dir;
+        let Some(print) = fingerprint(&dir.join(DB_FILE)) else {
+            return;
+        };
+        let marker = dir.join(CLEAN_STOP);
+        let written = std::fs::File::create(&marker).and_then(|mut f| {
+            std::io::Write::write_all(&mut f, print.as_bytes())?;
+            f.sync_all()
+        });
+        if let Err(e) = written.and_then(|_| photos::fsync_dir(dir)) {
+            // Only costs the next start a full check.
+            tracing::warn!(error = %e, "cannot note the clean stop");
+        }
+    }
+
+    /// SQLite's quick_check over the whole database, on a connection of its own, for a
+    /// start that deferred it. Blocking. A failure marks the store so that this stop is
+    /// not taken for a clean one: the next start checks first and sets the file aside.
+    pub fn check(&self) -> Result<(), StoreError> {
+        let db = self.inner.state_dir.join(DB_FILE);
+        let result = Connection::open_with_flags(&db, OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .and_then(|c| quick_check(&c));
+        if result.is_err() {
+            self.inner
+                .suspect
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+        result.map_err(|source| StoreError::Open { path: db, source })
     }
 
     /// Whether the store still takes writes (the watchdog asks).
@@ -429,9 +506,20 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
 }
 
 /// Opens the database and runs SQLite's quick check; any failure means damaged.
-fn open_checked(path: &Path) -> Result<Connection, rusqlite::Error> {
+/// Opens the database; `full` runs SQLite's quick_check over all of it, otherwise only
+/// the header and schema are read.
+fn open_checked(path: &Path, full: bool) -> Result<Connection, rusqlite::Error> {
     let conn = Connection::open(path)?;
     configure(&conn)?;
+    if full {
+        quick_check(&conn)?;
+    } else {
+        conn.query_row("PRAGMA schema_version", [], |r| r.get::<_, i64>(0))?;
+    }
+    Ok(conn)
+}
+
+fn quick_check(conn: &Connection) -> Result<(), rusqlite::Error> {
     let verdict: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
     if verdict != "ok" {
         return Err(rusqlite::Error::SqliteFailure(
@@ -439,7 +527,7 @@ fn open_checked(path: &Path) -> Result<Connection, rusqlite::Error> {
             Some(verdict),
         ));
     }
-    Ok(conn)
+    Ok(())
 }
 
 /// Renames the database and its WAL and SHM files to `<name>.damaged-<unix time>`; never
@@ -627,6 +715,33 @@ mod tests {
             .unwrap();
         assert_eq!(n, 45);
         store.close();
+    }
+
+    #[test]
+    fn only_a_clean_stop_with_the_file_untouched_defers_the_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, report) = Store::open(dir.path()).unwrap();
+        assert!(!report.check_deferred, "a first start checks");
+        store.close();
+        drop(store);
+        assert!(dir.path().join(CLEAN_STOP).exists());
+
+        let (store, report) = Store::open(dir.path()).unwrap();
+        assert!(report.check_deferred, "a clean stop is trusted");
+        assert!(!dir.path().join(CLEAN_STOP).exists(), "used up at start");
+        store.check().unwrap();
+        // No close: a crash. The next start checks first.
+        drop(store);
+        let (store, report) = Store::open(dir.path()).unwrap();
+        assert!(!report.check_deferred);
+        store.close();
+        drop(store);
+
+        // A clean stop, but the file changed since.
+        std::fs::write(dir.path().join(CLEAN_STOP), "1 2 3").unwrap();
+        let (store, report) = Store::open(dir.path()).unwrap();
+        assert!(!report.check_deferred);
+        drop(store);
     }
 
     #[test]
