@@ -132,6 +132,9 @@ pub struct State {
     pub attachment_bytes_sent: HashMap<String, u64>,
     /// Serve these attachments with one byte changed, to see the device refuse them.
     pub corrupt_attachments: HashSet<String>,
+    /// Wait this long before answering each attachment request (to make a download
+    /// slow enough to cut).
+    pub attachment_delay: Duration,
 }
 
 impl State {
@@ -548,7 +551,7 @@ fn handle(
             let sha = msg["sha256"].as_str().unwrap_or_default().to_owned();
             let offset = msg["offset"].as_u64().unwrap_or(0);
             let length = msg["length"].as_u64().unwrap_or(0);
-            let mut st = state.lock().unwrap();
+            let st = state.lock().unwrap();
             let Some(file) = st.attachment_files.get(&sha).cloned() else {
                 drop(st);
                 let err = json!({"v": 1, "sha256": sha, "error": "unknown attachment"});
@@ -568,18 +571,29 @@ fn handle(
             }
             let total = file.len() as u64;
             let end = offset.saturating_add(length).min(total);
-            let mut at = offset.min(total);
+            let delay = st.attachment_delay;
+            drop(st);
             let topic = format!("{prefix}/{device}/down/attachment/{sha}");
-            while at < end {
-                let next = (at + 32 * 1024).min(end);
-                let mut chunk = Vec::with_capacity(16 + (next - at) as usize);
-                chunk.extend_from_slice(&at.to_be_bytes());
-                chunk.extend_from_slice(&total.to_be_bytes());
-                chunk.extend_from_slice(&file[at as usize..next as usize]);
-                *st.attachment_bytes_sent.entry(sha.clone()).or_default() += next - at;
-                let _ = client.try_publish(topic.clone(), QoS::AtMostOnce, false, chunk);
-                at = next;
-            }
+            let (state, client) = (state.clone(), client.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let mut at = offset.min(total);
+                while at < end {
+                    let next = (at + 32 * 1024).min(end);
+                    let mut chunk = Vec::with_capacity(16 + (next - at) as usize);
+                    chunk.extend_from_slice(&at.to_be_bytes());
+                    chunk.extend_from_slice(&total.to_be_bytes());
+                    chunk.extend_from_slice(&file[at as usize..next as usize]);
+                    *state
+                        .lock()
+                        .unwrap()
+                        .attachment_bytes_sent
+                        .entry(sha.clone())
+                        .or_default() += next - at;
+                    let _ = client.try_publish(topic.clone(), QoS::AtMostOnce, false, chunk);
+                    at = next;
+                }
+            });
         }
         "resync" => {
             let mut st = state.lock().unwrap();

@@ -630,6 +630,31 @@ async fn a_photo_cut_three_times_resumes_and_arrives_verified() {
     wait_state(&mut c, "WO-1", &photo.id, SyncState::Delivered).await;
 }
 
+/// Pushes a work order until the device has that version. A push that reaches the
+/// broker before the device's subscription (its first, or after a broker restart without
+/// persistence) has no session to wait in and is lost; the dispatcher sends it again.
+async fn push_until_seen(bo: &BackOffice, c: &mut ui_bridge::Client, wo: serde_json::Value) {
+    let id = wo["id"].as_str().unwrap().to_owned();
+    let version = wo["version"].as_i64().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        bo.push_work_orders(DEVICE, vec![wo.clone()]).await;
+        for _ in 0..50 {
+            if c.work_order(&id)
+                .await
+                .is_ok_and(|w| w.summary.version == version)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{id} v{version} never arrives"
+        );
+    }
+}
+
 /// Bytes of attachment `sha` the back office has sent so far.
 fn attachment_sent(bo: &BackOffice, sha: &str) -> u64 {
     bo.state
@@ -663,9 +688,12 @@ async fn attachments_download_resume_after_cuts_and_are_checked() {
     }
     let d = Daemon::start_with(uplink_options(&broker));
     let mut c = d.client().await;
-    bo.push_work_orders(
-        DEVICE,
-        vec![serde_json::json!({
+    // Slow enough to cut in the middle: each window waits a little.
+    bo.state.lock().unwrap().attachment_delay = Duration::from_millis(40);
+    push_until_seen(
+        &bo,
+        &mut c,
+        serde_json::json!({
             "id": "WO-20", "version": 1, "title": "With drawings", "stage": "new",
             "workflow": ["new", "done"],
             "attachments": [
@@ -673,7 +701,7 @@ async fn attachments_download_resume_after_cuts_and_are_checked() {
                 {"id": "man", "name": "manual.pdf", "size": manual.len(), "sha256": bad},
                 {"id": "old", "name": "gone.pdf", "size": 10, "sha256": unknown},
             ]
-        })],
+        }),
     )
     .await;
 
@@ -688,6 +716,10 @@ async fn attachments_download_resume_after_cuts_and_are_checked() {
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        assert!(
+            !d.state_dir.join("attachments").join(&good).exists(),
+            "cut {cut} comes in the middle of the download"
+        );
         broker.kill();
         tokio::time::sleep(Duration::from_millis(300)).await;
         broker.spawn();
@@ -752,17 +784,22 @@ async fn attachments_download_resume_after_cuts_and_are_checked() {
     );
 
     // A work order that drops an attachment lets its file go.
-    bo.push_work_orders(
-        DEVICE,
-        vec![serde_json::json!({
+    push_until_seen(
+        &bo,
+        &mut c,
+        serde_json::json!({
             "id": "WO-20", "version": 2, "title": "Without drawings", "stage": "new",
             "workflow": ["new", "done"]
-        })],
+        }),
     )
     .await;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while d.state_dir.join("attachments").join(&good).exists() {
-        assert!(std::time::Instant::now() < deadline, "drawing file kept");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "drawing file kept:\n{}",
+            d.log()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
