@@ -84,7 +84,8 @@ broker="mqtt://127.0.0.1:$port"
 
 # ---- the demo back office ---------------------------------------------------------------
 setsid "$bin/demo-backoffice" --broker "$broker" --topic-prefix "$prefix" --device-id "$device" \
-    --work-orders daemon/config/demo-work-orders.json --ready-file "$run/backoffice.ready" &
+    --work-orders daemon/config/demo-work-orders.json --attachments daemon/config/demo-attachments \
+    --ready-file "$run/backoffice.ready" &
 backoffice_pid=$!
 until [ -e "$run/backoffice.ready" ]; do
     kill -0 "$backoffice_pid" 2>/dev/null || fail "the demo back office did not start"

@@ -15,12 +15,13 @@ static LOST: AtomicBool = AtomicBool::new(false);
 
 const USAGE: &str = "\
 usage: demo-backoffice --broker mqtt://HOST:PORT [--topic-prefix PREFIX] [--device-id ID]
-                       [--work-orders FILE] [--ready-file FILE]
+                       [--work-orders FILE] [--attachments DIR] [--ready-file FILE]
 
   --broker        the broker the devices use (their uplink.broker); mqtt:// only
   --topic-prefix  the devices' uplink.topic_prefix [default: fieldsync/v1]
   --device-id     serve this device only (its uplink.device_id) [default: every device]
   --work-orders   a JSON list of work orders, sent to a device that asks for its full state
+  --attachments   serve every file in DIR as an attachment, under its SHA-256
   --ready-file    created once the back office is connected and subscribed";
 
 struct Args {
@@ -29,6 +30,7 @@ struct Args {
     prefix: String,
     device: Option<String>,
     work_orders: Option<PathBuf>,
+    attachments: Option<PathBuf>,
     ready_file: Option<PathBuf>,
 }
 
@@ -38,6 +40,7 @@ fn parse_args() -> Result<Args, String> {
     let mut device = None;
     let mut work_orders = None;
     let mut ready_file = None;
+    let mut attachments = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = |name: &str| args.next().ok_or(format!("{name} needs a value"));
@@ -47,6 +50,7 @@ fn parse_args() -> Result<Args, String> {
             "--device-id" => device = Some(value("--device-id")?),
             "--work-orders" => work_orders = Some(PathBuf::from(value("--work-orders")?)),
             "--ready-file" => ready_file = Some(PathBuf::from(value("--ready-file")?)),
+            "--attachments" => attachments = Some(PathBuf::from(value("--attachments")?)),
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -78,6 +82,7 @@ fn parse_args() -> Result<Args, String> {
         prefix: prefix.trim_end_matches('/').to_owned(),
         device,
         work_orders,
+        attachments,
         ready_file,
     })
 }
@@ -183,6 +188,27 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(dir) = &args.attachments {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) => {
+                eprintln!("demo-backoffice: cannot read {}: {e}", dir.display());
+                return ExitCode::FAILURE;
+            }
+        };
+        let mut st = bo.state.lock().unwrap();
+        for path in entries.flatten().map(|e| e.path()).filter(|p| p.is_file()) {
+            match std::fs::read(&path) {
+                Ok(bytes) => {
+                    use sha2::Digest;
+                    let sha = hex::encode(sha2::Sha256::digest(&bytes));
+                    println!("attachment {} served as {}", path.display(), short(&sha));
+                    st.attachment_files.insert(sha, bytes);
+                }
+                Err(e) => eprintln!("demo-backoffice: skipping {}: {e}", path.display()),
+            }
+        }
+    }
     if let Some(device) = &args.device {
         bo.state
             .lock()
