@@ -112,7 +112,7 @@ pub async fn run(settings: Settings, reload: Reload) -> Result<(), RunError> {
             tokio::spawn(uplink::Uplink::new(service.clone(), u, link).run(shutdown.clone()))
         }
         // No broker: the app's banner still shows the link.
-        None => tokio::spawn(follow_link(service.clone(), link, shutdown.clone())),
+        None => tokio::spawn(service.clone().follow_link(link, shutdown.clone())),
     };
 
     // After a clean stop the whole-database check runs now, beside the work, instead of
@@ -155,20 +155,6 @@ pub async fn run(settings: Settings, reload: Reload) -> Result<(), RunError> {
         return Err(RunError::DamagedStore);
     }
     Ok(())
-}
-
-async fn follow_link(
-    service: Service,
-    mut link: tokio::sync::watch::Receiver<link::LinkState>,
-    shutdown: CancellationToken,
-) {
-    loop {
-        service.set_link(link.borrow_and_update().clone());
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            changed = link.changed() => if changed.is_err() { return },
-        }
-    }
 }
 
 /// SIGHUP (`systemctl reload`): reads the configuration again and applies what can

@@ -149,6 +149,22 @@ impl Service {
         }
     }
 
+    /// Shows the link watcher's word in the status until `shutdown`, for a daemon whose
+    /// uplink does not run (no broker, or a broker setting it cannot use).
+    pub async fn follow_link(
+        self,
+        mut link: tokio::sync::watch::Receiver<LinkState>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        loop {
+            self.set_link(link.borrow_and_update().clone());
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                changed = link.changed() => if changed.is_err() { return },
+            }
+        }
+    }
+
     /// The link watcher's latest word.
     pub fn set_link(&self, link: LinkState) {
         let before = self.sync_status().link;

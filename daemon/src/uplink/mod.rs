@@ -114,6 +114,7 @@ impl Uplink {
             Err(e) => {
                 tracing::error!(error = %e, "the uplink cannot start; captures keep being stored");
                 self.service.set_broker("down", Some(e.to_string()));
+                self.service.clone().follow_link(self.link, shutdown).await;
                 return;
             }
         };
