@@ -345,3 +345,22 @@ async fn offline_and_idle_the_daemon_sleeps() {
     eprintln!("offline and idle for 60 s: {used_ms} ms of CPU");
     assert!(used_ms < 50, "{used_ms} ms of CPU in 60 s offline");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_timer_syncs_by_itself_with_no_app_connected() {
+    let bus = NetMock::start();
+    bus.set_link(MockLink::Wifi { metered: false });
+    let broker = Broker::start();
+    let _bo = BackOffice::start(broker.port).await;
+    let d = Daemon::start_with(options(&broker, &bus, "dev-timer", "interval_secs = 10\n"));
+    let mut c = d.client().await;
+    // The sync a connection starts with, and when it ended.
+    let first = wait_status(&mut c, "first sync", |s| s.last_sync_ms.is_some())
+        .await
+        .last_sync_ms;
+    drop(c);
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let mut c = d.client().await;
+    let s = c.status().await.unwrap();
+    assert!(s.last_sync_ms > first, "no sync from the timer: {s:?}");
+}
