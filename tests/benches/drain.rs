@@ -164,20 +164,6 @@ struct Drain {
     backoffice_cpu_s: f64,
 }
 
-/// utime + stime of a process in seconds (`self` for this one).
-fn cpu_s(pid: &str) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let Some(end) = stat.rfind(')') else {
-        return 0.0;
-    };
-    let fields: Vec<&str> = stat[end + 2..].split_whitespace().collect();
-    let ticks: u64 = [11, 12]
-        .iter()
-        .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
-        .sum();
-    ticks as f64 / 100.0
-}
-
 /// Captures with the broker down, restarts the daemon (so its peak memory reflects the
 /// drain only), brings the broker up, and times the drain.
 async fn drain(bodies: Vec<RecordBody>) -> (Drain, usize) {
@@ -189,12 +175,13 @@ async fn drain(bodies: Vec<RecordBody>) -> (Drain, usize) {
     let json = capture(&d, bodies).await;
     d.restart();
     let pid = d.pid();
-    let (daemon_cpu0, self_cpu0) = (cpu_s(&pid.to_string()), cpu_s("self"));
+    let cpu = |who: &str| fieldsync_tests::cpu_time(who).as_secs_f64();
+    let (daemon_cpu0, self_cpu0) = (cpu(&pid.to_string()), cpu("self"));
     let t0 = Instant::now();
     broker.spawn();
     bo.wait_applied(n, Duration::from_secs(600)).await;
-    let daemon_cpu_s = cpu_s(&pid.to_string()) - daemon_cpu0;
-    let backoffice_cpu_s = cpu_s("self") - self_cpu0;
+    let daemon_cpu_s = cpu(&pid.to_string()) - daemon_cpu0;
+    let backoffice_cpu_s = cpu("self") - self_cpu0;
     let st = bo.state.lock().unwrap();
     let first = st.first_batch_at.expect("a batch").duration_since(t0);
     let last = st.last_applied_at.expect("applied").duration_since(t0);

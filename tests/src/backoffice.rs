@@ -356,6 +356,12 @@ impl Drop for BackOffice {
     }
 }
 
+/// A refusal of `op` as it goes on the wire, told to the observer on the way.
+fn refusal(st: &State, op: &Applied, code: &str, reason: &str) -> Value {
+    st.tell(Happened::Refused { op, code, reason });
+    json!({"id": op.id, "code": code, "reason": reason})
+}
+
 fn handle(
     state: &Arc<Mutex<State>>,
     client: &AsyncClient,
@@ -430,37 +436,21 @@ fn handle(
                 if held.contains(&a.wo) || prev_missing {
                     held.insert(a.wo.clone());
                     let reason = "an earlier change of this work order is not applied yet";
-                    st.tell(Happened::Refused {
-                        op: &a,
-                        code: "held",
-                        reason,
-                    });
-                    refused.push(json!({"id": a.id, "code": "held", "reason": reason}));
+                    refused.push(refusal(&st, &a, "held", reason));
                     continue;
                 }
                 // A photo's operation comes only after its bytes were verified.
                 if a.kind == "photo" && a.act == "create" {
                     let sha = a.body["sha256"].as_str().unwrap_or_default();
                     if !st.photos.get(sha).is_some_and(|p| p.complete) {
-                        let reason = "photo bytes missing";
-                        st.tell(Happened::Refused {
-                            op: &a,
-                            code: "validation",
-                            reason,
-                        });
-                        refused.push(json!({"id": a.id, "code": "validation", "reason": reason}));
+                        refused.push(refusal(&st, &a, "validation", "photo bytes missing"));
                         continue;
                     }
                 }
                 if let Some((code, reason)) = st.refuse.as_ref().and_then(|f| f(&a)) {
                     held.insert(a.wo.clone());
                     st.refused.push(a.id.clone());
-                    st.tell(Happened::Refused {
-                        op: &a,
-                        code: &code,
-                        reason: &reason,
-                    });
-                    refused.push(json!({"id": a.id, "code": code, "reason": reason}));
+                    refused.push(refusal(&st, &a, &code, &reason));
                     continue;
                 }
                 st.seen.insert(a.id.clone());

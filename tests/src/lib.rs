@@ -355,3 +355,19 @@ pub fn photo_file(dir: &Path, name: &str, size: usize) -> (PathBuf, Vec<u8>) {
     std::fs::write(&path, &bytes).expect("write photo");
     (path, bytes)
 }
+
+/// CPU time (user + system) a process has used so far; `pid` is a number or `self`.
+pub fn cpu_time(pid: &str) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/stat: {e}"));
+    // The command name may hold spaces; the fields after its ')' are fixed.
+    let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as u64;
+    Duration::from_micros(ticks * 1_000_000 / hz)
+}

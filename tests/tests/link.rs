@@ -310,17 +310,6 @@ async fn network_manager_and_the_bus_may_come_and_go() {
     );
 }
 
-/// utime + stime of a process, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc stat");
-    // The command name may hold spaces; the fields after it are fixed.
-    let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = fields[11].parse().unwrap();
-    let stime: u64 = fields[12].parse().unwrap();
-    utime + stime
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_and_idle_the_daemon_sleeps() {
     let bus = NetMock::start();
@@ -335,13 +324,10 @@ async fn offline_and_idle_the_daemon_sleeps() {
     drop(c);
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100) as u64;
-    let before = cpu_ticks(d.pid());
+    let pid = d.pid().to_string();
+    let before = fieldsync_tests::cpu_time(&pid);
     tokio::time::sleep(Duration::from_secs(60)).await;
-    let used_ms = (cpu_ticks(d.pid()) - before) * 1000 / hz;
+    let used_ms = (fieldsync_tests::cpu_time(&pid) - before).as_millis();
     eprintln!("offline and idle for 60 s: {used_ms} ms of CPU");
     assert!(used_ms < 50, "{used_ms} ms of CPU in 60 s offline");
 }

@@ -134,14 +134,9 @@ impl Service {
             if error.is_some() {
                 s.last_error = error;
             } else if state == "up" {
-                // The connection works again: yesterday's refusal to connect is no news
-                // for the banner. Errors about messages stay until the next one.
-                if s.last_error
-                    .as_deref()
-                    .is_some_and(|e| e.starts_with("broker: "))
-                {
-                    s.last_error = None;
-                }
+                // A working session starts the banner afresh: why the last one failed
+                // is no news once the next one works.
+                s.last_error = None;
             }
         });
         if before != state {

@@ -54,6 +54,16 @@ struct DownloadLane {
     mismatches: HashMap<String, u32>,
 }
 
+/// Photo or attachment bytes handed to the client or asked for, and not yet settled:
+/// only a new connection is sure to leave them behind when the link stops allowing files.
+fn files_in_flight(photos: &PhotoLane, downloads: &DownloadLane) -> bool {
+    photos
+        .current
+        .as_ref()
+        .is_some_and(|u| photos.next > u.acked)
+        || downloads.in_flight()
+}
+
 impl DownloadLane {
     /// Bytes asked for and not yet in.
     fn in_flight(&self) -> bool {
@@ -400,7 +410,7 @@ impl Uplink {
                         downloads_more = true;
                     }
                     let files_now = policy::allows(link.class, Traffic::Files, sync.switches.files_on_wifi_only);
-                    if !files_now && (photos.current.as_ref().is_some_and(|u| photos.next > u.acked) || downloads.in_flight()) {
+                    if !files_now && files_in_flight(&photos, &downloads) {
                         return Ended::LinkChanged("photos may not go on this link any more (\"Wi-Fi only for files\")".into());
                     }
                 }
@@ -429,9 +439,7 @@ impl Uplink {
                         return Ended::LinkChanged(format!("the link moved to another connection ({})", new.detail));
                     }
                     let files_now = policy::allows(new.class, Traffic::Files, sync.switches.files_on_wifi_only);
-                    let chunks_queued = photos.current.as_ref().is_some_and(|u| photos.next > u.acked)
-                        || downloads.in_flight();
-                    if !files_now && chunks_queued {
+                    if !files_now && files_in_flight(&photos, &downloads) {
                         // Chunks handed to the client may still be in its queue: only a
                         // new connection is sure to leave them behind.
                         return Ended::LinkChanged(format!("photos may not go on {} ({})", new.class.as_str(), new.detail));
