@@ -4,6 +4,7 @@
 //! everything so tests can check exactly-once and order. The demo's back office
 //! (`src/bin/demo-backoffice.rs`) is this one with an observer that prints what happens.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -309,14 +310,15 @@ impl BackOffice {
     pub async fn wait_applied(&self, n: usize, timeout: Duration) -> Vec<Applied> {
         let deadline = Instant::now() + timeout;
         loop {
-            let applied = self.applied();
-            if applied.len() >= n {
-                return applied;
+            // Counted under the lock, copied only once: copying every poll would cost
+            // the back office more than applying.
+            let count = self.state.lock().unwrap().applied.len();
+            if count >= n {
+                return self.applied();
             }
             assert!(
                 Instant::now() < deadline,
-                "only {} of {n} operations applied in {timeout:?}",
-                applied.len()
+                "only {count} of {n} operations applied in {timeout:?}"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -357,6 +359,31 @@ impl Drop for BackOffice {
 }
 
 /// A refusal of `op` as it goes on the wire, told to the observer on the way.
+/// An `up/ops` message as docs/protocol.md describes it.
+#[derive(serde::Deserialize)]
+struct OpsMessage<'a> {
+    #[serde(borrow)]
+    ops: Vec<WireOp<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct WireOp<'a> {
+    #[serde(borrow)]
+    id: Cow<'a, str>,
+    #[serde(borrow)]
+    wo: Cow<'a, str>,
+    #[serde(borrow)]
+    item: Cow<'a, str>,
+    #[serde(borrow)]
+    kind: Cow<'a, str>,
+    #[serde(borrow)]
+    act: Cow<'a, str>,
+    #[serde(borrow, default)]
+    prev: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    body: &'a serde_json::value::RawValue,
+}
+
 fn refusal(st: &State, op: &Applied, code: &str, reason: &str) -> Value {
     st.tell(Happened::Refused { op, code, reason });
     json!({"id": op.id, "code": code, "reason": reason})
@@ -390,39 +417,46 @@ fn handle(
     }
     let device = parts[0].to_owned();
     let prefix = prefix.to_owned();
-    let msg = if parts[2] == "photo" {
-        Value::Null
+    let json = if parts[2] == "photo" {
+        Vec::new()
     } else {
         let Some(json) = decode(payload) else {
             return;
         };
+        json
+    };
+    // Operations are read into borrowed fields, as a back office that keeps up with a
+    // draining fleet would; everything else is small and read as a `Value`.
+    let msg = if matches!(parts[2], "photo" | "ops") {
+        Value::Null
+    } else {
         let Ok(msg) = serde_json::from_slice::<Value>(&json) else {
             return;
         };
-        if parts[2] == "ops" {
-            let mut st = state.lock().unwrap();
-            st.json_bytes += json.len() as u64;
-        }
         msg
     };
     match parts[2] {
         "ops" => {
+            let Ok(batch) = serde_json::from_slice::<OpsMessage>(&json) else {
+                return;
+            };
             let mut st = state.lock().unwrap();
+            st.json_bytes += json.len() as u64;
             st.batches += 1;
             st.wire_bytes += payload.len() as u64;
             st.first_batch_at.get_or_insert_with(Instant::now);
-            let mut acks = Vec::new();
+            let mut acks = Vec::with_capacity(batch.ops.len());
             let mut refused = Vec::new();
             let mut held: HashSet<String> = HashSet::new();
-            for op in msg["ops"].as_array().cloned().unwrap_or_default() {
+            for op in batch.ops {
                 let a = Applied {
                     device: device.clone(),
-                    id: op["id"].as_str().unwrap_or_default().to_owned(),
-                    wo: op["wo"].as_str().unwrap_or_default().to_owned(),
-                    item: op["item"].as_str().unwrap_or_default().to_owned(),
-                    kind: op["kind"].as_str().unwrap_or_default().to_owned(),
-                    act: op["act"].as_str().unwrap_or_default().to_owned(),
-                    body: op["body"].clone(),
+                    id: op.id.into_owned(),
+                    wo: op.wo.into_owned(),
+                    item: op.item.into_owned(),
+                    kind: op.kind.into_owned(),
+                    act: op.act.into_owned(),
+                    body: serde_json::from_str(op.body.get()).unwrap_or(Value::Null),
                 };
                 if st.seen.contains(&a.id) {
                     st.duplicates += 1;
@@ -432,7 +466,7 @@ fn handle(
                 }
                 // Order per work order: the predecessor the device names must be
                 // applied first; otherwise this one waits (the device sends it again).
-                let prev_missing = op["prev"].as_str().is_some_and(|p| !st.seen.contains(p));
+                let prev_missing = op.prev.is_some_and(|p| !st.seen.contains(p.as_ref()));
                 if held.contains(&a.wo) || prev_missing {
                     held.insert(a.wo.clone());
                     let reason = "an earlier change of this work order is not applied yet";

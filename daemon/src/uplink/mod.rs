@@ -322,6 +322,9 @@ impl Uplink {
         let mut in_flight: VecDeque<InFlight> = VecDeque::new();
         let mut op_batch: HashMap<String, usize> = HashMap::new();
         let mut more = true;
+        // Acknowledgements being written to the store.
+        let mut recording: tokio::task::JoinSet<Result<(), crate::domain::DomainError>> =
+            tokio::task::JoinSet::new();
         // Whether a photo may be waiting for its bytes to go; kept apart from `more`,
         // which the operations' lane clears when it finds nothing.
         let mut photos_more = true;
@@ -396,7 +399,12 @@ impl Uplink {
                 }
                 let photos_done = !files_ok || (!photos_more && photos.current.is_none());
                 let downloads_done = !files_ok || (!downloads_more && downloads.current.is_none());
-                if !more && in_flight.is_empty() && photos_done && downloads_done {
+                if !more
+                    && in_flight.is_empty()
+                    && recording.is_empty()
+                    && photos_done
+                    && downloads_done
+                {
                     self.finish_sync(&link, &sync).await;
                     sync.running = None;
                 }
@@ -412,6 +420,17 @@ impl Uplink {
                     let files_now = policy::allows(link.class, Traffic::Files, sync.switches.files_on_wifi_only);
                     if !files_now && files_in_flight(&photos, &downloads) {
                         return Ended::LinkChanged("photos may not go on this link any more (\"Wi-Fi only for files\")".into());
+                    }
+                }
+                Some(recorded) = recording.join_next(), if !recording.is_empty() => {
+                    match recorded {
+                        // Refused changes held behind another may be waiting again.
+                        Ok(Ok(())) => more = true,
+                        // Not recorded: the operations stay in flight in the store, and
+                        // a new connection sends them again; the back office acknowledges
+                        // repeats.
+                        Ok(Err(e)) => return Ended::Lost(format!("cannot record acknowledgements: {e}")),
+                        Err(e) => return Ended::Lost(format!("cannot record acknowledgements: {e}")),
                     }
                 }
                 _ = self.service.more_to_send() => {
@@ -468,8 +487,15 @@ impl Uplink {
                 event = eventloop.poll() => match event {
                     Ok(Event::Incoming(Incoming::Publish(p))) => {
                         if p.topic == self.topics.acks() {
-                            let acked = self.on_acks(&p.payload).await;
-                            for id in acked {
+                            let Some(acks) = self.read_acks(&p.payload) else { continue };
+                            let settled = acks.acks.iter().cloned().chain(acks.refused.iter().map(|r| r.id.clone()));
+                            let settled: Vec<String> = settled.collect();
+                            // Recorded beside the sending rather than before it: the
+                            // window moves on at once, and the store groups several
+                            // messages' worth into one commit.
+                            let service = self.service.clone();
+                            recording.spawn(async move { service.apply_acks(acks).await });
+                            for id in settled {
                                 if let Some(&i) = op_batch.get(&id) {
                                     if let Some(b) = in_flight.get_mut(i) {
                                         b.waiting.remove(&id);
@@ -531,34 +557,26 @@ impl Uplink {
         self.service.set_sync_note(note, true);
     }
 
-    /// Handles an acknowledgement message; returns the operation ids it settled
-    /// (acknowledged or refused).
-    async fn on_acks(&self, payload: &[u8]) -> Vec<String> {
+    /// Reads an acknowledgement message; `None` (counted as bad) when it cannot be used.
+    fn read_acks(&self, payload: &[u8]) -> Option<Acks> {
         let acks: Acks = match wire::parse(payload, self.settings.max_downlink_bytes) {
             Ok(a) => a,
             Err(e) => {
                 self.service.count_bad_downlink("acks", &e.to_string());
-                return Vec::new();
+                return None;
             }
         };
         if acks.v != WIRE_VERSION {
             self.service
                 .count_bad_downlink("acks", &wire::WireError::Version(acks.v).to_string());
-            return Vec::new();
+            return None;
         }
         tracing::debug!(
             acks = acks.acks.len(),
             refused = acks.refused.len(),
             "acknowledgements received"
         );
-        let mut settled: Vec<String> = acks.acks.clone();
-        settled.extend(acks.refused.iter().map(|r| r.id.clone()));
-        if let Err(e) = self.service.apply_acks(acks).await {
-            tracing::error!(error = %e, "cannot record acknowledgements; they will come again");
-            return Vec::new();
-        }
-        tracing::debug!("acknowledgements applied");
-        settled
+        Some(acks)
     }
 
     /// Keeps up to `photo_window` chunks of the current photo unconfirmed; picks the
