@@ -11,12 +11,15 @@ use super::DomainError;
 use crate::store::now_ms;
 use crate::store::photos::StoredPhoto;
 
-/// An item's columns; its state reads "in progress" while one of its operations is out
-/// and unacknowledged (sending marks only the outbox).
+/// An item's columns. Its state follows its operations: "in progress" while one is out
+/// and unacknowledged, "delivered" once none is left; sending and acknowledging touch
+/// only the outbox. A stored `refused` (or `delivered`, from before) stands as it is.
 pub(crate) const ITEM_COLUMNS: &str = "id, work_order_id, kind, record_id, body,
-    CASE WHEN sync_state = 'waiting' AND EXISTS (SELECT 1 FROM outbox o
-         WHERE o.item_id = items.id AND o.state = 'in_progress') THEN 'in_progress'
-         ELSE sync_state END,
+    CASE WHEN sync_state != 'waiting' THEN sync_state
+         WHEN NOT EXISTS (SELECT 1 FROM outbox o WHERE o.item_id = items.id) THEN 'delivered'
+         WHEN EXISTS (SELECT 1 FROM outbox o
+              WHERE o.item_id = items.id AND o.state = 'in_progress') THEN 'in_progress'
+         ELSE 'waiting' END,
     reason, created_ms, updated_ms";
 
 fn item_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Item> {
@@ -196,14 +199,15 @@ pub fn edit_record(
     let doc = work_orders::doc(conn, &item.work_order_id)?;
     validate_record(&doc, record)?;
     let body = body_json(record)?;
-    if outbox::fold_edit(conn, item_id, &body.to_string())? == 0 {
+    outbox::freeze_sent(conn, item_id)?;
+    if outbox::fold_edit(conn, item_id)? == 0 {
         outbox::append(
             conn,
             item_id,
             &item.work_order_id,
             item.kind,
             Action::Update,
-            &body,
+            outbox::Payload::Body,
         )?;
     }
     conn.execute(
@@ -298,7 +302,7 @@ fn forget_or_send_delete(conn: &Connection, item: &Item) -> Result<bool, DomainE
         &item.work_order_id,
         item.kind,
         Action::Delete,
-        &serde_json::json!({}),
+        outbox::Payload::Own(&serde_json::json!({})),
     )?;
     conn.execute(
         "UPDATE items SET deleted = 1, sync_state = 'waiting', updated_ms = ?2 WHERE id = ?1",
@@ -345,7 +349,7 @@ pub fn attach_photo(
         &record.work_order_id,
         ItemKind::Photo,
         Action::Create,
-        &payload,
+        outbox::Payload::Own(&payload),
     )?;
     Ok(item)
 }
@@ -395,12 +399,15 @@ mod tests {
         let conn = conn_with_work_order();
         let item = add_record(&conn, "WO-1", &note("first")).unwrap();
         let ops = |conn: &Connection| -> Vec<(String, String, String)> {
-            conn.prepare("SELECT action, state, payload FROM outbox ORDER BY seq")
-                .unwrap()
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-                .unwrap()
-                .map(Result::unwrap)
-                .collect()
+            conn.prepare(&format!(
+                "SELECT action, state, {} FROM outbox ORDER BY seq",
+                outbox::PAYLOAD_COLUMN
+            ))
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
         };
         // The creation leaves, an edit queues an update behind it, the creation is refused.
         let seqs: Vec<i64> = conn
@@ -443,9 +450,77 @@ mod tests {
         let ops = outbox::list(&conn, None).unwrap();
         assert_eq!(ops.len(), 1);
         let payload: String = conn
-            .query_row("SELECT payload FROM outbox", [], |r| r.get(0))
+            .query_row(
+                &format!("SELECT {} FROM outbox", outbox::PAYLOAD_COLUMN),
+                [],
+                |r| r.get(0),
+            )
             .unwrap();
         assert!(payload.contains("\"b\""));
+        // The body is stored once, in the item.
+        let copies: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM outbox WHERE payload IS NOT NULL",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(copies, 0);
+    }
+
+    #[test]
+    fn an_edit_after_a_lost_connection_never_rewrites_what_was_sent() {
+        let conn = conn_with_work_order();
+        let item = add_record(&conn, "WO-1", &note("a")).unwrap();
+        let seqs: Vec<i64> = conn
+            .prepare("SELECT seq FROM outbox")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        // Sent, then the connection dropped before the acknowledgement: the creation
+        // waits to go again, and the back office may already have applied it.
+        outbox::mark_sent(&conn, &seqs).unwrap();
+        outbox::requeue_in_flight(&conn).unwrap();
+        edit_record(&conn, &item.id, &note("b")).unwrap();
+        let ops: Vec<(String, String)> = conn
+            .prepare(&format!(
+                "SELECT action, {} FROM outbox ORDER BY seq",
+                outbox::PAYLOAD_COLUMN
+            ))
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(ops.len(), 2, "{ops:?}");
+        assert_eq!(ops[0].0, "create");
+        assert!(ops[0].1.contains("\"a\""), "resent as it was sent: {ops:?}");
+        assert_eq!(ops[1].0, "update");
+        assert!(ops[1].1.contains("\"b\""), "{ops:?}");
+    }
+
+    #[test]
+    fn acknowledged_items_read_as_delivered() {
+        let conn = conn_with_work_order();
+        let item = add_record(&conn, "WO-1", &note("a")).unwrap();
+        let ids: Vec<String> = outbox::list(&conn, None)
+            .unwrap()
+            .into_iter()
+            .map(|o| o.op_id)
+            .collect();
+        let (changes, unknown) = outbox::acknowledge(&conn, &ids).unwrap();
+        assert!(unknown.is_empty());
+        assert_eq!(changes[0].state, Some(SyncState::Delivered));
+        assert_eq!(
+            load_item(&conn, &item.id).unwrap().state,
+            SyncState::Delivered
+        );
+        assert!(matches!(
+            edit_record(&conn, &item.id, &note("b")),
+            Err(DomainError::AlreadyDelivered(_))
+        ));
     }
 
     #[test]

@@ -59,8 +59,8 @@ pub fn staged(conn: &Connection) -> Result<u64, DomainError> {
     Ok(n as u64)
 }
 
-/// Moves every journal row into `items` and `outbox`, in capture order. Returns how many
-/// moved.
+/// Moves every journal row into `items` and `outbox`, in capture order (the creation's
+/// payload is the item's body, stored once). Returns how many moved.
 pub fn fold(conn: &Connection) -> Result<usize, DomainError> {
     if staged(conn)? == 0 {
         return Ok(0);
@@ -72,8 +72,8 @@ pub fn fold(conn: &Connection) -> Result<usize, DomainError> {
     )?
     .execute([])?;
     conn.prepare_cached(
-        "INSERT INTO outbox (op_id, item_id, work_order_id, item_kind, action, payload, state, created_ms)
-         SELECT op_id, item_id, work_order_id, kind, 'create', body, 'waiting', created_ms
+        "INSERT INTO outbox (op_id, item_id, work_order_id, item_kind, action, state, created_ms)
+         SELECT op_id, item_id, work_order_id, kind, 'create', 'waiting', created_ms
          FROM captures ORDER BY seq",
     )?
     .execute([])?;

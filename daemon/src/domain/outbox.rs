@@ -27,6 +27,19 @@ impl Action {
     }
 }
 
+/// What an operation carries to the back office.
+#[derive(Debug, Clone, Copy)]
+pub enum Payload<'a> {
+    /// The item's body as it stands when the operation leaves: stored once, in the item.
+    Body,
+    /// Something else (a deletion's empty object, a photo's body with its record).
+    Own(&'a serde_json::Value),
+}
+
+/// The payload an operation leaves with (see [`Payload`]).
+pub(crate) const PAYLOAD_COLUMN: &str =
+    "coalesce(outbox.payload, (SELECT body FROM items WHERE items.id = outbox.item_id))";
+
 /// Appends an operation with a fresh, stable id.
 pub fn append(
     conn: &Connection,
@@ -34,7 +47,7 @@ pub fn append(
     work_order_id: &str,
     kind: ItemKind,
     action: Action,
-    payload: &serde_json::Value,
+    payload: Payload<'_>,
 ) -> Result<String, DomainError> {
     // Version 7 ids sort by creation time, which keeps them readable in logs.
     let op_id = uuid::Uuid::now_v7().to_string();
@@ -48,27 +61,42 @@ pub fn append(
             work_order_id,
             kind.as_str(),
             action.as_str(),
-            payload.to_string(),
+            match payload {
+                Payload::Body => None,
+                Payload::Own(v) => Some(v.to_string()),
+            },
             now_ms()
         ])?;
     Ok(op_id)
 }
 
-/// The newest operation of an item if it has not been sent (waiting, or refused and so
-/// not applied): an edit may still fold into it.
-/// Puts an edit's content into every operation of the item that has not left the
-/// device or was refused, and makes them waiting again; returns how many there were
-/// (none: the edit needs an operation of its own).
+/// Lets an edit's content into every operation of the item that never left the device
+/// or was refused, and makes them waiting again; returns how many there were (none: the
+/// edit needs an operation of its own). Call [`freeze_sent`] first.
 ///
 /// All of them, not the newest only: after a refused creation, an update queued behind
 /// it would otherwise keep the old content and the refused creation the old mistake,
-/// and the work order would stay held with the item looking fine.
-pub fn fold_edit(conn: &Connection, item_id: &str, body: &str) -> Result<usize, DomainError> {
+/// and the work order would stay held with the item looking fine. Never one that was
+/// sent and not refused: the back office may have applied its id already and would
+/// take the new content for a repeat, so the edit would be lost.
+pub fn fold_edit(conn: &Connection, item_id: &str) -> Result<usize, DomainError> {
     Ok(conn.execute(
-        "UPDATE outbox SET payload = ?2, state = 'waiting', reason = NULL
-         WHERE item_id = ?1 AND state IN ('waiting', 'refused')",
-        params![item_id, body],
+        "UPDATE outbox SET payload = NULL, state = 'waiting', reason = NULL
+         WHERE item_id = ?1 AND action != 'delete'
+           AND (state = 'refused' OR (state = 'waiting' AND attempts = 0))",
+        [item_id],
     )?)
+}
+
+/// Before an item's body changes: operations that may have reached the back office keep
+/// the body they were sent with, so that sending one again repeats it exactly.
+pub fn freeze_sent(conn: &Connection, item_id: &str) -> Result<(), DomainError> {
+    conn.prepare_cached(
+        "UPDATE outbox SET payload = (SELECT body FROM items WHERE id = ?1)
+         WHERE item_id = ?1 AND payload IS NULL AND attempts > 0 AND state != 'refused'",
+    )?
+    .execute([item_id])?;
+    Ok(())
 }
 
 /// Operations still waiting for delivery, the figure the app shows.
@@ -140,8 +168,8 @@ pub fn next_batch(
     max_ops: usize,
     max_bytes: usize,
 ) -> Result<Vec<PendingOp>, DomainError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT seq, op_id, item_id, work_order_id, item_kind, action, payload, created_ms,
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT seq, op_id, item_id, work_order_id, item_kind, action, {PAYLOAD_COLUMN}, created_ms,
                 CASE WHEN item_kind = 'photo' THEN NULL ELSE
                   (SELECT p.op_id FROM outbox p
                    WHERE p.work_order_id = outbox.work_order_id AND p.seq < outbox.seq
@@ -155,8 +183,8 @@ pub fn next_batch(
                 WHERE i.id = outbox.item_id AND p.complete = 1
                   AND NOT EXISTS (SELECT 1 FROM outbox r
                                   WHERE r.item_id = i.record_id AND r.action = 'create')))
-         ORDER BY seq",
-    )?;
+         ORDER BY seq"
+    ))?;
     // No `LIMIT ?`: SQLite re-prepares a statement whenever a LIMIT parameter is bound
     // again, which cost a third of this query. The rows come lazily in index order, so
     // stopping early reads no more of them.
@@ -255,9 +283,7 @@ pub fn acknowledge(
         .collect();
     conn.prepare_cached("DELETE FROM outbox WHERE op_id IN rarray(?1)")?
         .execute([&ids])?;
-    let items = id_array(known.iter().map(|k| &k.1));
-    // Items with nothing left to send are delivered; a delivered deletion removes the
-    // item for good.
+    // A delivered deletion removes the item for good.
     let deleted = id_array(known.iter().filter(|k| k.4 == "delete").map(|k| &k.1));
     if !deleted.is_empty() {
         conn.prepare_cached(
@@ -266,11 +292,8 @@ pub fn acknowledge(
         )?
         .execute([&deleted])?;
     }
-    conn.prepare_cached(
-        "UPDATE items SET sync_state = 'delivered', sent = 1, reason = NULL, updated_ms = ?2
-         WHERE id IN rarray(?1) AND NOT EXISTS (SELECT 1 FROM outbox WHERE item_id = items.id)",
-    )?
-    .execute(params![&items, now_ms()])?;
+    // An item with nothing left in the outbox reads as delivered (items::ITEM_COLUMNS):
+    // its row is not rewritten here.
     let mut changes = Vec::with_capacity(known.len());
     let mut seen = std::collections::HashSet::new();
     for (_, item_id, work_order_id, kind, action) in known.into_iter().rev() {

@@ -282,7 +282,14 @@ pub fn advance(conn: &Connection, id: &str, to: &str) -> Result<Item, DomainErro
     )?;
     let body = serde_json::json!({ "from": r.stage, "to": to });
     let item = insert_item(conn, id, ItemKind::Stage, None, &body, None)?;
-    outbox::append(conn, &item.id, id, ItemKind::Stage, Action::Create, &body)?;
+    outbox::append(
+        conn,
+        &item.id,
+        id,
+        ItemKind::Stage,
+        Action::Create,
+        outbox::Payload::Body,
+    )?;
     Ok(item)
 }
 

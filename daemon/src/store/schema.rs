@@ -100,6 +100,46 @@ const MIGRATIONS: &[&str] = &[
     "
     CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
     ",
+    // 4: an operation whose payload is its item's body keeps no copy of it (payload
+    // NULL), so a record's body is stored once and the outbox rows that every send and
+    // acknowledgement rewrites stay small. SQLite cannot relax NOT NULL in place: the
+    // table is rebuilt, keeping seq, its AUTOINCREMENT high-water mark, and the rows.
+    // Copies that equal the body are dropped on the way, except for operations that may
+    // have left the device, whose payload stays as it was sent.
+    "
+    CREATE TABLE outbox_v4 (
+        seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+        op_id         TEXT NOT NULL UNIQUE,
+        item_id       TEXT NOT NULL,
+        work_order_id TEXT NOT NULL,
+        item_kind     TEXT NOT NULL,
+        action        TEXT NOT NULL,   -- create | update | delete
+        payload       TEXT,            -- JSON sent to the back office; NULL: the item's body
+        state         TEXT NOT NULL,   -- waiting | in_progress | refused
+        reason        TEXT,
+        attempts      INTEGER NOT NULL DEFAULT 0,
+        created_ms    INTEGER NOT NULL
+    );
+    INSERT INTO outbox_v4 (seq, op_id, item_id, work_order_id, item_kind, action, payload,
+                           state, reason, attempts, created_ms)
+        SELECT seq, op_id, item_id, work_order_id, item_kind, action,
+               CASE WHEN state != 'in_progress' AND attempts = 0
+                         AND payload = (SELECT body FROM items WHERE id = outbox.item_id)
+                    THEN NULL ELSE payload END,
+               state, reason, attempts, created_ms
+        FROM outbox ORDER BY seq;
+    DELETE FROM sqlite_sequence WHERE name = 'outbox_v4';
+    UPDATE sqlite_sequence SET name = 'outbox_v4' WHERE name = 'outbox';
+    DROP TABLE outbox;
+    ALTER TABLE outbox_v4 RENAME TO outbox;
+    CREATE INDEX outbox_by_item ON outbox(item_id);
+    CREATE INDEX outbox_by_state ON outbox(state, seq);
+    CREATE INDEX outbox_by_work_order ON outbox(work_order_id, seq);
+    CREATE TRIGGER outbox_counted_in AFTER INSERT ON outbox
+        BEGIN UPDATE counters SET value = value + 1 WHERE name = 'unsent'; END;
+    CREATE TRIGGER outbox_counted_out AFTER DELETE ON outbox
+        BEGIN UPDATE counters SET value = value - 1 WHERE name = 'unsent'; END;
+    ",
 ];
 
 /// Brings the database to the newest schema; returns the version it is at.
@@ -134,6 +174,66 @@ mod tests {
         let mut conn = Connection::open_in_memory().unwrap();
         assert_eq!(migrate(&mut conn).unwrap(), MIGRATIONS.len());
         assert_eq!(migrate(&mut conn).unwrap(), MIGRATIONS.len());
+    }
+
+    #[test]
+    fn the_outbox_rebuild_keeps_every_operation_and_its_sequence() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        for sql in &MIGRATIONS[..3] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 3).unwrap();
+        conn.execute_batch(
+            "INSERT INTO work_orders (id, version, title, stage, workflow, doc, received_ms)
+                 VALUES ('W', 1, 't', 'new', '[\"new\"]', '{}', 0);
+             INSERT INTO items (id, work_order_id, kind, body, sync_state, created_ms, updated_ms)
+                 VALUES ('a', 'W', 'note', '{\"text\":\"a2\"}', 'waiting', 0, 0),
+                        ('b', 'W', 'note', '{\"text\":\"b\"}', 'waiting', 0, 0);
+             INSERT INTO outbox (seq, op_id, item_id, work_order_id, item_kind, action, payload, state, attempts, created_ms)
+                 VALUES (7, 'op-sent', 'a', 'W', 'note', 'create', '{\"text\":\"a1\"}', 'in_progress', 1, 0),
+                        (8, 'op-edit', 'a', 'W', 'note', 'update', '{\"text\":\"a2\"}', 'waiting', 0, 0),
+                        (9, 'op-b', 'b', 'W', 'note', 'create', '{\"text\":\"b\"}', 'waiting', 0, 0),
+                        (10, 'op-gone', 'b', 'W', 'note', 'update', '{}', 'waiting', 0, 0);
+             DELETE FROM outbox WHERE seq = 10;",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let rows: Vec<(i64, String, Option<String>)> = conn
+            .prepare("SELECT seq, op_id, payload FROM outbox ORDER BY seq")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                (7, "op-sent".into(), Some("{\"text\":\"a1\"}".into())),
+                (8, "op-edit".into(), None),
+                (9, "op-b".into(), None),
+            ]
+        );
+        // Numbering goes on after the highest number ever used, and the count follows.
+        conn.execute(
+            "INSERT INTO outbox (op_id, item_id, work_order_id, item_kind, action, state, created_ms)
+             VALUES ('op-new', 'b', 'W', 'note', 'delete', 'waiting', 0)",
+            [],
+        )
+        .unwrap();
+        let seq: i64 = conn
+            .query_row("SELECT seq FROM outbox WHERE op_id = 'op-new'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(seq, 11);
+        let unsent: i64 = conn
+            .query_row(
+                "SELECT value FROM counters WHERE name = 'unsent'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(unsent, 4, "three rows before (four in, one out), one after");
     }
 
     #[test]
