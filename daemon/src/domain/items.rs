@@ -572,6 +572,24 @@ mod tests {
             load_item(&conn, &item.id),
             Err(DomainError::UnknownItem(_))
         ));
+
+        // The deletion's acknowledgement may come first (the creation went again after a
+        // cut): the hidden row goes only with the last one.
+        let id_of = |action: &str| {
+            ops.iter()
+                .find(|o| o.action == action)
+                .unwrap()
+                .op_id
+                .clone()
+        };
+        let rows = |conn: &Connection| -> i64 {
+            conn.query_row("SELECT count(*) FROM items", [], |r| r.get(0))
+                .unwrap()
+        };
+        outbox::acknowledge(&conn, &[id_of("delete")]).unwrap();
+        assert_eq!(rows(&conn), 1);
+        outbox::acknowledge(&conn, &[id_of("create")]).unwrap();
+        assert_eq!(rows(&conn), 0);
     }
 
     #[test]

@@ -283,15 +283,16 @@ pub fn acknowledge(
         .collect();
     conn.prepare_cached("DELETE FROM outbox WHERE op_id IN rarray(?1)")?
         .execute([&ids])?;
-    // A delivered deletion removes the item for good.
-    let deleted = id_array(known.iter().filter(|k| k.4 == "delete").map(|k| &k.1));
-    if !deleted.is_empty() {
-        conn.prepare_cached(
-            "DELETE FROM items WHERE id IN rarray(?1) AND deleted = 1
-               AND NOT EXISTS (SELECT 1 FROM outbox WHERE item_id = items.id)",
-        )?
-        .execute([&deleted])?;
-    }
+    // A deleted item goes for good once nothing of it is left to acknowledge. Every
+    // acknowledged item is looked at, not only those whose deletion this is: the
+    // deletion's acknowledgement may come before that of an earlier change (one sent
+    // again after a cut).
+    let items = id_array(known.iter().map(|k| &k.1));
+    conn.prepare_cached(
+        "DELETE FROM items WHERE id IN rarray(?1) AND deleted = 1
+           AND NOT EXISTS (SELECT 1 FROM outbox WHERE item_id = items.id)",
+    )?
+    .execute([&items])?;
     // An item with nothing left in the outbox reads as delivered (items::ITEM_COLUMNS):
     // its row is not rewritten here.
     let mut changes = Vec::with_capacity(known.len());
