@@ -50,6 +50,17 @@ async fn sequential(d: &Daemon, n: usize) -> f64 {
     n as f64 / start.elapsed().as_secs_f64()
 }
 
+/// Round trips of `status`, which writes nothing: what the socket, both event loops and
+/// one read of the store cost, apart from any commit. Microseconds each.
+async fn round_trip_us(d: &Daemon, n: usize) -> f64 {
+    let mut c = d.client().await;
+    let start = Instant::now();
+    for _ in 0..n {
+        c.status().await.expect("status");
+    }
+    start.elapsed().as_secs_f64() * 1e6 / n as f64
+}
+
 async fn concurrent(d: &Daemon, clients: usize, per_client: usize) -> f64 {
     let mut conns = Vec::new();
     for _ in 0..clients {
@@ -86,15 +97,18 @@ async fn main() {
         let raw = raw_sqlite_commits(N);
         let seq = sequential(&d, N).await;
         let conc = concurrent(&d, 8, N / 2).await;
-        rows.push((run, raw, seq, conc));
+        let rtt = round_trip_us(&d, N).await;
+        rows.push((run, raw, seq, conc, rtt));
     }
-    println!("| run | raw SQLite commits/s | sequential captures/s | ratio | 8 clients captures/s | ratio |");
-    println!("|---|---|---|---|---|---|");
-    for (run, raw, seq, conc) in &rows {
+    println!("| run | raw SQLite commits/s | sequential captures/s | ratio | 8 clients captures/s | ratio | µs: raw commit, capture, status round trip |");
+    println!("|---|---|---|---|---|---|---|");
+    for (run, raw, seq, conc, rtt) in &rows {
         println!(
-            "| {run} | {raw:.0} | {seq:.0} | {:.2}x | {conc:.0} | {:.2}x |",
+            "| {run} | {raw:.0} | {seq:.0} | {:.2}x | {conc:.0} | {:.2}x | {:.0}, {:.0}, {rtt:.0} |",
             seq / raw,
-            conc / raw
+            conc / raw,
+            1e6 / raw,
+            1e6 / seq
         );
     }
     let median = |mut v: Vec<f64>| {
