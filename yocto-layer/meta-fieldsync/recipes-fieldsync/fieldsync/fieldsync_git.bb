@@ -64,6 +64,11 @@ REQUIRED_DISTRO_FEATURES = "systemd"
 # tests.
 CARGO_BUILD_FLAGS += "-p fieldsyncd -p fieldsync-ui-bridge"
 
+# The bundled SQLite syncs its WAL with fdatasync(), as SQLite's own Linux builds do;
+# cargo runs outside the source tree here, so the workspace's .cargo/config.toml, which
+# says the same for every other build, is not read.
+export LIBSQLITE3_FLAGS = "-DHAVE_FDATASYNC=1"
+
 def fieldsync_checkout_rev(d):
     import subprocess
     srcdir = d.getVar('FIELDSYNC_SRCDIR')
