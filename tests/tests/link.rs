@@ -200,6 +200,63 @@ async fn a_link_appearing_sends_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_goes_before_network_manager_has_answered() {
+    // A system bus that takes connections and never answers. The uplink holds back (the
+    // link may well be offline) until the watcher gives up on the bus after its 5 s call
+    // timeout, then tries the broker as it does without NetworkManager.
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let path = dir.path().join("silent-bus");
+    let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = listener.accept() {
+            held.push(conn);
+        }
+    });
+    let broker = Broker::start();
+    let bo = BackOffice::start(broker.port).await;
+    let d = Daemon::start_with(Options {
+        uplink: format!(
+            "broker = \"{}\"\ndevice_id = \"dev-silent\"\nreconnect_min_ms = 50\n",
+            broker.url()
+        ),
+        sync: "network_manager = true\n".into(),
+        env: vec![(
+            "DBUS_SYSTEM_BUS_ADDRESS".into(),
+            format!("unix:path={}", path.display()),
+        )],
+        ..Options::default()
+    });
+    let started = Instant::now();
+    let mut c = d.client().await;
+    let item = c
+        .add_record("WO-1", note("captured before the link is known"))
+        .await
+        .unwrap();
+    let s = c.status().await.unwrap();
+    assert_eq!(
+        (s.link.as_str(), s.link_detail.as_str()),
+        ("unknown", "asking NetworkManager")
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        bo.applied().is_empty(),
+        "sent before NetworkManager said anything"
+    );
+    wait_delivered(&mut c, &item.id).await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(4),
+        "delivered after {:?}, before the watcher could have given up",
+        started.elapsed()
+    );
+    let s = c.status().await.unwrap();
+    assert_eq!(
+        (s.link.as_str(), s.link_source.as_str()),
+        ("unknown", "none")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_auto_sync_off_only_sync_now_and_a_completed_visit_send() {
     let bus = NetMock::start();
     bus.set_link(MockLink::Wifi { metered: false });

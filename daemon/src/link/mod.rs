@@ -84,7 +84,28 @@ impl LinkState {
             detail: detail.into(),
         }
     }
+
+    /// The state at start, until NetworkManager's first answer (or its absence) is in.
+    fn asking() -> LinkState {
+        LinkState {
+            class: LinkClass::Unknown,
+            source: LinkSource::NetworkManager,
+            connection: None,
+            detail: "asking NetworkManager".into(),
+        }
+    }
+
+    /// Whether the watcher has not said anything yet. The uplink waits for its first word
+    /// (bounded by [`FIRST_WORD`]): connecting at once could send on a link that turns
+    /// out to be offline, or one the policy keeps records or photos off.
+    pub fn is_asking(&self) -> bool {
+        self.class == LinkClass::Unknown && self.source == LinkSource::NetworkManager
+    }
 }
+
+/// How long the uplink waits at start for the watcher's first word. The watcher's calls
+/// time out after 5 s and then it says "unknown", so this is only a backstop.
+pub const FIRST_WORD: Duration = Duration::from_secs(10);
 
 /// Starts following the link. With `watch_network_manager` off, the state stays
 /// [`LinkClass::Unknown`] and nothing runs.
@@ -102,7 +123,7 @@ pub fn spawn(
         });
         return rx;
     }
-    let (tx, rx) = watch::channel(LinkState::unknown("asking NetworkManager"));
+    let (tx, rx) = watch::channel(LinkState::asking());
     tokio::spawn(network_manager::follow(tx, shutdown, RETRY_BUS));
     rx
 }

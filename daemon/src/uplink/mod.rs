@@ -91,6 +91,9 @@ pub struct Uplink {
     settings: UplinkSettings,
     topics: Topics,
     link: watch::Receiver<LinkState>,
+    /// When the uplink started: it waits at most [`crate::link::FIRST_WORD`] from here
+    /// for the link watcher's first answer.
+    started: Instant,
 }
 
 /// What one session is doing about sync.
@@ -113,6 +116,7 @@ impl Uplink {
             settings,
             topics,
             link,
+            started: Instant::now(),
         }
     }
 
@@ -214,6 +218,20 @@ impl Uplink {
         loop {
             let link = self.link.borrow_and_update().clone();
             self.service.set_link(link.clone());
+            let waited = self.started.elapsed();
+            if link.is_asking() && waited < crate::link::FIRST_WORD {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return false,
+                    changed = self.link.changed() => {
+                        if changed.is_err() {
+                            shutdown.cancelled().await;
+                            return false;
+                        }
+                    }
+                    _ = tokio::time::sleep(crate::link::FIRST_WORD - waited) => {}
+                }
+                continue;
+            }
             if link.class != LinkClass::Offline {
                 return true;
             }
