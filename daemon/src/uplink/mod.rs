@@ -506,8 +506,7 @@ impl Uplink {
                     Ok(Event::Incoming(Incoming::Publish(p))) => {
                         if p.topic == self.topics.acks() {
                             let Some(acks) = self.read_acks(&p.payload) else { continue };
-                            let settled = acks.acks.iter().cloned().chain(acks.refused.iter().map(|r| r.id.clone()));
-                            let settled: Vec<String> = settled.collect();
+                            let settled = acks.settled();
                             // Recorded beside the sending rather than before it: the
                             // window moves on at once, and the store groups several
                             // messages' worth into one commit.

@@ -220,6 +220,14 @@ pub struct Acks {
     pub refused: Vec<Refusal>,
 }
 
+impl Acks {
+    /// Every operation id the message settles, acknowledged or refused.
+    pub fn settled(&self) -> Vec<String> {
+        let refused = self.refused.iter().map(|r| r.id.clone());
+        self.acks.iter().cloned().chain(refused).collect()
+    }
+}
+
 #[derive(Debug, Deserialize, Serialize, PartialEq)]
 pub struct Refusal {
     pub id: String,
