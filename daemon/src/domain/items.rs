@@ -394,22 +394,8 @@ mod tests {
         Ok(item)
     }
 
-    #[test]
-    fn an_edit_after_a_refused_creation_fixes_it_and_the_update_behind_it() {
-        let conn = conn_with_work_order();
-        let item = add_record(&conn, "WO-1", &note("first")).unwrap();
-        let ops = |conn: &Connection| -> Vec<(String, String, String)> {
-            conn.prepare(&format!(
-                "SELECT action, state, {} FROM outbox ORDER BY seq",
-                outbox::PAYLOAD_COLUMN
-            ))
-            .unwrap()
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect()
-        };
-        // The creation leaves, an edit queues an update behind it, the creation is refused.
+    /// Marks every queued operation as having left the device.
+    fn send_all(conn: &Connection) {
         let seqs: Vec<i64> = conn
             .prepare("SELECT seq FROM outbox")
             .unwrap()
@@ -417,7 +403,28 @@ mod tests {
             .unwrap()
             .map(Result::unwrap)
             .collect();
-        outbox::mark_sent(&conn, &seqs).unwrap();
+        outbox::mark_sent(conn, &seqs).unwrap();
+    }
+
+    /// Action, state and what each operation would carry, oldest first.
+    fn ops(conn: &Connection) -> Vec<(String, String, String)> {
+        conn.prepare(&format!(
+            "SELECT action, state, {} FROM outbox ORDER BY seq",
+            outbox::PAYLOAD_COLUMN
+        ))
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+    }
+
+    #[test]
+    fn an_edit_after_a_refused_creation_fixes_it_and_the_update_behind_it() {
+        let conn = conn_with_work_order();
+        let item = add_record(&conn, "WO-1", &note("first")).unwrap();
+        // The creation leaves, an edit queues an update behind it, the creation is refused.
+        send_all(&conn);
         edit_record(&conn, &item.id, &note("second")).unwrap();
         let create_id: String = conn
             .query_row(
@@ -447,16 +454,9 @@ mod tests {
         let conn = conn_with_work_order();
         let item = add_record(&conn, "WO-1", &note("a")).unwrap();
         edit_record(&conn, &item.id, &note("b")).unwrap();
-        let ops = outbox::list(&conn, None).unwrap();
-        assert_eq!(ops.len(), 1);
-        let payload: String = conn
-            .query_row(
-                &format!("SELECT {} FROM outbox", outbox::PAYLOAD_COLUMN),
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        assert!(payload.contains("\"b\""));
+        let all = ops(&conn);
+        assert_eq!(all.len(), 1);
+        assert!(all[0].2.contains("\"b\""), "{all:?}");
         // The body is stored once, in the item.
         let copies: i64 = conn
             .query_row(
@@ -472,33 +472,17 @@ mod tests {
     fn an_edit_after_a_lost_connection_never_rewrites_what_was_sent() {
         let conn = conn_with_work_order();
         let item = add_record(&conn, "WO-1", &note("a")).unwrap();
-        let seqs: Vec<i64> = conn
-            .prepare("SELECT seq FROM outbox")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
         // Sent, then the connection dropped before the acknowledgement: the creation
         // waits to go again, and the back office may already have applied it.
-        outbox::mark_sent(&conn, &seqs).unwrap();
+        send_all(&conn);
         outbox::requeue_in_flight(&conn).unwrap();
         edit_record(&conn, &item.id, &note("b")).unwrap();
-        let ops: Vec<(String, String)> = conn
-            .prepare(&format!(
-                "SELECT action, {} FROM outbox ORDER BY seq",
-                outbox::PAYLOAD_COLUMN
-            ))
-            .unwrap()
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
-        assert_eq!(ops.len(), 2, "{ops:?}");
-        assert_eq!(ops[0].0, "create");
-        assert!(ops[0].1.contains("\"a\""), "resent as it was sent: {ops:?}");
-        assert_eq!(ops[1].0, "update");
-        assert!(ops[1].1.contains("\"b\""), "{ops:?}");
+        let all = ops(&conn);
+        assert_eq!(all.len(), 2, "{all:?}");
+        assert_eq!(all[0].0, "create");
+        assert!(all[0].2.contains("\"a\""), "resent as it was sent: {all:?}");
+        assert_eq!(all[1].0, "update");
+        assert!(all[1].2.contains("\"b\""), "{all:?}");
     }
 
     #[test]
