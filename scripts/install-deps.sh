@@ -43,6 +43,10 @@ if [ "$demo_only" -eq 0 ]; then
     # played by python-dbusmock under Debian's own Python (tests/src/netmock.rs).
     need dbus-daemon dbus-daemon
     /usr/bin/python3 -c 'import dbusmock' 2>/dev/null || missing+=(python3-dbusmock)
+    # The uplink's tests also run against a second broker, Aedes, under Node.js
+    # (tests/aedes/); Debian's Node.js 18 is enough.
+    need node nodejs
+    need npm npm
 fi
 
 if [ "${#missing[@]}" -gt 0 ]; then
@@ -51,4 +55,15 @@ if [ "${#missing[@]}" -gt 0 ]; then
     # A mirror index briefly out of step with its files fails the first update.
     as_root apt-get update -q || { sleep 5; as_root apt-get update -q; }
     as_root apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# Aedes at the versions tests/aedes/package-lock.json pins, installed again only when
+# the lock file changed since the last install.
+if [ "$demo_only" -eq 0 ]; then
+    aedes="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/tests/aedes"
+    if ! cmp -s "$aedes/package-lock.json" "$aedes/node_modules/.package-lock.json.installed"; then
+        echo "install-deps: installing Aedes in $aedes" >&2
+        (cd "$aedes" && npm ci --no-audit --no-fund --loglevel=error)
+        cp "$aedes/package-lock.json" "$aedes/node_modules/.package-lock.json.installed"
+    fi
 fi

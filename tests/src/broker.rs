@@ -1,20 +1,35 @@
-//! A real Mosquitto for tests: started in the foreground on a free port in a temporary
-//! folder, stopped, killed and restarted on the same port.
+//! A real MQTT broker for tests, started in the foreground on a free port in a temporary
+//! folder, stopped, killed and restarted on the same port. Mosquitto by default; Aedes
+//! (`tests/aedes/`) as a second, independent implementation that keeps nothing across a
+//! restart, so the protocol is not tried against one broker's habits only.
 
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+/// Which broker program runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Mosquitto with its persistence file: sessions and queued messages survive a
+    /// restart.
+    Mosquitto,
+    /// Aedes in memory: a restart forgets every session, subscription and queued or
+    /// retained message.
+    Aedes,
+}
+
 pub struct Broker {
+    pub kind: Kind,
     pub dir: TempDir,
     /// The plain listener (the test back office uses it).
     pub port: u16,
     /// The TLS listener, when started with one.
     pub tls_port: Option<u16>,
     conf: PathBuf,
+    tls: Option<TlsListener>,
     child: Option<Child>,
 }
 
@@ -24,6 +39,9 @@ pub struct TlsListener {
     pub cert: PathBuf,
     pub key: PathBuf,
 }
+
+/// The broker's log, in its folder.
+const LOG: &str = "broker.log";
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -38,6 +56,10 @@ impl Broker {
     }
 
     pub fn start_with(tls: Option<TlsListener>) -> Broker {
+        Broker::start_kind(Kind::Mosquitto, tls)
+    }
+
+    pub fn start_kind(kind: Kind, tls: Option<TlsListener>) -> Broker {
         let dir = tempfile::Builder::new()
             .prefix("fieldsync-broker")
             .tempdir()
@@ -49,7 +71,7 @@ impl Broker {
              listener {port} 127.0.0.1\n\
              persistence true\n\
              persistence_location {}/\n\
-             log_dest file {}/mosquitto.log\n\
+             log_dest file {}/{LOG}\n\
              log_type error\nlog_type warning\nlog_type notice\n\
              # Queued messages for a device that is away: far more than a test needs.\n\
              max_queued_messages 1000000\n",
@@ -74,10 +96,12 @@ impl Broker {
         let path = dir.path().join("mosquitto.conf");
         std::fs::write(&path, conf).expect("write mosquitto.conf");
         let mut b = Broker {
+            kind,
             dir,
             port,
             tls_port,
             conf: path,
+            tls,
             child: None,
         };
         b.spawn();
@@ -90,23 +114,48 @@ impl Broker {
 
     pub fn spawn(&mut self) {
         assert!(self.child.is_none());
-        let child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(&self.conf)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto starts (scripts/install-deps.sh installs it)");
+        let child = match self.kind {
+            Kind::Mosquitto => Command::new("mosquitto")
+                .arg("-c")
+                .arg(&self.conf)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("mosquitto starts (scripts/install-deps.sh installs it)"),
+            Kind::Aedes => {
+                let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("aedes/broker.js");
+                assert!(
+                    script.with_file_name("node_modules/aedes").is_dir(),
+                    "Aedes is not installed: scripts/install-deps.sh installs it"
+                );
+                let log = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.dir.path().join(LOG))
+                    .expect("broker log");
+                let mut cmd = Command::new("node");
+                cmd.arg(&script).arg(self.port.to_string());
+                if let (Some(port), Some(t)) = (self.tls_port, &self.tls) {
+                    cmd.arg(port.to_string()).args([&t.ca, &t.cert, &t.key]);
+                }
+                cmd.stdin(Stdio::null())
+                    .stdout(log.try_clone().expect("broker log"))
+                    .stderr(log)
+                    .spawn()
+                    .expect("node starts (scripts/install-deps.sh installs it)")
+            }
+        };
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!("mosquitto exited with {status}: {}", self.log());
+                panic!("{:?} exited with {status}: {}", self.kind, self.log());
             }
             assert!(
                 Instant::now() < deadline,
-                "mosquitto did not listen in 10 s: {}",
+                "{:?} did not listen in 10 s: {}",
+                self.kind,
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(10));
@@ -114,7 +163,7 @@ impl Broker {
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
+        std::fs::read_to_string(self.dir.path().join(LOG)).unwrap_or_default()
     }
 
     /// SIGKILL: connections drop without a goodbye.
@@ -125,7 +174,8 @@ impl Broker {
         }
     }
 
-    /// SIGTERM: Mosquitto saves its persistence file and closes connections.
+    /// SIGTERM: Mosquitto saves its persistence file and closes connections; Aedes just
+    /// goes.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = nix::sys::signal::kill(

@@ -1,12 +1,13 @@
 //! Store and forward over a real Mosquitto to the test back office: every change reaches
 //! the back office exactly once, in order per work order, whatever happens to the link,
-//! the broker or the daemon.
+//! the broker or the daemon. The drains also run over Aedes, a second broker that keeps
+//! nothing across a restart: no session, no subscription, no queued message.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use fieldsync_tests::backoffice::{Applied, BackOffice};
-use fieldsync_tests::broker::Broker;
+use fieldsync_tests::broker::{Broker, Kind};
 use fieldsync_tests::{Daemon, Options};
 use ui_bridge::{RecordBody, SyncState};
 
@@ -56,7 +57,16 @@ fn assert_exactly_once_in_order(applied: &[Applied], captured: &[(String, String
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_captured_while_the_broker_is_down_arrive_once_in_order() {
-    let mut broker = Broker::start();
+    captured_while_down_then_drained(Kind::Mosquitto).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_aedes_records_captured_while_the_broker_is_down_arrive_once_in_order() {
+    captured_while_down_then_drained(Kind::Aedes).await;
+}
+
+async fn captured_while_down_then_drained(kind: Kind) {
+    let mut broker = Broker::start_kind(kind, None);
     let bo = BackOffice::start(broker.port).await;
     broker.stop();
     let d = Daemon::start_with(uplink_options(&broker));
@@ -99,6 +109,56 @@ async fn records_captured_while_the_broker_is_down_arrive_once_in_order() {
     }
     let wo = c.work_order("WO-1").await.unwrap();
     assert!(wo.items.iter().all(|i| i.state == SyncState::Delivered));
+}
+
+/// The device's retained status as a subscriber arriving now reads it, once it reads
+/// `want` (within 10 s).
+fn wait_retained_status(broker: &Broker, want: &str) {
+    let topic = format!("fieldsync/v1/{DEVICE}/status");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = std::process::Command::new("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &broker.port.to_string()])
+            .args(["-t", &topic, "-C", "1", "-W", "2"])
+            .output()
+            .expect("mosquitto_sub runs (scripts/install-deps.sh installs it)");
+        let seen = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let state = serde_json::from_str::<serde_json::Value>(&seen)
+            .ok()
+            .and_then(|v| v["state"].as_str().map(str::to_owned));
+        if state.as_deref() == Some(want) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the retained status reads {seen:?}, not {want}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Online while connected; offline as the last will when the daemon dies, and from the
+/// daemon itself on a clean stop.
+async fn status_is_retained(kind: Kind) {
+    let broker = Broker::start_kind(kind, None);
+    let mut d = Daemon::start_with(uplink_options(&broker));
+    wait_retained_status(&broker, "online");
+    d.kill();
+    wait_retained_status(&broker, "offline");
+    d.spawn();
+    wait_retained_status(&broker, "online");
+    assert_eq!(d.stop(), Some(0), "{}", d.log());
+    wait_retained_status(&broker, "offline");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_device_status_is_retained_with_a_last_will() {
+    status_is_retained(Kind::Mosquitto).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_aedes_the_device_status_is_retained_with_a_last_will() {
+    status_is_retained(Kind::Aedes).await;
 }
 
 async fn wait_state(
@@ -235,7 +295,18 @@ async fn a_refusal_holds_back_only_its_work_order_until_fixed_or_discarded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_restarts_during_a_drain_lose_nothing_and_apply_nothing_twice() {
-    let mut broker = Broker::start();
+    restarts_during_a_drain(Kind::Mosquitto).await;
+}
+
+/// Aedes forgets everything at each restart: what was queued for the back office is
+/// gone, and only the device's outbox brings it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_aedes_broker_restarts_during_a_drain_lose_nothing_and_apply_nothing_twice() {
+    restarts_during_a_drain(Kind::Aedes).await;
+}
+
+async fn restarts_during_a_drain(kind: Kind) {
+    let mut broker = Broker::start_kind(kind, None);
     let bo = BackOffice::start(broker.port).await;
     bo.state.lock().unwrap().ops_ack_delay = Duration::from_millis(40);
     let d = Daemon::start_with(Options {
@@ -341,7 +412,16 @@ async fn daemon_kills_during_a_drain_lose_nothing_and_apply_nothing_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dispatcher_pushes_work_orders_and_bad_downlink_is_ignored() {
-    let broker = Broker::start();
+    dispatcher_pushes(Kind::Mosquitto).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_aedes_the_dispatcher_pushes_work_orders_and_bad_downlink_is_ignored() {
+    dispatcher_pushes(Kind::Aedes).await;
+}
+
+async fn dispatcher_pushes(kind: Kind) {
+    let broker = Broker::start_kind(kind, None);
     let bo = BackOffice::start(broker.port).await;
     // A device that starts with an empty cache asks for its full state.
     bo.state.lock().unwrap().work_orders.insert(
@@ -451,14 +531,27 @@ async fn the_dispatcher_pushes_work_orders_and_bad_downlink_is_ignored() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_client_certificates_and_a_wrong_ca_is_refused() {
+    tls_with_client_certificates(Kind::Mosquitto).await;
+}
+
+/// Node.js's TLS server instead of Mosquitto's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_aedes_tls_with_client_certificates_and_a_wrong_ca_is_refused() {
+    tls_with_client_certificates(Kind::Aedes).await;
+}
+
+async fn tls_with_client_certificates(kind: Kind) {
     let certs = tempfile::tempdir().unwrap();
     let pki = fieldsync_tests::pki::make(certs.path(), "fleet");
     let other = fieldsync_tests::pki::make(certs.path(), "stranger");
-    let broker = Broker::start_with(Some(fieldsync_tests::broker::TlsListener {
-        ca: pki.ca.clone(),
-        cert: pki.server_cert.clone(),
-        key: pki.server_key.clone(),
-    }));
+    let broker = Broker::start_kind(
+        kind,
+        Some(fieldsync_tests::broker::TlsListener {
+            ca: pki.ca.clone(),
+            cert: pki.server_cert.clone(),
+            key: pki.server_key.clone(),
+        }),
+    );
     let bo = BackOffice::start(broker.port).await;
     let tls_url = format!("mqtts://127.0.0.1:{}", broker.tls_port.unwrap());
     let tls_options = |ca: &std::path::Path| {
@@ -562,9 +655,19 @@ async fn a_broker_with_an_expired_certificate_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_photo_cut_three_times_resumes_and_arrives_verified() {
+    photo_cut_three_times(Kind::Mosquitto).await;
+}
+
+/// Chunks the broker held for the back office are gone with each restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_aedes_a_photo_cut_three_times_resumes_and_arrives_verified() {
+    photo_cut_three_times(Kind::Aedes).await;
+}
+
+async fn photo_cut_three_times(kind: Kind) {
     const CHUNK: u64 = 32 * 1024;
     const WINDOW: u64 = 4;
-    let mut broker = Broker::start();
+    let mut broker = Broker::start_kind(kind, None);
     let bo = BackOffice::start(broker.port).await;
     // Slow confirmations so the upload can be cut in the middle, three times.
     bo.state.lock().unwrap().photo_ack_delay = Duration::from_millis(15);
@@ -632,6 +735,76 @@ async fn a_photo_cut_three_times_resumes_and_arrives_verified() {
     eprintln!("resent after 3 cuts: {} bytes (bound {bound})", rx.resent);
     assert!(rx.resent <= bound, "resent {} > {bound}", rx.resent);
     wait_state(&mut c, "WO-1", &photo.id, SyncState::Delivered).await;
+}
+
+/// The device was away while the dispatcher pushed a work order. Mosquitto kept the
+/// device's session across its restart and hands the push over; Aedes forgot the
+/// session and the push with it, and the device, finding no session, asks for the full
+/// state, which brings the work order all the same.
+async fn pushed_while_away(kind: Kind) {
+    let mut broker = Broker::start_kind(kind, None);
+    let bo = BackOffice::start(broker.port).await;
+    let wo = |id: &str| serde_json::json!({"id": id, "version": 1, "title": "Pushed", "stage": "new", "workflow": ["new", "done"]});
+    bo.state
+        .lock()
+        .unwrap()
+        .work_orders
+        .insert(DEVICE.into(), vec![wo("WO-9")]);
+    let mut d = Daemon::start_with(Options {
+        work_orders: "[]".into(),
+        ..uplink_options(&broker)
+    });
+    let mut c = d.client().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while c.work_orders().await.unwrap().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "full state arrives");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let (asked, connections) = {
+        let st = bo.state.lock().unwrap();
+        (st.resync_requests, st.connections)
+    };
+    drop(c);
+    d.kill();
+    broker.stop();
+    broker.spawn();
+    // The back office is back on the broker before it pushes.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while bo.state.lock().unwrap().connections == connections {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "back office reconnects"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bo.push_work_orders(DEVICE, vec![wo("WO-10")]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    d.spawn();
+    let mut c = d.client().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while c.work_order("WO-10").await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the work order pushed while the device was away never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let asked_again = bo.state.lock().unwrap().resync_requests - asked;
+    match kind {
+        // The session held the push: no need for the full state.
+        Kind::Mosquitto => assert_eq!(asked_again, 0),
+        Kind::Aedes => assert_eq!(asked_again, 1),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_work_order_pushed_while_the_device_was_away_arrives() {
+    pushed_while_away(Kind::Mosquitto).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_aedes_a_work_order_pushed_while_the_broker_forgot_the_device_arrives() {
+    pushed_while_away(Kind::Aedes).await;
 }
 
 /// Pushes a work order until the device has that version. A push that reaches the

@@ -154,7 +154,13 @@ impl Uplink {
                     );
                     delay = self.settings.reconnect_min;
                     match self
-                        .session(&client, &mut eventloop, &shutdown, &mut pending)
+                        .session(
+                            &client,
+                            &mut eventloop,
+                            &shutdown,
+                            &mut pending,
+                            ack.session_present,
+                        )
                         .await
                     {
                         Ended::Shutdown => {
@@ -284,13 +290,15 @@ impl Uplink {
     }
 
     /// One connected session: subscribe, announce, then keep `window` batches in flight
-    /// while a sync runs, within what the link policy allows.
+    /// while a sync runs, within what the link policy allows. `session_present`: the
+    /// broker still had the device's session, and with it what was queued for it.
     async fn session(
         &mut self,
         client: &AsyncClient,
         eventloop: &mut rumqttc::EventLoop,
         shutdown: &CancellationToken,
         pending: &mut TriggerSet,
+        session_present: bool,
     ) -> Ended {
         if let Err(e) = client.try_subscribe(self.topics.downlink_filter(), QoS::AtLeastOnce) {
             return Ended::Lost(format!("subscribe: {e}"));
@@ -302,7 +310,11 @@ impl Uplink {
         if let Err(e) = self.service.requeue_in_flight().await {
             return Ended::Lost(format!("store: {e}"));
         }
-        if self.service.needs_full_state().await {
+        // A broker without the device's session (restarted without persistence, or it
+        // expired while the device was away) dropped the work orders queued for it: only
+        // the full state brings back what was pushed or removed meanwhile.
+        if !session_present || self.service.needs_full_state().await {
+            tracing::info!(session_present, "asking the back office for the full state");
             let req =
                 serde_json::json!({"v": WIRE_VERSION, "request": uuid::Uuid::now_v7().to_string()});
             let _ = client.try_publish(
