@@ -1,6 +1,8 @@
 //! The store's share of a drain, without broker or back office: read a batch, mark it
 //! sent (durably, as the uplink does before publishing), acknowledge it. Shows what the
-//! outbox costs per record, apart from the network and the other processes.
+//! outbox costs per record, apart from the network and the other processes. Also times
+//! the photo lane's look for its next upload with all those records waiting, which the
+//! uplink repeats after every capture.
 //!
 //! cargo bench -p fieldsyncd --bench outbox
 //!
@@ -8,7 +10,7 @@
 
 use std::time::Instant;
 
-use fieldsyncd::domain::{journal, outbox, work_orders, DomainError};
+use fieldsyncd::domain::{journal, outbox, photos, work_orders, DomainError};
 use fieldsyncd::store::Store;
 use ui_bridge::RecordBody;
 
@@ -58,6 +60,20 @@ async fn main() {
         })
         .await
         .expect("database size");
+
+    let looks = 200;
+    let t = Instant::now();
+    for _ in 0..looks {
+        let next = store
+            .read(|c| photos::next_upload(c, &[]))
+            .await
+            .expect("next upload");
+        assert!(next.is_none(), "no photo was taken");
+    }
+    println!(
+        "looking for a photo to upload among {n} waiting records: {:.0} µs",
+        t.elapsed().as_secs_f64() * 1e6 / looks as f64
+    );
 
     let (mut read, mut mark, mut ack) = (0.0, 0.0, 0.0);
     let started = Instant::now();

@@ -140,6 +140,16 @@ const MIGRATIONS: &[&str] = &[
     CREATE TRIGGER outbox_counted_out AFTER DELETE ON outbox
         BEGIN UPDATE counters SET value = value - 1 WHERE name = 'unsent'; END;
     ",
+    // 5: every send and every acknowledgement moved each operation's entry in an index
+    // on its state. The sender reads the outbox in seq order, which the table itself
+    // keeps; only the two rare lookups by state get indexes, partial ones that hold just
+    // their rows (refused operations; photos, whose uploads run apart from the records),
+    // so sending a record touches no index at all.
+    "
+    DROP INDEX outbox_by_state;
+    CREATE INDEX outbox_refused ON outbox(work_order_id) WHERE state = 'refused';
+    CREATE INDEX outbox_photos ON outbox(seq) WHERE item_kind = 'photo' AND action = 'create';
+    ",
 ];
 
 /// Brings the database to the newest schema; returns the version it is at.
@@ -234,6 +244,28 @@ mod tests {
             )
             .unwrap();
         assert_eq!(unsent, 4, "three rows before (four in, one out), one after");
+    }
+
+    #[test]
+    fn the_lookups_by_state_read_only_their_partial_indexes() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn).unwrap();
+        let plan = |sql: &str| -> String {
+            conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .unwrap()
+                .query_map([], |r| r.get::<_, String>(3))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        let held = plan("SELECT work_order_id FROM outbox WHERE state = 'refused'");
+        assert!(held.contains("outbox_refused"), "{held}");
+        let photos = plan(
+            "SELECT seq FROM outbox WHERE item_kind = 'photo' AND action = 'create'
+               AND state = 'waiting' ORDER BY seq",
+        );
+        assert!(photos.contains("outbox_photos"), "{photos}");
     }
 
     #[test]
