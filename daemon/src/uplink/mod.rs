@@ -94,6 +94,7 @@ pub struct Uplink {
     /// When the uplink started: it waits at most [`crate::link::FIRST_WORD`] from here
     /// for the link watcher's first answer.
     started: Instant,
+    codec: std::sync::Mutex<wire::Codec>,
 }
 
 /// What one session is doing about sync.
@@ -111,13 +112,21 @@ impl Uplink {
         link: watch::Receiver<LinkState>,
     ) -> Uplink {
         let topics = Topics::new(&settings.topic_prefix, &settings.device_id);
+        let codec = std::sync::Mutex::new(wire::Codec::new(settings.compression_level));
         Uplink {
             service,
             settings,
             topics,
             link,
             started: Instant::now(),
+            codec,
         }
+    }
+
+    /// The zstd contexts. Only this task uses them; the lock is never contended.
+    fn codec(&self) -> std::sync::MutexGuard<'_, wire::Codec> {
+        // A panic while compressing leaves nothing half-done in a context worth refusing.
+        self.codec.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Connects while a link is up, drains when the scheduler says so, reconnects with
@@ -381,8 +390,7 @@ impl Uplink {
                         more = false;
                         break;
                     }
-                    let payload = match wire::encode_batch(&batch, self.settings.compression_level)
-                    {
+                    let payload = match self.codec().encode_batch(&batch) {
                         Ok(p) => p,
                         Err(e) => {
                             tracing::error!(error = %e, "cannot encode a batch; it stays in the outbox");
@@ -588,7 +596,10 @@ impl Uplink {
 
     /// Reads an acknowledgement message; `None` (counted as bad) when it cannot be used.
     fn read_acks(&self, payload: &[u8]) -> Option<Acks> {
-        let acks: Acks = match wire::parse(payload, self.settings.max_downlink_bytes) {
+        let acks: Acks = match self
+            .codec()
+            .parse(payload, self.settings.max_downlink_bytes)
+        {
             Ok(a) => a,
             Err(e) => {
                 self.service.count_bad_downlink("acks", &e.to_string());
@@ -783,22 +794,24 @@ impl Uplink {
     }
 
     fn on_attachment_error(&self, payload: &[u8], lane: &mut DownloadLane) {
-        let err =
-            match wire::parse::<wire::AttachmentError>(payload, self.settings.max_downlink_bytes) {
-                Ok(e) if e.v == WIRE_VERSION => e,
-                Ok(e) => {
-                    self.service.count_bad_downlink(
-                        "attachment-errors",
-                        &wire::WireError::Version(e.v).to_string(),
-                    );
-                    return;
-                }
-                Err(e) => {
-                    self.service
-                        .count_bad_downlink("attachment-errors", &e.to_string());
-                    return;
-                }
-            };
+        let err = match self
+            .codec()
+            .parse::<wire::AttachmentError>(payload, self.settings.max_downlink_bytes)
+        {
+            Ok(e) if e.v == WIRE_VERSION => e,
+            Ok(e) => {
+                self.service.count_bad_downlink(
+                    "attachment-errors",
+                    &wire::WireError::Version(e.v).to_string(),
+                );
+                return;
+            }
+            Err(e) => {
+                self.service
+                    .count_bad_downlink("attachment-errors", &e.to_string());
+                return;
+            }
+        };
         tracing::warn!(sha256 = %err.sha256, error = %err.error, "the back office cannot serve an attachment; it waits for the next connection");
         lane.skip.push(err.sha256.clone());
         if lane
@@ -813,7 +826,10 @@ impl Uplink {
     /// Handles the back office's progress on a photo; returns true when the photo is
     /// done (its operation may go, and the next photo may start).
     async fn on_photo_ack(&self, payload: &[u8], lane: &mut PhotoLane) -> bool {
-        let ack = match wire::parse::<wire::PhotoAck>(payload, self.settings.max_downlink_bytes) {
+        let ack = match self
+            .codec()
+            .parse::<wire::PhotoAck>(payload, self.settings.max_downlink_bytes)
+        {
             Ok(a) if a.v == WIRE_VERSION => a,
             Ok(a) => {
                 self.service
@@ -861,7 +877,10 @@ impl Uplink {
     }
 
     async fn on_work_orders(&self, payload: &[u8]) {
-        let push: WorkOrderPush = match wire::parse(payload, self.settings.max_downlink_bytes) {
+        let push: WorkOrderPush = match self
+            .codec()
+            .parse(payload, self.settings.max_downlink_bytes)
+        {
             Ok(p) => p,
             Err(e) => {
                 self.service

@@ -151,11 +151,86 @@ pub struct OpsBatch<'a> {
     pub ops: Vec<WireOp<'a>>,
 }
 
-/// Encodes a batch: JSON, compressed when that makes it smaller.
-pub fn encode_batch(ops: &[PendingOp], level: i32) -> Result<Vec<u8>, WireError> {
-    let raws: Vec<Box<RawValue>> = ops
+/// zstd contexts kept from one message to the next: making one allocates and clears
+/// more memory than a batch holds, which cost more than compressing it.
+pub struct Codec {
+    compressor: zstd::bulk::Compressor<'static>,
+    decompressor: zstd::bulk::Decompressor<'static>,
+}
+
+impl Codec {
+    /// `level` is zstd's, from 1 to 19 (the configuration checks it).
+    pub fn new(level: i32) -> Codec {
+        let mut compressor = zstd::bulk::Compressor::default();
+        if let Err(e) = compressor.set_compression_level(level) {
+            tracing::warn!(level, error = %e, "zstd refused the compression level; using its default");
+        }
+        Codec {
+            compressor,
+            decompressor: zstd::bulk::Decompressor::default(),
+        }
+    }
+
+    /// Encodes a batch: JSON, compressed when that makes it smaller.
+    pub fn encode_batch(&mut self, ops: &[PendingOp]) -> Result<Vec<u8>, WireError> {
+        let json = batch_json(ops)?;
+        Ok(self.compress(json))
+    }
+
+    /// Compresses with zstd unless that would not save anything (already compressed or
+    /// random data), so the wire never carries more than the JSON itself.
+    pub fn compress(&mut self, json: Vec<u8>) -> Vec<u8> {
+        match self.compressor.compress(&json) {
+            Ok(z) if z.len() < json.len() => z,
+            _ => json,
+        }
+    }
+
+    /// Reads a message body: zstd or plain JSON, at most `limit` bytes once decompressed.
+    pub fn decode(&mut self, payload: &[u8], limit: usize) -> Result<Vec<u8>, WireError> {
+        if !payload.starts_with(&ZSTD_MAGIC) {
+            if payload.len() > limit {
+                return Err(WireError::TooLarge {
+                    size: payload.len(),
+                    limit,
+                });
+            }
+            return Ok(payload.to_vec());
+        }
+        // A frame that states its size gets a buffer of that size rather than one of the
+        // limit: acknowledgements are a few KiB, the limit a MiB. A frame whose content
+        // is larger than it states fails to decompress.
+        let capacity = match zstd::zstd_safe::get_frame_content_size(payload) {
+            Ok(Some(size)) if size > limit as u64 => {
+                return Err(WireError::TooLarge {
+                    size: usize::try_from(size).unwrap_or(usize::MAX),
+                    limit,
+                })
+            }
+            Ok(Some(size)) => size as usize,
+            _ => limit,
+        };
+        self.decompressor
+            .decompress(payload, capacity)
+            .map_err(|e| WireError::Decode(format!("zstd: {e}")))
+    }
+
+    /// Decodes and parses a downlink message.
+    pub fn parse<T: serde::de::DeserializeOwned>(
+        &mut self,
+        payload: &[u8],
+        limit: usize,
+    ) -> Result<T, WireError> {
+        let json = self.decode(payload, limit)?;
+        serde_json::from_slice(&json).map_err(|e| WireError::Decode(e.to_string()))
+    }
+}
+
+/// A batch as JSON. The bodies are checked and copied once, into the message.
+fn batch_json(ops: &[PendingOp]) -> Result<Vec<u8>, WireError> {
+    let raws: Vec<&RawValue> = ops
         .iter()
-        .map(|op| RawValue::from_string(op.payload.clone()))
+        .map(|op| serde_json::from_str::<&RawValue>(&op.payload))
         .collect::<Result<_, _>>()
         .map_err(|e| WireError::Encode(e.to_string()))?;
     let batch = OpsBatch {
@@ -175,39 +250,7 @@ pub fn encode_batch(ops: &[PendingOp], level: i32) -> Result<Vec<u8>, WireError>
             })
             .collect(),
     };
-    let json = serde_json::to_vec(&batch).map_err(|e| WireError::Encode(e.to_string()))?;
-    Ok(compress(json, level))
-}
-
-/// Compresses with zstd unless that would not save anything (already compressed or
-/// random data), so the wire never carries more than the JSON itself.
-pub fn compress(json: Vec<u8>, level: i32) -> Vec<u8> {
-    match zstd::bulk::compress(&json, level) {
-        Ok(z) if z.len() < json.len() => z,
-        _ => json,
-    }
-}
-
-/// Reads a message body: zstd or plain JSON, at most `limit` bytes once decompressed.
-pub fn decode(payload: &[u8], limit: usize) -> Result<Vec<u8>, WireError> {
-    if payload.starts_with(&ZSTD_MAGIC) {
-        let out = zstd::bulk::decompress(payload, limit)
-            .map_err(|e| WireError::Decode(format!("zstd: {e}")))?;
-        Ok(out)
-    } else if payload.len() > limit {
-        Err(WireError::TooLarge {
-            size: payload.len(),
-            limit,
-        })
-    } else {
-        Ok(payload.to_vec())
-    }
-}
-
-/// Decodes and parses a downlink message.
-pub fn parse<T: serde::de::DeserializeOwned>(payload: &[u8], limit: usize) -> Result<T, WireError> {
-    let json = decode(payload, limit)?;
-    serde_json::from_slice(&json).map_err(|e| WireError::Decode(e.to_string()))
+    serde_json::to_vec(&batch).map_err(|e| WireError::Encode(e.to_string()))
 }
 
 /// The back office's answer to operations.
@@ -305,8 +348,9 @@ mod tests {
                 )
             })
             .collect();
-        let wire = encode_batch(&ops, 3).unwrap();
-        let json = decode(&wire, 1 << 20).unwrap();
+        let mut codec = Codec::new(3);
+        let wire = codec.encode_batch(&ops).unwrap();
+        let json = codec.decode(&wire, 1 << 20).unwrap();
         let batch: OpsBatch<'_> = serde_json::from_slice(&json).unwrap();
         assert_eq!(batch.ops.len(), 50);
         assert_eq!(batch.ops[7].id, "op-7");
@@ -321,16 +365,30 @@ mod tests {
     #[test]
     fn incompressible_data_is_sent_as_is() {
         let body = serde_json::to_string(&serde_json::json!({"kind":"note","text": "x"})).unwrap();
-        let wire = compress(body.clone().into_bytes(), 3);
+        let mut codec = Codec::new(3);
+        let wire = codec.compress(body.clone().into_bytes());
         assert_eq!(wire, body.as_bytes());
-        assert_eq!(decode(&wire, 100).unwrap(), body.as_bytes());
+        assert_eq!(codec.decode(&wire, 100).unwrap(), body.as_bytes());
     }
 
     #[test]
     fn oversize_and_broken_messages_are_refused() {
-        let big = compress(vec![b' '; 10_000], 3);
-        assert!(decode(&big, 100).is_err());
-        assert!(decode(&[0x28, 0xb5, 0x2f, 0xfd, 1, 2, 3], 100).is_err());
+        let mut codec = Codec::new(3);
+        let big = codec.compress(vec![b' '; 10_000]);
+        assert!(matches!(
+            codec.decode(&big, 100),
+            Err(WireError::TooLarge { size: 10_000, .. })
+        ));
+        assert!(codec
+            .decode(&[0x28, 0xb5, 0x2f, 0xfd, 1, 2, 3], 100)
+            .is_err());
+        // A frame that does not state its size is held to the limit as it is read.
+        let mut unsized_frame = Vec::new();
+        let mut encoder = zstd::stream::write::Encoder::new(&mut unsized_frame, 3).unwrap();
+        std::io::Write::write_all(&mut encoder, &[b' '; 10_000]).unwrap();
+        encoder.finish().unwrap();
+        assert!(codec.decode(&unsized_frame, 100).is_err());
+        assert_eq!(codec.decode(&unsized_frame, 10_000).unwrap().len(), 10_000);
     }
 
     #[test]
@@ -338,7 +396,7 @@ mod tests {
         let push = br#"{"type":"upsert","v":1,"work_orders":[{"id":"WO-9","version":2,
             "title":"Valve","stage":"new","workflow":["new","done"],"priority":"high",
             "checklist":[{"id":"a","text":"A?","answer":"bool","photo_required":true}]}]}"#;
-        match parse::<WorkOrderPush>(push, 10_000).unwrap() {
+        match Codec::new(3).parse::<WorkOrderPush>(push, 10_000).unwrap() {
             WorkOrderPush::Upsert { work_orders, .. } => assert_eq!(work_orders[0].id, "WO-9"),
             other => panic!("{other:?}"),
         }
