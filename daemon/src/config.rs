@@ -75,6 +75,9 @@ pub struct UplinkSettings {
     pub reconnect_min: std::time::Duration,
     pub reconnect_max: std::time::Duration,
     pub max_downlink_bytes: usize,
+    /// The largest message the broker takes from the device. Batches are cut to fit; a
+    /// single change larger than this is refused on the device.
+    pub max_message_bytes: usize,
     pub compression_level: i32,
     pub photo_chunk_bytes: usize,
     /// Photo chunks sent and not yet confirmed.
@@ -145,6 +148,7 @@ struct UplinkSection {
     reconnect_min_ms: Option<u64>,
     reconnect_max_secs: Option<u64>,
     max_downlink_bytes: Option<usize>,
+    max_message_bytes: Option<usize>,
     compression_level: Option<i32>,
     photo_chunk_bytes: Option<usize>,
     photo_window: Option<usize>,
@@ -510,6 +514,26 @@ fn uplink(
     if !(1..=19).contains(&level) {
         return Err(invalid("uplink.compression_level", "must be from 1 to 19"));
     }
+    // 128 KiB: what the strictest common broker (AWS IoT Core) takes.
+    let max_message_bytes = u.max_message_bytes.unwrap_or(128 * 1024);
+    if max_message_bytes < MIN_MESSAGE_BYTES {
+        return Err(invalid(
+            "uplink.max_message_bytes",
+            format!("must be at least {MIN_MESSAGE_BYTES}"),
+        ));
+    }
+    let photo_chunk_bytes = positive(
+        "uplink.photo_chunk_bytes",
+        u.photo_chunk_bytes.unwrap_or(32 * 1024),
+    )?;
+    if photo_chunk_bytes + PHOTO_CHUNK_HEADER > max_message_bytes {
+        return Err(invalid(
+            "uplink.photo_chunk_bytes",
+            format!(
+                "a chunk and its {PHOTO_CHUNK_HEADER}-byte header must fit in uplink.max_message_bytes ({max_message_bytes})"
+            ),
+        ));
+    }
     Ok(Some(UplinkSettings {
         host: host.to_owned(),
         port,
@@ -541,14 +565,16 @@ fn uplink(
             "uplink.max_downlink_bytes",
             u.max_downlink_bytes.unwrap_or(1024 * 1024),
         )?,
+        max_message_bytes,
         compression_level: level,
-        photo_chunk_bytes: positive(
-            "uplink.photo_chunk_bytes",
-            u.photo_chunk_bytes.unwrap_or(32 * 1024),
-        )?,
+        photo_chunk_bytes,
         photo_window: positive("uplink.photo_window", u.photo_window.unwrap_or(4))?,
     }))
 }
+
+/// Below this, a batch could not hold even a small change.
+const MIN_MESSAGE_BYTES: usize = 4096;
+const PHOTO_CHUNK_HEADER: usize = crate::uplink::wire::CHUNK_HEADER;
 
 /// The machine id systemd keeps, else the host name: stable across restarts.
 fn default_device_id() -> String {
@@ -665,6 +691,15 @@ mod tests {
                 "ui.allowed_groups",
             ),
             ("[log]\nlevel = \"loud[\"\n", "log.level"),
+            (
+                "[uplink]\nbroker = \"mqtt://b\"\nmax_message_bytes = 100\n",
+                "uplink.max_message_bytes",
+            ),
+            // A photo chunk could never be sent.
+            (
+                "[uplink]\nbroker = \"mqtt://b\"\nmax_message_bytes = 65536\nphoto_chunk_bytes = 65536\n",
+                "uplink.photo_chunk_bytes",
+            ),
         ] {
             let main = write(dir.path(), "f.toml", text);
             let err = load(Some(&main)).unwrap_err().to_string();

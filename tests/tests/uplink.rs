@@ -980,3 +980,75 @@ async fn attachments_download_resume_after_cuts_and_are_checked() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Letters from a fixed seed: text that compresses about as little as text can.
+fn noise(seed: u64, len: usize) -> String {
+    let mut x = seed;
+    (0..len)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (b'a' + ((x >> 33) % 26) as u8) as char
+        })
+        .collect()
+}
+
+/// A change larger than the broker takes (`uplink.max_message_bytes`) cannot go. Sent,
+/// it would cost the session and come first again on the next one, for ever, with
+/// everything behind it. It turns red on the device instead and holds back only its own
+/// work order; the rest goes in batches cut to fit, and once shortened it goes too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_too_large_for_the_broker_is_refused_on_the_device() {
+    let broker = Broker::start();
+    let bo = BackOffice::start(broker.port).await;
+    let d = Daemon::start_with(Options {
+        ui: "max_frame_bytes = 1048576\n".into(),
+        uplink: format!(
+            "{}max_message_bytes = 32768\nbatch_max_bytes = 1048576\nphoto_chunk_bytes = 16384\n",
+            uplink_options(&broker).uplink
+        ),
+        ..Options::default()
+    });
+    let mut c = d.client().await;
+    let big = c.add_record("WO-1", note(noise(1, 200_000))).await.unwrap();
+    let behind = c
+        .add_record("WO-1", note("after the long one".into()))
+        .await
+        .unwrap();
+    let mut others = Vec::new();
+    for i in 0..100 {
+        let item = c
+            .add_record("WO-2", note(noise(i + 2, 1024)))
+            .await
+            .unwrap();
+        others.push((item.id, "WO-2".to_owned()));
+    }
+
+    let refused = wait_state(&mut c, "WO-1", &big.id, SyncState::Refused).await;
+    let reason = refused.reason.unwrap_or_default();
+    assert!(reason.starts_with("too_large"), "{reason}");
+    let applied = bo.wait_applied(100, Duration::from_secs(30)).await;
+    assert_exactly_once_in_order(&applied, &others);
+    let batches = bo.state.lock().unwrap().batches;
+    assert!(
+        batches >= 4,
+        "100 KiB went in {batches} messages of at most 32 KiB"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(bo.applied().len(), 100, "the change behind it waits");
+    wait_state(&mut c, "WO-1", &behind.id, SyncState::Waiting).await;
+    assert!(
+        !d.log().contains("broker connection lost"),
+        "the session was never lost:\n{}",
+        d.log()
+    );
+
+    c.edit_record(&big.id, note("shortened".into()))
+        .await
+        .unwrap();
+    let applied = bo.wait_applied(102, Duration::from_secs(30)).await;
+    assert_eq!(applied[100].item, big.id);
+    assert_eq!(applied[100].body["text"], "shortened");
+    assert_eq!(applied[101].item, behind.id);
+}

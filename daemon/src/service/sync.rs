@@ -13,7 +13,7 @@ use crate::domain::{journal, photos, work_orders, DomainError};
 use crate::link::{LinkClass, LinkState};
 use crate::schedule::{Switches, Triggers};
 use crate::store::now_ms;
-use crate::uplink::wire::{Acks, PhotoAck, WorkOrderPush, WIRE_VERSION};
+use crate::uplink::wire::{Acks, PhotoAck, Refusal, WorkOrderPush, WIRE_VERSION};
 
 /// The refusal code for "not applied: an earlier operation of this work order in the
 /// same batch was refused".
@@ -367,6 +367,28 @@ impl Service {
             .store
             .write(move |c| outbox::mark_sent(c, &seqs))
             .await
+    }
+
+    /// Refuses, on the device, a change it cannot send at all, as the back office would
+    /// refuse one: it turns red with `reason` and holds back only its work order until
+    /// it is edited or discarded.
+    pub async fn refuse_on_device(
+        &self,
+        op_id: String,
+        code: &str,
+        reason: String,
+    ) -> Result<(), DomainError> {
+        self.apply_acks(Acks {
+            v: WIRE_VERSION,
+            acks: Vec::new(),
+            refused: vec![Refusal {
+                id: op_id,
+                code: code.to_owned(),
+                reason,
+                work_order: None,
+            }],
+        })
+        .await
     }
 
     /// Applies acknowledgements and refusals. They need no fsync of their own: lost in a

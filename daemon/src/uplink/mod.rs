@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio::sync::watch;
 
 use crate::config::UplinkSettings;
+use crate::domain::outbox::PendingOp;
 use crate::link::policy::{self, Traffic};
 use crate::link::{LinkClass, LinkState};
 use crate::schedule::{Switches, Trigger, TriggerSet};
@@ -86,6 +87,18 @@ enum Ended {
     Lost(String),
 }
 
+/// The refusal code of a change too large for the broker (docs/ui-protocol.md).
+pub const TOO_LARGE: &str = "too_large";
+
+/// A batch made ready for the broker.
+enum Fitted {
+    /// The batch's first operations, as many as fit, and their message.
+    Message(Vec<PendingOp>, Vec<u8>),
+    /// The batch's first operation alone makes a message of this many bytes, more than
+    /// the broker takes.
+    TooLarge(PendingOp, usize),
+}
+
 pub struct Uplink {
     service: Service,
     settings: UplinkSettings,
@@ -120,6 +133,24 @@ impl Uplink {
             link,
             started: Instant::now(),
             codec,
+        }
+    }
+
+    /// Encodes `batch`, cut down from the end until its message fits in
+    /// `max_message_bytes`.
+    fn fit(&self, mut batch: Vec<PendingOp>) -> Result<Fitted, wire::WireError> {
+        loop {
+            let payload = self.codec().encode_batch(&batch)?;
+            if payload.len() <= self.settings.max_message_bytes {
+                return Ok(Fitted::Message(batch, payload));
+            }
+            if batch.len() == 1 {
+                let size = payload.len();
+                return Ok(Fitted::TooLarge(batch.remove(0), size));
+            }
+            // Halving: a few tries even from hundreds of operations, where compression
+            // makes the size of a part hard to guess.
+            batch.truncate(batch.len() / 2);
         }
     }
 
@@ -390,8 +421,28 @@ impl Uplink {
                         more = false;
                         break;
                     }
-                    let payload = match self.codec().encode_batch(&batch) {
-                        Ok(p) => p,
+                    let (batch, payload) = match self.fit(batch) {
+                        Ok(Fitted::Message(batch, payload)) => (batch, payload),
+                        Ok(Fitted::TooLarge(op, size)) => {
+                            // Sent, it would be dropped by the broker or the client, the
+                            // session with it, and the same change would come first again
+                            // on the next: nothing behind it would ever go.
+                            let limit = self.settings.max_message_bytes;
+                            tracing::warn!(op_id = %op.op_id, item_id = %op.item_id, work_order_id = %op.work_order_id, size, limit, "a change is larger than the broker takes; refused on the device");
+                            let reason = format!(
+                                "this change takes {} KiB to send and the broker takes at most {} KiB (uplink.max_message_bytes): shorten it or discard it",
+                                size.div_ceil(1024),
+                                limit / 1024
+                            );
+                            if let Err(e) = self
+                                .service
+                                .refuse_on_device(op.op_id, TOO_LARGE, reason)
+                                .await
+                            {
+                                return Ended::Lost(format!("store: {e}"));
+                            }
+                            continue;
+                        }
                         Err(e) => {
                             tracing::error!(error = %e, "cannot encode a batch; it stays in the outbox");
                             more = false;

@@ -48,9 +48,11 @@ pub fn options(s: &UplinkSettings, topics: &Topics) -> Result<MqttOptions, MqttS
     // connection on an oversize packet, the broker would redeliver it on the next one,
     // and the device would never get past it. Oversize messages are refused after
     // reading instead.
+    // Outgoing: the uplink keeps every message within `max_message_bytes`; the margin is
+    // for the topic and the packet's header.
     o.set_max_packet_size(
         s.max_downlink_bytes.saturating_mul(4).max(16 << 20),
-        s.batch_max_bytes.saturating_mul(2) + 64 * 1024,
+        s.max_message_bytes + 64 * 1024,
     );
     let offline = serde_json::json!({"v": WIRE_VERSION, "state": "offline"}).to_string();
     o.set_last_will(LastWill::new(
