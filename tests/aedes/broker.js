@@ -5,6 +5,8 @@
 //   node broker.js <port> [<tls port> <ca> <cert> <key>]
 //
 // Listens on 127.0.0.1; the TLS listener requires a client certificate signed by <ca>.
+// AEDES_REFUSE_SUBSCRIPTION names a topic filter whose subscription is refused (return
+// code 0x80), as a broker's access rules would.
 'use strict'
 
 const fs = require('node:fs')
@@ -19,6 +21,11 @@ function main () {
     process.exit(2)
   }
   const broker = createBroker()
+  const refused = process.env.AEDES_REFUSE_SUBSCRIPTION
+  if (refused) {
+    broker.authorizeSubscribe = (client, sub, callback) =>
+      callback(null, sub.topic === refused ? null : sub)
+  }
   broker.on('clientError', (client, err) => console.error(`client ${client.id}: ${err.message}`))
   broker.on('connectionError', (client, err) => console.error(`connection: ${err.message}`))
   net.createServer({ noDelay: true }, broker.handle).listen(Number(port), '127.0.0.1')

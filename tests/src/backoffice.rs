@@ -111,6 +111,8 @@ pub struct State {
     pub batches: u64,
     /// Bytes of `up/ops` payloads as they came off the wire.
     pub wire_bytes: u64,
+    /// The largest `up/ops` payload seen.
+    pub largest_batch: usize,
     /// Bytes of those payloads once decompressed (the JSON).
     pub json_bytes: u64,
     pub refused: Vec<String>,
@@ -450,6 +452,7 @@ fn handle(
             st.json_bytes += json.len() as u64;
             st.batches += 1;
             st.wire_bytes += payload.len() as u64;
+            st.largest_batch = st.largest_batch.max(payload.len());
             st.first_batch_at.get_or_insert_with(Instant::now);
             let mut acks = Vec::with_capacity(batch.ops.len());
             let mut refused = Vec::new();

@@ -30,6 +30,8 @@ pub struct Broker {
     pub tls_port: Option<u16>,
     conf: PathBuf,
     tls: Option<TlsListener>,
+    /// Aedes only: a topic filter whose subscription the broker refuses.
+    refuse_subscription: Option<String>,
     child: Option<Child>,
 }
 
@@ -102,9 +104,19 @@ impl Broker {
             tls_port,
             conf: path,
             tls,
+            refuse_subscription: None,
             child: None,
         };
         b.spawn();
+        b
+    }
+
+    /// Aedes refusing subscriptions to `filter`, as access rules that do not let a
+    /// device read there would.
+    pub fn start_aedes_refusing(filter: &str) -> Broker {
+        let mut b = Broker::start_kind(Kind::Aedes, None);
+        b.refuse_subscription = Some(filter.to_owned());
+        b.restart();
         b
     }
 
@@ -136,6 +148,9 @@ impl Broker {
                     .expect("broker log");
                 let mut cmd = Command::new("node");
                 cmd.arg(&script).arg(self.port.to_string());
+                if let Some(filter) = &self.refuse_subscription {
+                    cmd.env("AEDES_REFUSE_SUBSCRIPTION", filter);
+                }
                 if let (Some(port), Some(t)) = (self.tls_port, &self.tls) {
                     cmd.arg(port.to_string()).args([&t.ca, &t.cert, &t.key]);
                 }

@@ -602,7 +602,8 @@ async fn tls_with_client_certificates(kind: Kind) {
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(c.status().await.unwrap().broker, "down");
+    // Down, or between two tries.
+    assert_ne!(c.status().await.unwrap().broker, "up");
     assert_eq!(bo.applied().len(), 1);
 }
 
@@ -807,6 +808,48 @@ async fn over_aedes_a_work_order_pushed_while_the_broker_forgot_the_device_arriv
     pushed_while_away(Kind::Aedes).await;
 }
 
+/// A first start's full state names an attachment: it is fetched at once, not at the
+/// next sync something else starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attachments_named_in_the_full_state_are_fetched() {
+    let broker = Broker::start();
+    let bo = BackOffice::start(broker.port).await;
+    use sha2::Digest;
+    let file: Vec<u8> = (0..200 * 1024).map(|_| rand::random::<u8>()).collect();
+    let sha = hex::encode(sha2::Sha256::digest(&file));
+    {
+        let mut st = bo.state.lock().unwrap();
+        st.attachment_files.insert(sha.clone(), file.clone());
+        st.work_orders.insert(
+            DEVICE.into(),
+            vec![serde_json::json!({
+                "id": "WO-30", "version": 1, "title": "With a drawing", "stage": "new",
+                "workflow": ["new", "done"],
+                "attachments": [{"id": "dwg", "name": "layout.pdf", "size": file.len(), "sha256": sha}]
+            })],
+        );
+    }
+    let d = Daemon::start_with(Options {
+        work_orders: "[]".into(),
+        ..uplink_options(&broker)
+    });
+    let mut c = d.client().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(wo) = c.work_order("WO-30").await {
+            if wo.attachments.iter().all(|a| a.downloaded) {
+                break;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the attachment was not fetched:\n{}",
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Pushes a work order until the device has that version. A push that reaches the
 /// broker before the device's subscription (its first, or after a broker restart without
 /// persistence) has no session to wait in and is lost; the dispatcher sends it again.
@@ -889,7 +932,9 @@ async fn attachments_download_resume_after_cuts_and_are_checked() {
         while attachment_sent(&bo, &good) < target {
             assert!(
                 std::time::Instant::now() < deadline,
-                "download reaches {target} bytes"
+                "download reaches {target} bytes (at {}):\n{}",
+                attachment_sent(&bo, &good),
+                d.log()
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -943,11 +988,15 @@ async fn attachments_download_resume_after_cuts_and_are_checked() {
     );
     assert!(extra <= 2 * WINDOW, "{extra} bytes sent again");
 
-    // The corrupted manual is fetched a few times, then left; the reason is told.
+    // The corrupted manual is fetched a few times, then left; the reason is told. The
+    // back office's word on the attachment it does not have is logged.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let err = c.status().await.unwrap().last_error.unwrap_or_default();
-        if d.log().matches("does not match its SHA-256").count() >= 3 {
+        let log = d.log();
+        if log.matches("does not match its SHA-256").count() >= 3
+            && log.contains("cannot serve an attachment")
+        {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "{err}\n{}", d.log());
@@ -955,10 +1004,6 @@ async fn attachments_download_resume_after_cuts_and_are_checked() {
     }
     assert!(attachment_sent(&bo, &bad) <= 3 * manual.len() as u64);
     assert!(!d.state_dir.join("attachments").join(&bad).exists());
-    assert!(
-        d.log().contains("cannot serve an attachment"),
-        "unknown one reported"
-    );
 
     // A work order that drops an attachment lets its file go.
     push_until_seen(
@@ -1030,11 +1075,12 @@ async fn a_change_too_large_for_the_broker_is_refused_on_the_device() {
     assert!(reason.starts_with("too_large"), "{reason}");
     let applied = bo.wait_applied(100, Duration::from_secs(30)).await;
     assert_exactly_once_in_order(&applied, &others);
-    let batches = bo.state.lock().unwrap().batches;
-    assert!(
-        batches >= 4,
-        "100 KiB went in {batches} messages of at most 32 KiB"
-    );
+    let (batches, largest) = {
+        let st = bo.state.lock().unwrap();
+        (st.batches, st.largest_batch)
+    };
+    assert!(batches >= 2, "100 KiB of records went in {batches} message");
+    assert!(largest <= 32768, "a message of {largest} bytes");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(bo.applied().len(), 100, "the change behind it waits");
     wait_state(&mut c, "WO-1", &behind.id, SyncState::Waiting).await;
@@ -1051,4 +1097,37 @@ async fn a_change_too_large_for_the_broker_is_refused_on_the_device() {
     assert_eq!(applied[100].item, big.id);
     assert_eq!(applied[100].body["text"], "shortened");
     assert_eq!(applied[101].item, behind.id);
+}
+
+/// Access rules that keep the device from reading its downlink: no acknowledgement could
+/// ever arrive. The device says so, keeps what it captured, and retries with backoff
+/// rather than sending the same batch every `ack_timeout_secs`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_aedes_a_refused_subscription_is_reported() {
+    let broker = Broker::start_aedes_refusing(&format!("fieldsync/v1/{DEVICE}/down/#"));
+    let _bo = BackOffice::start(broker.port).await;
+    let d = Daemon::start_with(uplink_options(&broker));
+    let mut c = d.client().await;
+    c.add_record("WO-1", note("kept".into())).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = c.status().await.unwrap();
+        let err = s.last_error.unwrap_or_default();
+        if err.contains("refused the subscription") {
+            assert!(err.contains("down/#"), "{err}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no word of it: {err:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(c.status().await.unwrap().unsent, 1);
+    // The backoff (50 ms doubling to 1 s here) is not reset by connections that fail
+    // this way: a handful of tries in 3 s, not one every 50 ms.
+    let before = d.log().matches("broker connection lost").count();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let tries = d.log().matches("broker connection lost").count() - before;
+    assert!(tries <= 12, "{tries} tries in 3 s");
 }

@@ -540,7 +540,10 @@ impl Service {
                 tracing::warn!(error = %e, "cannot sweep attachment files");
             }
         }
-        if !full && !changes.is_empty() {
+        // A full state too: it usually lands after the sync its connection started has
+        // finished, and the attachments of the work orders it brings are fetched in a
+        // sync.
+        if !changes.is_empty() {
             self.inner.triggers.fire(crate::schedule::Trigger::Push);
         }
         Ok(())

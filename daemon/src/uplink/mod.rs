@@ -85,6 +85,9 @@ enum Ended {
     /// wait for a link), without backoff.
     LinkChanged(String),
     Lost(String),
+    /// The broker took the connection but refused what a session needs: trying again
+    /// soon would not help, so the backoff goes on growing.
+    Refused(String),
 }
 
 /// The refusal code of a change too large for the broker (docs/ui-protocol.md).
@@ -192,6 +195,7 @@ impl Uplink {
                         session_present = ack.session_present,
                         "connected to the broker"
                     );
+                    let backoff = delay;
                     delay = self.settings.reconnect_min;
                     match self
                         .session(
@@ -213,6 +217,10 @@ impl Uplink {
                             continue;
                         }
                         Ended::Lost(why) => why,
+                        Ended::Refused(why) => {
+                            delay = backoff;
+                            why
+                        }
                     }
                 }
                 Ok(other) => format!("unexpected first packet {other:?}"),
@@ -618,6 +626,17 @@ impl Uplink {
                         } else {
                             tracing::warn!(topic = %p.topic, "message on an unknown downlink topic ignored");
                         }
+                    }
+                    Ok(Event::Incoming(Incoming::SubAck(ack)))
+                        if ack.return_codes.contains(&rumqttc::SubscribeReasonCode::Failure) =>
+                    {
+                        // No acknowledgement could ever arrive: every operation would go
+                        // again and again for nothing. Retried with backoff, in case the
+                        // broker's rules change.
+                        return Ended::Refused(format!(
+                            "the broker refused the subscription to {}: its access rules must let this device read there",
+                            self.topics.downlink_filter()
+                        ));
                     }
                     Ok(_) => {}
                     Err(e) => return Ended::Lost(e.to_string()),
