@@ -262,32 +262,40 @@ pub fn acknowledge(
         return Ok((Vec::new(), Vec::new()));
     }
     let ids = id_array(op_ids);
-    let mut known: Vec<(String, String, String, String, String)> = Vec::new();
+    // One pass finds and removes them: what was removed is what was ours.
+    let mut known: Vec<(i64, String, String, String, String, String)> = Vec::new();
     {
         let mut stmt = conn.prepare_cached(
-            "SELECT op_id, item_id, work_order_id, item_kind, action FROM outbox
-             WHERE op_id IN rarray(?1) ORDER BY seq",
+            "DELETE FROM outbox WHERE op_id IN rarray(?1)
+             RETURNING seq, op_id, item_id, work_order_id, item_kind, action",
         )?;
         let rows = stmt.query_map([&ids], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
         })?;
         for row in rows {
             known.push(row?);
         }
     }
-    let found: std::collections::HashSet<&str> = known.iter().map(|k| k.0.as_str()).collect();
+    // RETURNING gives no order; events follow the order of the changes.
+    known.sort_unstable_by_key(|k| k.0);
+    let found: std::collections::HashSet<&str> = known.iter().map(|k| k.1.as_str()).collect();
     let unknown = op_ids
         .iter()
         .filter(|id| !found.contains(id.as_str()))
         .cloned()
         .collect();
-    conn.prepare_cached("DELETE FROM outbox WHERE op_id IN rarray(?1)")?
-        .execute([&ids])?;
     // A deleted item goes for good once nothing of it is left to acknowledge. Every
     // acknowledged item is looked at, not only those whose deletion this is: the
     // deletion's acknowledgement may come before that of an earlier change (one sent
     // again after a cut).
-    let items = id_array(known.iter().map(|k| &k.1));
+    let items = id_array(known.iter().map(|k| &k.2));
     conn.prepare_cached(
         "DELETE FROM items WHERE id IN rarray(?1) AND deleted = 1
            AND NOT EXISTS (SELECT 1 FROM outbox WHERE item_id = items.id)",
@@ -297,7 +305,7 @@ pub fn acknowledge(
     // its row is not rewritten here.
     let mut changes = Vec::with_capacity(known.len());
     let mut seen = std::collections::HashSet::new();
-    for (_, item_id, work_order_id, kind, action) in known.into_iter().rev() {
+    for (_, _, item_id, work_order_id, kind, action) in known.into_iter().rev() {
         if !seen.insert(item_id.clone()) {
             continue;
         }

@@ -450,7 +450,7 @@ impl Service {
         }
         for ch in &changes {
             if ch.state == Some(ui_bridge::SyncState::Refused) {
-                tracing::warn!(item_id = %ch.item_id, work_order_id = %ch.work_order_id, reason = ?ch.reason, "the back office refused a change");
+                tracing::warn!(item_id = %ch.item_id, work_order_id = %ch.work_order_id, reason = ?ch.reason, "a change was refused; it holds back its work order");
             }
             self.emit_change(ch);
         }

@@ -91,7 +91,7 @@ enum Ended {
 }
 
 /// The refusal code of a change too large for the broker (docs/ui-protocol.md).
-pub const TOO_LARGE: &str = "too_large";
+const TOO_LARGE: &str = "too_large";
 
 /// A batch made ready for the broker.
 enum Fitted {
