@@ -353,7 +353,10 @@ impl Service {
         &self,
         settings: &UplinkSettings,
     ) -> Result<Vec<PendingOp>, DomainError> {
-        let (max_ops, max_bytes) = (settings.batch_max_ops, settings.batch_max_bytes);
+        // A batch never needs more bodies than one message can carry; the uplink cuts
+        // what the envelope still makes too large.
+        let max_bytes = settings.batch_max_bytes.min(settings.max_message_bytes);
+        let max_ops = settings.batch_max_ops;
         self.fold().await?;
         self.inner
             .store
