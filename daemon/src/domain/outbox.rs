@@ -168,50 +168,68 @@ pub fn next_batch(
     max_ops: usize,
     max_bytes: usize,
 ) -> Result<Vec<PendingOp>, DomainError> {
+    // Every row is read in seq order from the oldest, so each operation's predecessor in
+    // its work order has been seen by the time it comes: no lookup per operation. What
+    // can go now is told by its payload, NULL for the rest.
     let mut stmt = conn.prepare_cached(&format!(
-        "SELECT seq, op_id, item_id, work_order_id, item_kind, action, {PAYLOAD_COLUMN}, created_ms,
-                CASE WHEN item_kind = 'photo' THEN NULL ELSE
-                  (SELECT p.op_id FROM outbox p
-                   WHERE p.work_order_id = outbox.work_order_id AND p.seq < outbox.seq
-                     AND p.item_kind != 'photo'
-                   ORDER BY p.seq DESC LIMIT 1) END
-         FROM outbox
-         WHERE state = 'waiting'
-           AND work_order_id NOT IN (SELECT work_order_id FROM outbox WHERE state = 'refused')
-           AND (item_kind != 'photo' OR action != 'create' OR EXISTS (
-                SELECT 1 FROM items i JOIN photo_uploads p ON p.sha256 = i.photo_sha256
-                WHERE i.id = outbox.item_id AND p.complete = 1
-                  AND NOT EXISTS (SELECT 1 FROM outbox r
-                                  WHERE r.item_id = i.record_id AND r.action = 'create')))
-         ORDER BY seq"
+        "SELECT seq, op_id, item_id, work_order_id, item_kind, action, created_ms,
+                CASE WHEN state = 'waiting'
+                      AND work_order_id NOT IN (SELECT work_order_id FROM outbox WHERE state = 'refused')
+                      AND (item_kind != 'photo' OR action != 'create' OR EXISTS (
+                           SELECT 1 FROM items i JOIN photo_uploads p ON p.sha256 = i.photo_sha256
+                           WHERE i.id = outbox.item_id AND p.complete = 1
+                             AND NOT EXISTS (SELECT 1 FROM outbox r
+                                             WHERE r.item_id = i.record_id AND r.action = 'create')))
+                     THEN {PAYLOAD_COLUMN} END
+         FROM outbox ORDER BY seq"
     ))?;
     // No `LIMIT ?`: SQLite re-prepares a statement whenever a LIMIT parameter is bound
-    // again, which cost a third of this query. The rows come lazily in index order, so
-    // stopping early reads no more of them.
-    let rows = stmt.query_map([], |r| {
-        Ok(PendingOp {
-            seq: r.get(0)?,
-            op_id: r.get(1)?,
-            item_id: r.get(2)?,
-            work_order_id: r.get(3)?,
-            item_kind: r.get(4)?,
-            action: r.get(5)?,
-            payload: r.get(6)?,
-            created_ms: r.get(7)?,
-            prev: r.get(8)?,
-        })
-    })?;
+    // again. The rows come lazily in table order, so stopping early reads no more.
+    let mut rows = stmt.query([])?;
+    // Per work order, the latest operation seen that is not a photo's.
+    let mut latest: std::collections::HashMap<String, String> = std::collections::HashMap::new();
     let mut out = Vec::new();
     let mut bytes = 0;
-    for row in rows {
-        let op = row?;
-        if out.len() >= max_ops || (!out.is_empty() && bytes + op.payload.len() > max_bytes) {
+    while let Some(r) = rows.next()? {
+        let work_order_id = text(r, 3)?;
+        let op_id = text(r, 1)?;
+        let is_photo = text(r, 4)? == "photo";
+        let prev = match (is_photo, latest.get_mut(work_order_id)) {
+            // A photo's operation needs no predecessor and is none.
+            (true, _) => None,
+            (false, Some(seen)) => Some(std::mem::replace(seen, op_id.to_owned())),
+            (false, None) => {
+                latest.insert(work_order_id.to_owned(), op_id.to_owned());
+                None
+            }
+        };
+        let Some(payload) = r.get::<_, Option<String>>(7)? else {
+            continue;
+        };
+        if out.len() >= max_ops || (!out.is_empty() && bytes + payload.len() > max_bytes) {
             break;
         }
-        bytes += op.payload.len();
-        out.push(op);
+        bytes += payload.len();
+        out.push(PendingOp {
+            seq: r.get(0)?,
+            op_id: op_id.to_owned(),
+            item_id: r.get(2)?,
+            work_order_id: work_order_id.to_owned(),
+            item_kind: r.get(4)?,
+            action: r.get(5)?,
+            payload,
+            created_ms: r.get(6)?,
+            prev,
+        });
     }
     Ok(out)
+}
+
+/// A text column, borrowed from the row.
+fn text<'r>(row: &'r rusqlite::Row<'_>, index: usize) -> rusqlite::Result<&'r str> {
+    row.get_ref(index)?.as_str().map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(index, rusqlite::types::Type::Text, Box::new(e))
+    })
 }
 
 /// Records that these operations are about to leave the device. Durable before the
@@ -407,4 +425,60 @@ pub fn requeue_op(conn: &Connection, op_id: &str) -> Result<Option<StateChange>,
         state: Some(SyncState::Waiting),
         reason: None,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(conn: &Connection, wo: &str, kind: ItemKind, action: Action) -> String {
+        let body = serde_json::json!({"n": 1});
+        append(conn, "item", wo, kind, action, Payload::Own(&body)).unwrap()
+    }
+
+    fn batch(conn: &Connection) -> Vec<(String, Option<String>)> {
+        next_batch(conn, 100, 1 << 20)
+            .unwrap()
+            .into_iter()
+            .map(|o| (o.op_id, o.prev))
+            .collect()
+    }
+
+    #[test]
+    fn each_operation_names_the_latest_unacknowledged_one_of_its_work_order() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        crate::store::schema_for_tests(&mut conn);
+        let a1 = op(&conn, "A", ItemKind::Note, Action::Create);
+        // A photo's bytes are not there: it waits, and it is nobody's predecessor.
+        let _photo = op(&conn, "A", ItemKind::Photo, Action::Create);
+        let a2 = op(&conn, "A", ItemKind::Defect, Action::Create);
+        let b1 = op(&conn, "B", ItemKind::Note, Action::Create);
+        let b2 = op(&conn, "B", ItemKind::Note, Action::Update);
+        assert_eq!(
+            batch(&conn),
+            [
+                (a1.clone(), None),
+                (a2.clone(), Some(a1.clone())),
+                (b1.clone(), None),
+                (b2.clone(), Some(b1.clone())),
+            ]
+        );
+
+        // Sent and not yet acknowledged, a1 is still a2's predecessor.
+        let seq: i64 = conn
+            .query_row("SELECT seq FROM outbox WHERE op_id = ?1", [&a1], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        mark_sent(&conn, &[seq]).unwrap();
+        assert_eq!(batch(&conn)[0], (a2.clone(), Some(a1.clone())));
+
+        // Acknowledged, it is no one's.
+        acknowledge(&conn, std::slice::from_ref(&a1)).unwrap();
+        assert_eq!(batch(&conn)[0], (a2.clone(), None));
+
+        // A refusal holds back its work order only.
+        refuse(&conn, &b1, "conflict: stale").unwrap();
+        assert_eq!(batch(&conn), [(a2, None)]);
+    }
 }
