@@ -1131,3 +1131,46 @@ async fn over_aedes_a_refused_subscription_is_reported() {
     let tries = d.log().matches("broker connection lost").count() - before;
     assert!(tries <= 12, "{tries} tries in 3 s");
 }
+
+/// An operation whose stored payload cannot be read (only damage can do that) would
+/// stay first in line for ever: it turns red on the device instead, holding back only
+/// its work order, and an edit sends the item as it stands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_operation_is_refused_on_the_device() {
+    let mut broker = Broker::start();
+    let bo = BackOffice::start(broker.port).await;
+    broker.stop();
+    let d = Daemon::start_with(uplink_options(&broker));
+    let mut c = d.client().await;
+    let damaged = c
+        .add_record("WO-1", note("pump housing".into()))
+        .await
+        .unwrap();
+    let fine = c
+        .add_record("WO-2", note("gate locked".into()))
+        .await
+        .unwrap();
+    // Listing the outbox moves the captures into it.
+    assert_eq!(c.outbox(None).await.unwrap().len(), 2);
+    let hit = d
+        .db()
+        .execute(
+            "UPDATE outbox SET payload = '{\"text\": ' WHERE item_id = ?1",
+            [&damaged.id],
+        )
+        .unwrap();
+    assert_eq!(hit, 1);
+    broker.spawn();
+    let refused = wait_state(&mut c, "WO-1", &damaged.id, SyncState::Refused).await;
+    let reason = refused.reason.unwrap_or_default();
+    assert!(reason.starts_with("unreadable"), "{reason}");
+    let applied = bo.wait_applied(1, Duration::from_secs(20)).await;
+    assert_eq!(applied[0].item, fine.id);
+
+    c.edit_record(&damaged.id, note("pump housing, cracked".into()))
+        .await
+        .unwrap();
+    let applied = bo.wait_applied(2, Duration::from_secs(20)).await;
+    assert_eq!(applied[1].item, damaged.id);
+    assert_eq!(applied[1].body["text"], "pump housing, cracked");
+}

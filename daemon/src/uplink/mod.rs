@@ -90,8 +90,10 @@ enum Ended {
     Refused(String),
 }
 
-/// The refusal code of a change too large for the broker (docs/ui-protocol.md).
+/// Refusal codes of changes the device cannot send at all (docs/ui-protocol.md): too
+/// large for the broker, or unreadable in the store.
 const TOO_LARGE: &str = "too_large";
+const UNREADABLE: &str = "unreadable";
 
 /// A batch made ready for the broker.
 enum Fitted {
@@ -445,6 +447,22 @@ impl Uplink {
                             if let Err(e) = self
                                 .service
                                 .refuse_on_device(op.op_id, TOO_LARGE, reason)
+                                .await
+                            {
+                                return Ended::Lost(format!("store: {e}"));
+                            }
+                            continue;
+                        }
+                        Err(wire::WireError::Payload { op_id, error }) => {
+                            // Only a damaged row can hold this; left first in line, it
+                            // would hold back everything behind it.
+                            tracing::error!(op_id = %op_id, error = %error, "an operation in the store cannot be read; refused on the device");
+                            let reason = format!(
+                                "this change could not be read back from the device's store ({error}): edit it again or discard it"
+                            );
+                            if let Err(e) = self
+                                .service
+                                .refuse_on_device(op_id, UNREADABLE, reason)
                                 .await
                             {
                                 return Ended::Lost(format!("store: {e}"));

@@ -230,9 +230,13 @@ impl Codec {
 fn batch_json(ops: &[PendingOp]) -> Result<Vec<u8>, WireError> {
     let raws: Vec<&RawValue> = ops
         .iter()
-        .map(|op| serde_json::from_str::<&RawValue>(&op.payload))
-        .collect::<Result<_, _>>()
-        .map_err(|e| WireError::Encode(e.to_string()))?;
+        .map(|op| {
+            serde_json::from_str::<&RawValue>(&op.payload).map_err(|e| WireError::Payload {
+                op_id: op.op_id.clone(),
+                error: e.to_string(),
+            })
+        })
+        .collect::<Result<_, _>>()?;
     let batch = OpsBatch {
         v: WIRE_VERSION,
         ops: ops
@@ -312,6 +316,8 @@ pub enum WorkOrderPush {
 pub enum WireError {
     #[error("cannot encode: {0}")]
     Encode(String),
+    #[error("operation {op_id} holds no valid JSON: {error}")]
+    Payload { op_id: String, error: String },
     #[error("cannot decode: {0}")]
     Decode(String),
     #[error("message of {size} bytes is over the limit of {limit}")]
@@ -360,6 +366,15 @@ mod tests {
             wire.len(),
             json.len()
         );
+    }
+
+    #[test]
+    fn a_batch_names_the_operation_it_cannot_read() {
+        let ops = [op(1, r#"{"text":"fine"}"#), op(2, r#"{"text": "#)];
+        match Codec::new(3).encode_batch(&ops) {
+            Err(WireError::Payload { op_id, .. }) => assert_eq!(op_id, "op-2"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
