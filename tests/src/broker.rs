@@ -62,6 +62,22 @@ impl Broker {
     }
 
     pub fn start_kind(kind: Kind, tls: Option<TlsListener>) -> Broker {
+        let mut b = Broker::prepare(kind, tls);
+        b.spawn();
+        b
+    }
+
+    /// Aedes refusing subscriptions to `filter`, as access rules that do not let a
+    /// device read there would.
+    pub fn start_aedes_refusing(filter: &str) -> Broker {
+        let mut b = Broker::prepare(Kind::Aedes, None);
+        b.refuse_subscription = Some(filter.to_owned());
+        b.spawn();
+        b
+    }
+
+    /// The folder and the ports, and Mosquitto's configuration when it is Mosquitto.
+    fn prepare(kind: Kind, tls: Option<TlsListener>) -> Broker {
         let dir = tempfile::Builder::new()
             .prefix("fieldsync-broker")
             .tempdir()
@@ -96,8 +112,10 @@ impl Broker {
             port
         });
         let path = dir.path().join("mosquitto.conf");
-        std::fs::write(&path, conf).expect("write mosquitto.conf");
-        let mut b = Broker {
+        if kind == Kind::Mosquitto {
+            std::fs::write(&path, conf).expect("write mosquitto.conf");
+        }
+        Broker {
             kind,
             dir,
             port,
@@ -106,18 +124,7 @@ impl Broker {
             tls,
             refuse_subscription: None,
             child: None,
-        };
-        b.spawn();
-        b
-    }
-
-    /// Aedes refusing subscriptions to `filter`, as access rules that do not let a
-    /// device read there would.
-    pub fn start_aedes_refusing(filter: &str) -> Broker {
-        let mut b = Broker::start_kind(Kind::Aedes, None);
-        b.refuse_subscription = Some(filter.to_owned());
-        b.restart();
-        b
+        }
     }
 
     pub fn url(&self) -> String {
