@@ -194,16 +194,26 @@ pub fn next_batch(
         let work_order_id = text(r, 3)?;
         let op_id = text(r, 1)?;
         let is_photo = text(r, 4)? == "photo";
+        let payload = r.get::<_, Option<String>>(7)?;
         let prev = match (is_photo, latest.get_mut(work_order_id)) {
             // A photo's operation needs no predecessor and is none.
             (true, _) => None,
-            (false, Some(seen)) => Some(std::mem::replace(seen, op_id.to_owned())),
+            // Most rows read are in flight or held: their id only replaces the one kept,
+            // in place; one that goes takes the kept id as its predecessor.
+            (false, Some(seen)) if payload.is_some() => {
+                Some(std::mem::replace(seen, op_id.to_owned()))
+            }
+            (false, Some(seen)) => {
+                seen.clear();
+                seen.push_str(op_id);
+                None
+            }
             (false, None) => {
                 latest.insert(work_order_id.to_owned(), op_id.to_owned());
                 None
             }
         };
-        let Some(payload) = r.get::<_, Option<String>>(7)? else {
+        let Some(payload) = payload else {
             continue;
         };
         if out.len() >= max_ops || (!out.is_empty() && bytes + payload.len() > max_bytes) {

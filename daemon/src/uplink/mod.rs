@@ -275,30 +275,21 @@ impl Uplink {
             let link = self.link.borrow_and_update().clone();
             self.service.set_link(link.clone());
             let waited = self.started.elapsed();
-            if link.is_asking() && waited < crate::link::FIRST_WORD {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return false,
-                    changed = self.link.changed() => {
-                        if changed.is_err() {
-                            shutdown.cancelled().await;
-                            return false;
-                        }
-                    }
-                    _ = tokio::time::sleep(crate::link::FIRST_WORD - waited) => {}
+            let asking = link.is_asking() && waited < crate::link::FIRST_WORD;
+            if !asking {
+                if link.class != LinkClass::Offline {
+                    return true;
                 }
-                continue;
+                self.service.set_broker("down", None);
+                self.service.set_sync_note(
+                    format!(
+                        "offline ({}): everything is kept and goes when a link appears",
+                        link.detail
+                    ),
+                    false,
+                );
             }
-            if link.class != LinkClass::Offline {
-                return true;
-            }
-            self.service.set_broker("down", None);
-            self.service.set_sync_note(
-                format!(
-                    "offline ({}): everything is kept and goes when a link appears",
-                    link.detail
-                ),
-                false,
-            );
+            let first_word = crate::link::FIRST_WORD.saturating_sub(waited);
             tokio::select! {
                 _ = shutdown.cancelled() => return false,
                 changed = self.link.changed() => {
@@ -307,6 +298,7 @@ impl Uplink {
                         return false;
                     }
                 }
+                _ = tokio::time::sleep(first_word), if asking => {}
             }
         }
     }
