@@ -166,8 +166,15 @@ impl Service {
         if before == link {
             return;
         }
+        let class_changed = before.class != link.class;
         let now = self.update_sync(|s| s.link = link);
-        self.announce(&now);
+        if class_changed {
+            self.announce(&now);
+        } else {
+            // The app's event carries the class only: a new detail (another access
+            // point, a better technology) is news for `systemctl status` alone.
+            crate::systemd::status(&now.status_line());
+        }
     }
 
     /// Why the last sync did or did not happen; `finished` marks a sync that sent all
@@ -630,5 +637,39 @@ impl Service {
             .read(|c| Ok::<_, DomainError>(work_orders::ids(c)?.is_empty()))
             .await
             .unwrap_or(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::link::LinkSource;
+
+    #[tokio::test]
+    async fn the_app_hears_of_a_link_only_when_its_class_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = crate::store::Store::open(dir.path()).unwrap();
+        let settings = crate::config::load(None).unwrap();
+        let service = Service::new(store, settings, None);
+        let mut events = service.subscribe();
+
+        // What the watcher says when it has nothing to watch: still "unknown".
+        service.set_link(LinkState::unknown("link watching is off"));
+        assert!(events.try_recv().is_err());
+        assert_eq!(service.sync_status().link.detail, "link watching is off");
+
+        let wifi = |detail: &str| LinkState {
+            class: LinkClass::Wifi,
+            source: LinkSource::NetworkManager,
+            connection: Some("/c/1".into()),
+            detail: detail.into(),
+        };
+        service.set_link(wifi("Wi-Fi"));
+        assert!(matches!(
+            events.try_recv(),
+            Ok(Event::Link { ref link, .. }) if link == "wifi"
+        ));
+        service.set_link(wifi("Wi-Fi, another access point"));
+        assert!(events.try_recv().is_err());
     }
 }
