@@ -1181,3 +1181,46 @@ async fn an_unreadable_operation_is_refused_on_the_device() {
     assert_eq!(applied[1].item, damaged.id);
     assert_eq!(applied[1].body["text"], "pump housing, cracked");
 }
+
+/// A back office that gets one entry of its answer wrong must not make the device send
+/// the whole batch again for ever: the entries it can read are applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_entry_in_an_answer_does_not_void_the_rest() {
+    let broker = Broker::start();
+    let bo = BackOffice::start(broker.port).await;
+    // Slow enough that the answer written by hand below arrives first.
+    bo.state.lock().unwrap().ops_ack_delay = Duration::from_secs(30);
+    let d = Daemon::start_with(uplink_options(&broker));
+    let mut c = d.client().await;
+    let acked = c.add_record("WO-1", note("valve".into())).await.unwrap();
+    let refused = c.add_record("WO-2", note("seal".into())).await.unwrap();
+    let op_of = |ops: &[ui_bridge::Operation], item: &str| {
+        ops.iter()
+            .find(|o| o.item_id == item)
+            .map(|o| o.op_id.clone())
+            .unwrap()
+    };
+    let ops = c.outbox(None).await.unwrap();
+    let (acked_op, refused_op) = (op_of(&ops, &acked.id), op_of(&ops, &refused.id));
+    wait_state(&mut c, "WO-1", &acked.id, SyncState::InProgress).await;
+    let answer = serde_json::json!({"v": 1,
+    "acks": [acked_op, 42],
+    "refused": [
+        {"id": refused_op, "code": "validation", "work_order": {"id": ["not", "a", "work order"]}},
+        {"code": "conflict", "reason": "names no operation"}
+    ]});
+    bo.publish_down(DEVICE, "acks", serde_json::to_vec(&answer).unwrap())
+        .await;
+    wait_state(&mut c, "WO-1", &acked.id, SyncState::Delivered).await;
+    let item = wait_state(&mut c, "WO-2", &refused.id, SyncState::Refused).await;
+    assert_eq!(item.reason.as_deref(), Some("validation"));
+    let log = d.log();
+    for why in [
+        "not a string: 42",
+        "missing field `id`",
+        "work order in a refusal",
+    ] {
+        assert!(log.contains(why), "the log names {why:?}:\n{log}");
+    }
+    assert_eq!(c.status().await.unwrap().unsent, 1);
+}

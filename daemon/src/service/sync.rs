@@ -9,6 +9,7 @@ use ui_bridge::{Event, WorkOrderChange};
 use super::Service;
 use crate::config::UplinkSettings;
 use crate::domain::outbox::{self, PendingOp, StateChange};
+use crate::domain::work_orders::WorkOrderDoc;
 use crate::domain::{journal, photos, work_orders, DomainError};
 use crate::link::{LinkClass, LinkState};
 use crate::schedule::{Switches, Triggers};
@@ -391,6 +392,7 @@ impl Service {
         self.apply_acks(Acks {
             v: WIRE_VERSION,
             acks: Vec::new(),
+            unreadable: Vec::new(),
             refused: vec![Refusal {
                 id: op_id,
                 code: code.to_owned(),
@@ -405,8 +407,14 @@ impl Service {
     /// power cut, the operations are simply sent again and acknowledged again.
     pub async fn apply_acks(&self, acks: Acks) -> Result<(), DomainError> {
         let Acks {
-            acks: ids, refused, ..
+            acks: ids,
+            refused,
+            unreadable,
+            ..
         } = acks;
+        for why in unreadable {
+            self.count_bad_downlink("acks", &why);
+        }
         let acked = ids.len();
         let (changes, unknown, unsent, wo_changes) = self
             .inner
@@ -424,7 +432,11 @@ impl Service {
                         }
                         continue;
                     }
-                    let reason = format!("{}: {}", r.code, r.reason);
+                    let reason = if r.reason.is_empty() {
+                        r.code.clone()
+                    } else {
+                        format!("{}: {}", r.code, r.reason)
+                    };
                     if let Some(change) = outbox::refuse(c, &r.id, &reason)? {
                         changes.push(change);
                     }
@@ -433,9 +445,14 @@ impl Service {
                     // A broken one is left out: the refusal itself must still be kept,
                     // or the same batch would come back and be refused for ever.
                     if let Some(doc) = &r.work_order {
-                        match doc.validate() {
-                            Ok(()) => {
-                                if let Some(ch) = work_orders::upsert(c, doc)? {
+                        let doc = serde_json::from_value::<WorkOrderDoc>(doc.clone())
+                            .map_err(|e| e.to_string())
+                            .and_then(|doc| {
+                                doc.validate().map(|()| doc).map_err(|e| e.to_string())
+                            });
+                        match doc {
+                            Ok(doc) => {
+                                if let Some(ch) = work_orders::upsert(c, &doc)? {
                                     wo_changes.push((doc.id.clone(), ch));
                                 }
                             }

@@ -258,13 +258,61 @@ fn batch_json(ops: &[PendingOp]) -> Result<Vec<u8>, WireError> {
 }
 
 /// The back office's answer to operations.
-#[derive(Debug, Deserialize, Serialize, PartialEq)]
+///
+/// Read entry by entry: one malformed entry must not void the answers beside it, or the
+/// device would send the whole batch again for ever and get the same answer each time.
+/// What cannot be read is kept in `unreadable`, for the log and the bad-message count.
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(from = "AcksOnWire")]
 pub struct Acks {
     pub v: u32,
-    #[serde(default)]
     pub acks: Vec<String>,
-    #[serde(default)]
     pub refused: Vec<Refusal>,
+    pub unreadable: Vec<String>,
+}
+
+/// [`Acks`] as it arrives, before each entry is checked.
+#[derive(Deserialize)]
+struct AcksOnWire {
+    v: u32,
+    #[serde(default)]
+    acks: Vec<serde_json::Value>,
+    #[serde(default)]
+    refused: Vec<serde_json::Value>,
+}
+
+impl From<AcksOnWire> for Acks {
+    fn from(raw: AcksOnWire) -> Acks {
+        let mut unreadable = Vec::new();
+        let acks = raw
+            .acks
+            .into_iter()
+            .filter_map(|a| match a {
+                serde_json::Value::String(id) => Some(id),
+                other => {
+                    unreadable.push(format!("an acknowledged id that is not a string: {other}"));
+                    None
+                }
+            })
+            .collect();
+        let refused = raw
+            .refused
+            .into_iter()
+            .filter_map(|r| match serde_json::from_value::<Refusal>(r.clone()) {
+                Ok(refusal) => Some(refusal),
+                Err(e) => {
+                    unreadable.push(format!("a refusal that cannot be read ({e}): {r}"));
+                    None
+                }
+            })
+            .collect();
+        Acks {
+            v: raw.v,
+            acks,
+            refused,
+            unreadable,
+        }
+    }
 }
 
 impl Acks {
@@ -275,16 +323,18 @@ impl Acks {
     }
 }
 
-#[derive(Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Deserialize, PartialEq)]
 pub struct Refusal {
     pub id: String,
     /// `conflict`, `validation`, `forbidden`, or another word the back office chooses.
     pub code: String,
-    /// Words for the inspector.
-    pub reason: String,
-    /// The back office's current version of the work order, when it has one.
+    /// Words for the inspector; the code alone when the back office gave none.
     #[serde(default)]
-    pub work_order: Option<WorkOrderDoc>,
+    pub reason: String,
+    /// The back office's current version of the work order, when it has one. Read on
+    /// its own later: a broken one is dropped, and the refusal it came with still holds.
+    #[serde(default)]
+    pub work_order: Option<serde_json::Value>,
 }
 
 /// What the dispatcher sends about work orders.
@@ -404,6 +454,24 @@ mod tests {
         encoder.finish().unwrap();
         assert!(codec.decode(&unsized_frame, 100).is_err());
         assert_eq!(codec.decode(&unsized_frame, 10_000).unwrap().len(), 10_000);
+    }
+
+    #[test]
+    fn a_malformed_entry_does_not_void_the_answers_beside_it() {
+        let message = br#"{"v":1,"acks":["a",7,"b"],"refused":[
+            {"id":"c","code":"conflict"},
+            {"code":"validation","reason":"no id"},
+            {"id":"d","code":"validation","reason":"bad","work_order":{"id":5}}]}"#;
+        let acks: Acks = Codec::new(3).parse(message, 10_000).unwrap();
+        assert_eq!(acks.acks, ["a", "b"]);
+        let refused: Vec<_> = acks.refused.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(refused, ["c", "d"]);
+        assert_eq!(acks.refused[0].reason, "");
+        // The broken work order travels on as it came; the service drops it alone.
+        assert!(acks.refused[1].work_order.is_some());
+        assert_eq!(acks.unreadable.len(), 2, "{:?}", acks.unreadable);
+        assert!(acks.unreadable[1].contains("missing field `id`"));
+        assert_eq!(acks.settled(), ["a", "b", "c", "d"]);
     }
 
     #[test]
