@@ -598,6 +598,34 @@ impl NetMock {
         model.active = active;
     }
 
+    /// Sends, `rounds` times, signals of the kind the real services send all day while
+    /// the link stays as it is: ModemManager's signal quality (polled every 30 s), a
+    /// device object's properties, and NetworkManager's main object announcing a
+    /// property no link depends on. Returns once all were sent.
+    pub fn chatter(&self, rounds: u32) {
+        let devices = || paths_val(&DEVICES.map(|d| d.0));
+        for round in 0..rounds {
+            self.set_properties(
+                Service::ModemManager,
+                MODEM_PATH,
+                MODEM_IFACE,
+                vec![("SignalQuality", val((round % 100, true)))],
+            );
+            self.set_properties(
+                Service::NetworkManager,
+                WIFI_DEVICE,
+                DEVICE_IFACE,
+                vec![("Driver", val("netmock-wifi"))],
+            );
+            self.set_properties(
+                Service::NetworkManager,
+                NM_PATH,
+                NM_IFACE,
+                vec![("Devices", devices())],
+            );
+        }
+    }
+
     /// Kills both mocks (no goodbye, as in a crash) and returns once their names have
     /// left the bus.
     pub fn stop_network_manager(&mut self) {

@@ -389,6 +389,41 @@ async fn offline_and_idle_the_daemon_sleeps() {
     assert!(used_ms < 50, "{used_ms} ms of CPU in 60 s offline");
 }
 
+/// The real services announce signal quality, device and access point changes all day;
+/// only a change of what the class depends on may make the watcher read again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_that_cannot_change_the_link_wake_nothing() {
+    let bus = NetMock::start();
+    bus.set_link(MockLink::Lte);
+    let broker = Broker::start();
+    let d = Daemon::start_with(options(&broker, &bus, "dev-chatter", ""));
+    let mut c = d.client().await;
+    wait_status(&mut c, "on LTE", |s| s.link == "cellular").await;
+    let reads = || bus.log().matches("GetAll").count();
+    // Whatever reads the start caused have settled.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = reads();
+    assert!(
+        before > 0,
+        "the watcher read NetworkManager:\n{}",
+        bus.log()
+    );
+
+    bus.chatter(30);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        reads(),
+        before,
+        "chatter made the watcher read:\n{}",
+        bus.log()
+    );
+
+    // A change that matters still does.
+    bus.set_link(MockLink::Edge);
+    wait_status(&mut c, "on EDGE", |s| s.link == "2g").await;
+    assert!(reads() > before);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_timer_syncs_by_itself_with_no_app_connected() {
     let bus = NetMock::start();

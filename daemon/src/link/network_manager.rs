@@ -2,11 +2,14 @@
 //! type, `Metered`, the primary connection's devices, and for a modem ModemManager's
 //! access technologies, read over the system bus with zbus.
 //!
-//! Driven by signals: any `PropertiesChanged` under NetworkManager's or ModemManager's
-//! object tree, or either name coming or going, makes the watcher read the few
-//! properties it needs again and publish the class when it changed. Reading everything
-//! again is a handful of calls and cannot miss a change the way patching a cached copy
-//! signal by signal can. Between signals nothing runs (promise 7).
+//! Driven by signals: a `PropertiesChanged` of NetworkManager's main object or of a
+//! ModemManager modem that touches a property the class depends on, or either name
+//! coming or going, makes the watcher read the few properties it needs again and
+//! publish the class when it changed. Reading everything again is a handful of calls
+//! and cannot miss a change the way patching a cached copy signal by signal can. The
+//! many other signals the real services send (access point strength at every scan,
+//! signal quality and bearer counters every 30 s) wake nothing: between the signals
+//! that matter nothing runs (promise 7).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -36,6 +39,20 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// After a failed read, when to try again even if no signal comes.
 const REREAD: Duration = Duration::from_secs(5);
 
+/// NetworkManager's properties that [`read`] uses or that announce a change of what it
+/// reads; a signal about any other is not worth a read.
+const NM_KEYS: [&str; 7] = [
+    "State",
+    "Connectivity",
+    "PrimaryConnection",
+    "PrimaryConnectionType",
+    "Metered",
+    "ActiveConnections",
+    "Startup",
+];
+/// The same for a ModemManager modem.
+const MM_KEYS: [&str; 1] = ["AccessTechnologies"];
+
 // NetworkManager's NMState, NMConnectivityState, NMMetered and NMDeviceType values.
 const NM_STATE_CONNECTED_SITE: u32 = 60;
 const NM_CONNECTIVITY_NONE: u32 = 1;
@@ -62,6 +79,9 @@ const MM_FAST: u32 = (0b1_1111 << 5) | (0b111 << 11) | (1 << 14) | (1 << 15) | (
 #[derive(Debug, Default, Clone, PartialEq)]
 pub(super) struct Snapshot {
     pub state: u32,
+    /// NetworkManager's `Startup`: it has not yet brought up the connections it
+    /// manages, so a state short of connected says nothing about the link yet.
+    pub starting: bool,
     pub connectivity: u32,
     /// The primary connection's object path; `None` when NetworkManager names none.
     pub primary: Option<String>,
@@ -83,6 +103,11 @@ pub(super) fn classify(s: &Snapshot) -> LinkState {
         connection: s.primary.clone(),
         detail,
     };
+    if s.state < NM_STATE_CONNECTED_SITE && s.starting {
+        // A restarted NetworkManager owns its name before it has taken its connections
+        // back; calling that "offline" would drop a broker connection that works.
+        return state(LinkClass::Unknown, "NetworkManager is starting".into());
+    }
     if s.state < NM_STATE_CONNECTED_SITE {
         return state(
             LinkClass::Offline,
@@ -93,8 +118,14 @@ pub(super) fn classify(s: &Snapshot) -> LinkState {
         NM_CONNECTIVITY_NONE => {
             return state(LinkClass::Offline, "no connectivity".into());
         }
+        // NetworkManager says "portal" for any unexpected answer to its check: behind a
+        // transparent proxy or a carrier's header injection too, where the broker may
+        // well be reachable. The broker is tried, as on a link nothing can vouch for.
         NM_CONNECTIVITY_PORTAL => {
-            return state(LinkClass::Offline, "behind a captive portal".into());
+            return state(
+                LinkClass::Unknown,
+                "NetworkManager's check sees a captive portal".into(),
+            );
         }
         _ => {}
     }
@@ -129,10 +160,12 @@ pub(super) fn classify(s: &Snapshot) -> LinkState {
             state(LinkClass::Metered, format!("Ethernet{metered_words}"))
         }
         NM_DEVICE_ETHERNET => state(LinkClass::Ethernet, "Ethernet".into()),
-        // A connection on something the watcher does not know: the Metered flag is all
-        // there is to go on.
+        // A connection on something the watcher does not know (a tunnel, a modem
+        // NetworkManager does not drive): metered if it says so, and otherwise nothing
+        // vouches for it, so files wait when they are for Wi-Fi only.
         _ if metered => state(LinkClass::Metered, format!("{}{metered_words}", s.kind)),
-        _ => state(LinkClass::Ethernet, format!("{} connection", s.kind)),
+        _ if s.kind.is_empty() => state(LinkClass::Unknown, "connection of unknown type".into()),
+        _ => state(LinkClass::Unknown, format!("{} connection", s.kind)),
     }
 }
 
@@ -264,10 +297,11 @@ async fn watch_bus(
         // stream's queue is full, and the reads below need the socket.
         forwarders.spawn(async move {
             while let Some(msg) = stream.next().await {
-                if msg.is_err() {
-                    break;
+                match msg {
+                    Ok(msg) if worth_a_read(&msg) => wake.notify_one(),
+                    Ok(_) => {}
+                    Err(_) => break,
                 }
-                wake.notify_one();
             }
             let _ = gone_tx.send(()).await;
         });
@@ -302,14 +336,16 @@ async fn watch_bus(
 }
 
 async fn subscribe(conn: &Connection) -> zbus::Result<Vec<MessageStream>> {
-    let changed = |namespace: &'static str| -> zbus::Result<MatchRule<'static>> {
-        Ok(MatchRule::builder()
-            .msg_type(zbus::message::Type::Signal)
-            .interface("org.freedesktop.DBus.Properties")?
-            .member("PropertiesChanged")?
-            .path_namespace(namespace)?
-            .build())
-    };
+    // NetworkManager's main object announces every change of the primary connection,
+    // its type, the state, connectivity and metering; its other objects (access points,
+    // IP configs, statistics) chatter and are left out.
+    let network_manager = MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .interface("org.freedesktop.DBus.Properties")?
+        .member("PropertiesChanged")?
+        .path(NM_PATH)?
+        .arg(0, NM)?
+        .build();
     let owner = |name: &'static str| -> zbus::Result<MatchRule<'static>> {
         Ok(MatchRule::builder()
             .msg_type(zbus::message::Type::Signal)
@@ -318,14 +354,46 @@ async fn subscribe(conn: &Connection) -> zbus::Result<Vec<MessageStream>> {
             .arg(0, name)?
             .build())
     };
+    let modems = MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .interface("org.freedesktop.DBus.Properties")?
+        .member("PropertiesChanged")?
+        .path_namespace(MM_PATH)?
+        .arg(0, MM_MODEM)?
+        .build();
     let mut streams = Vec::new();
-    for rule in [owner(NM)?, owner(MM)?, changed(NM_PATH)?, changed(MM_PATH)?] {
+    for rule in [owner(NM)?, owner(MM)?, network_manager, modems] {
         streams.push(MessageStream::for_match_rule(rule, conn, Some(64)).await?);
     }
     Ok(streams)
 }
 
 type Props = HashMap<String, OwnedValue>;
+
+/// Whether a signal may change the class: a name coming or going always may; a
+/// `PropertiesChanged` only when it names a property in [`NM_KEYS`] or [`MM_KEYS`].
+fn worth_a_read(msg: &zbus::Message) -> bool {
+    let header = msg.header();
+    if header.member().map(|m| m.as_str()) != Some("PropertiesChanged") {
+        return true;
+    }
+    let Ok((iface, changed, invalidated)) =
+        msg.body()
+            .deserialize::<(String, HashMap<String, OwnedValue>, Vec<String>)>()
+    else {
+        // Malformed: read, rather than guess what it meant.
+        return true;
+    };
+    let keys: &[&str] = match iface.as_str() {
+        NM => &NM_KEYS,
+        MM_MODEM => &MM_KEYS,
+        _ => return false,
+    };
+    changed
+        .keys()
+        .chain(invalidated.iter())
+        .any(|k| keys.contains(&k.as_str()))
+}
 
 async fn get_all(conn: &Connection, dest: &str, path: &str, iface: &str) -> zbus::Result<Props> {
     let reply = conn
@@ -401,6 +469,7 @@ async fn read(conn: &Connection) -> zbus::Result<Option<Snapshot>> {
     let nm = get_all(conn, NM, NM_PATH, NM).await?;
     let mut snap = Snapshot {
         state: prop_u32(&nm, "State").unwrap_or(0),
+        starting: prop_bool(&nm, "Startup"),
         // Without a connectivity check NetworkManager says "unknown", which is not "none".
         connectivity: prop_u32(&nm, "Connectivity").unwrap_or(0),
         metered: prop_u32(&nm, "Metered").unwrap_or(0),
@@ -410,18 +479,17 @@ async fn read(conn: &Connection) -> zbus::Result<Option<Snapshot>> {
     snap.primary = prop_path(&nm, "PrimaryConnection");
     if snap.primary.is_none() && snap.state >= NM_STATE_CONNECTED_SITE {
         // Older NetworkManager, or a moment between changes: the default route's
-        // connection is the one the broker's traffic takes.
-        let mut fallback = None;
+        // connection is the one the broker's traffic takes. Any other (loopback, a
+        // connection without a route out) says nothing about it: without one the
+        // class is unknown until the next signal.
         for path in prop_paths(&nm, "ActiveConnections") {
             if let Ok(ac) = get_all(conn, NM, &path, NM_ACTIVE).await {
                 if prop_bool(&ac, "Default") || prop_bool(&ac, "Default6") {
                     snap.primary = Some(path);
                     break;
                 }
-                fallback.get_or_insert(path);
             }
         }
-        snap.primary = snap.primary.or(fallback);
     }
     let Some(primary) = snap.primary.clone() else {
         return Ok(Some(snap));
@@ -457,6 +525,7 @@ mod tests {
     fn online(kind: &str, metered: u32, devices: &[u32], access: Option<u32>) -> Snapshot {
         Snapshot {
             state: 70,
+            starting: false,
             connectivity: 4,
             primary: Some("/org/freedesktop/NetworkManager/ActiveConnection/1".into()),
             kind: kind.into(),
@@ -492,8 +561,17 @@ mod tests {
                     connectivity: 2,
                     ..online("802-11-wireless", 4, &[2], None)
                 },
-                Offline,
+                Unknown,
                 "portal",
+            ),
+            (
+                Snapshot {
+                    state: 20,
+                    starting: true,
+                    ..Snapshot::default()
+                },
+                Unknown,
+                "starting",
             ),
             (
                 Snapshot {
@@ -562,6 +640,9 @@ mod tests {
                 Metered,
                 "unknown, metered",
             ),
+            (online("wireguard", 4, &[29], None), Unknown, "tunnel"),
+            (online("generic", 0, &[14], None), Unknown, "generic"),
+            (online("", 0, &[], None), Unknown, "no primary connection"),
         ];
         for (snapshot, class, case) in table {
             let state = classify(snapshot);
