@@ -129,6 +129,9 @@ pub struct State {
     pub photos: HashMap<String, PhotoRx>,
     /// Wait this long before confirming photo chunks (to make uploads slow enough to cut).
     pub photo_ack_delay: Duration,
+    /// Lose the chunk at this offset once, unanswered, as a back office that failed
+    /// halfway through handling it would.
+    pub lose_photo_chunk_at: Option<u64>,
     /// Wait this long before acknowledging a batch (to make a drain slow enough to cut).
     pub ops_ack_delay: Duration,
     pub observer: Option<Observer>,
@@ -527,6 +530,10 @@ fn handle(
             let total = u64::from_be_bytes(payload[8..16].try_into().unwrap());
             let data = &payload[16..];
             let mut st = state.lock().unwrap();
+            if st.lose_photo_chunk_at == Some(offset) {
+                st.lose_photo_chunk_at = None;
+                return;
+            }
             let delay = st.photo_ack_delay;
             let rx = st.photos.entry(sha.clone()).or_default();
             rx.total = total;

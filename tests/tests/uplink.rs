@@ -1224,3 +1224,43 @@ async fn a_malformed_entry_in_an_answer_does_not_void_the_rest() {
     }
     assert_eq!(c.status().await.unwrap().unsent, 1);
 }
+
+/// A chunk the back office lost leaves a gap it will not fill from the chunks after it:
+/// the device sees its confirmations stop and sends again from the last byte confirmed,
+/// on the same connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_photo_chunk_lost_by_the_back_office_is_sent_again() {
+    const CHUNK: u64 = 16 * 1024;
+    let broker = Broker::start();
+    let bo = BackOffice::start(broker.port).await;
+    bo.state.lock().unwrap().lose_photo_chunk_at = Some(2 * CHUNK);
+    let d = Daemon::start_with(Options {
+        uplink: format!(
+            "{}photo_chunk_bytes = {CHUNK}\nphoto_window = 4\n",
+            uplink_options(&broker).uplink
+        ),
+        ..Options::default()
+    });
+    let mut c = d.client().await;
+    let record = c.add_record("WO-1", note("gasket".into())).await.unwrap();
+    let (path, bytes) = fieldsync_tests::photo_file(d.dir.path(), "gap.jpg", 10 * CHUNK as usize);
+    let sha = fieldsync_tests::sha256_hex(&bytes);
+    let photo = c
+        .attach_photo(&record.id, &std::fs::File::open(&path).unwrap(), None, None)
+        .await
+        .unwrap();
+    wait_state(&mut c, "WO-1", &photo.id, SyncState::Delivered).await;
+    let rx = bo.state.lock().unwrap().photos.get(&sha).cloned().unwrap();
+    assert!(rx.complete);
+    assert_eq!(rx.data, bytes);
+    assert_eq!(
+        bo.state.lock().unwrap().connections,
+        1,
+        "no new connection was needed"
+    );
+    assert!(
+        d.log().contains("photo chunks went unconfirmed"),
+        "{}",
+        d.log()
+    );
+}

@@ -39,6 +39,26 @@ struct PhotoLane {
     next: u64,
     /// Photos whose file could not be read, left for the next connection.
     skip: Vec<String>,
+    /// When the back office last confirmed bytes of the current photo, or it started.
+    progress_at: Instant,
+}
+
+impl PhotoLane {
+    /// Whether chunks are out and nothing of them was confirmed for `timeout`.
+    fn stalled(&self, timeout: Duration) -> bool {
+        self.current
+            .as_ref()
+            .is_some_and(|u| self.next > u.acked && self.progress_at.elapsed() > timeout)
+    }
+
+    /// Sends the current photo again from the last byte the back office confirmed.
+    fn rewind(&mut self) {
+        if let Some(u) = &self.current {
+            tracing::warn!(sha256 = %u.sha256, from = u.acked, sent_to = self.next, "photo chunks went unconfirmed; sending them again");
+            self.next = u.acked;
+            self.progress_at = Instant::now();
+        }
+    }
 }
 
 /// The attachment whose bytes are coming in on this connection. The device pulls: it
@@ -382,6 +402,7 @@ impl Uplink {
             current: None,
             next: 0,
             skip: Vec::new(),
+            progress_at: Instant::now(),
         };
         let mut downloads = DownloadLane {
             current: None,
@@ -585,6 +606,12 @@ impl Uplink {
                         // from where the file ends.
                         downloads.asked_to = 0;
                     }
+                    if photos.stalled(self.settings.ack_timeout) {
+                        // Chunks went unconfirmed (the back office dropped one and now
+                        // ignores those beyond the gap): send them again from the last
+                        // byte it confirmed.
+                        photos.rewind();
+                    }
                     if in_flight.front().is_some_and(|b| b.sent_at.elapsed() > self.settings.ack_timeout) {
                         // The back office has not answered: start over on a new
                         // connection, which sends everything unacknowledged again.
@@ -717,6 +744,7 @@ impl Uplink {
                     tracing::debug!(sha256 = %u.sha256, size = u.size, from = u.acked, "photo upload starts");
                     lane.next = u.acked;
                     lane.current = Some(u);
+                    lane.progress_at = Instant::now();
                 }
                 Ok(None) => return Ok(false),
                 Err(e) => return Err(format!("store: {e}")),
@@ -950,7 +978,11 @@ impl Uplink {
             return true;
         }
         if let Some(u) = lane.current.as_mut() {
-            u.acked = u.acked.max(received.min(u.size));
+            let received = received.min(u.size);
+            if received > u.acked {
+                u.acked = received;
+                lane.progress_at = Instant::now();
+            }
             lane.next = lane.next.max(u.acked);
         }
         false
