@@ -459,7 +459,6 @@ fn handle(
             st.first_batch_at.get_or_insert_with(Instant::now);
             let mut acks = Vec::with_capacity(batch.ops.len());
             let mut refused = Vec::new();
-            let mut held: HashSet<String> = HashSet::new();
             for op in batch.ops {
                 let a = Applied {
                     device: device.clone(),
@@ -476,11 +475,10 @@ fn handle(
                     acks.push(a.id);
                     continue;
                 }
-                // Order per work order: the predecessor the device names must be
-                // applied first; otherwise this one waits (the device sends it again).
-                let prev_missing = op.prev.is_some_and(|p| !st.seen.contains(p.as_ref()));
-                if held.contains(&a.wo) || prev_missing {
-                    held.insert(a.wo.clone());
+                // Order per work order (rule 2 of docs/protocol.md): the predecessor the
+                // device names must be applied first; otherwise this one waits (the
+                // device sends it again). Photo operations name none and are judged.
+                if op.prev.is_some_and(|p| !st.seen.contains(p.as_ref())) {
                     let reason = "an earlier change of this work order is not applied yet";
                     refused.push(refusal(&st, &a, "held", reason));
                     continue;
@@ -494,7 +492,6 @@ fn handle(
                     }
                 }
                 if let Some((code, reason)) = st.refuse.as_ref().and_then(|f| f(&a)) {
-                    held.insert(a.wo.clone());
                     st.refused.push(a.id.clone());
                     refused.push(refusal(&st, &a, &code, &reason));
                     continue;
@@ -553,6 +550,7 @@ fn handle(
                     verdict = Some(true);
                 } else {
                     rx.data.clear();
+                    ack["received"] = json!(0);
                     ack["error"] = json!("hash_mismatch");
                     verdict = Some(false);
                 }
