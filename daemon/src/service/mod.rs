@@ -42,6 +42,9 @@ struct Inner {
     damaged_store: Option<String>,
     /// Set by captures, cleared by folds: whether the journal may hold rows.
     journal_dirty: AtomicBool,
+    /// Held across a fold, so that a reader who finds the flag cleared by a fold still
+    /// under way waits for its commit instead of reading without its rows.
+    folding: tokio::sync::Mutex<()>,
     /// What the uplink reports: broker state, last upload and download, last error.
     sync: std::sync::Mutex<SyncStatus>,
     /// Requests for a sync, for the uplink's scheduler.
@@ -65,6 +68,7 @@ impl Service {
                 events,
                 damaged_store,
                 journal_dirty: AtomicBool::new(true),
+                folding: tokio::sync::Mutex::new(()),
                 free_space: std::sync::Mutex::new(None),
                 sync: std::sync::Mutex::new(SyncStatus {
                     broker: if uplink_configured {
@@ -109,6 +113,7 @@ impl Service {
     /// Folds the journal if captures may be waiting in it. Needs no fsync of its own: the
     /// captures are already durable in the journal.
     pub async fn fold(&self) -> Result<(), DomainError> {
+        let _folding = self.inner.folding.lock().await;
         if self.inner.journal_dirty.swap(false, Ordering::AcqRel) {
             let result = self.inner.store.write_lazy(journal::fold).await;
             if result.is_err() {
@@ -627,5 +632,67 @@ pub fn free_bytes(dir: &Path) -> u64 {
         Ok(s) => (s.blocks_available() as u64).saturating_mul(s.fragment_size() as u64),
         // Unknown is treated as plenty: the write itself will report a full disk.
         Err(_) => u64::MAX,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reader who comes while another caller's fold waits for the writer must wait
+    /// for that fold too; reading at once would miss the captures it moves.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_waits_for_a_fold_under_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        let service = Service::new(store.clone(), crate::config::load(None).unwrap(), None);
+        store
+            .write(|c| {
+                c.execute(
+                    "INSERT INTO work_orders (id, version, title, stage, workflow, doc, received_ms)
+                     VALUES ('W', 1, 't', 'new', '[\"new\"]', '{}', 0)",
+                    [],
+                )
+                .map_err(DomainError::from)
+            })
+            .await
+            .unwrap();
+        service.fold().await.unwrap();
+        let capture = Request::AddRecord {
+            work_order_id: "W".into(),
+            record: ui_bridge::RecordBody::Note { text: "n".into() },
+        };
+        service.handle(capture, None).await.unwrap();
+
+        // Someone else holds the writer, so the next fold waits in its queue.
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let busy = store.clone();
+        let writer = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap()
+                .block_on(busy.write(move |_| {
+                    let _ = released.recv();
+                    Ok::<_, DomainError>(())
+                }))
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let first = tokio::spawn({
+            let service = service.clone();
+            async move { service.fold().await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let listing = tokio::spawn({
+            let service = service.clone();
+            async move { service.handle(Request::Outbox { limit: None }, None).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        release.send(()).unwrap();
+        writer.join().unwrap().unwrap();
+        first.await.unwrap().unwrap();
+        match listing.await.unwrap().unwrap() {
+            Response::Outbox { operations } => assert_eq!(operations.len(), 1),
+            other => panic!("{other:?}"),
+        }
     }
 }
