@@ -48,6 +48,9 @@ pub struct Client {
     orphan_errors: VecDeque<ErrorBody>,
     /// Descriptors the daemon sent (with `open_attachment` answers), oldest first.
     fds: VecDeque<OwnedFd>,
+    /// What one recvmsg reads into and its room for descriptors, made once.
+    chunk: Vec<u8>,
+    cmsg: Vec<u8>,
 }
 
 impl Client {
@@ -66,6 +69,8 @@ impl Client {
             events: VecDeque::new(),
             orphan_errors: VecDeque::new(),
             fds: VecDeque::new(),
+            chunk: vec![0; 16 * 1024],
+            cmsg: nix::cmsg_space!([RawFd; 4]),
         })
     }
 
@@ -184,15 +189,14 @@ impl Client {
                     .map_err(|e| ClientError::BadFrame(e.to_string()));
             }
             self.stream.readable().await?;
-            let mut chunk = [0u8; 16 * 1024];
+            let (stream, chunk, space) = (&self.stream, &mut self.chunk, &mut self.cmsg);
             // recvmsg rather than read: a descriptor the daemon sends rides on the bytes.
-            let res = self.stream.try_io(Interest::READABLE, || {
-                let mut iov = [IoSliceMut::new(&mut chunk)];
-                let mut space = nix::cmsg_space!([RawFd; 4]);
+            let res = stream.try_io(Interest::READABLE, || {
+                let mut iov = [IoSliceMut::new(chunk)];
                 let msg = recvmsg::<()>(
-                    self.stream.as_raw_fd(),
+                    stream.as_raw_fd(),
                     &mut iov,
-                    Some(&mut space),
+                    Some(space),
                     MsgFlags::MSG_CMSG_CLOEXEC,
                 )
                 .map_err(io::Error::from)?;
@@ -208,7 +212,7 @@ impl Client {
             match res {
                 Ok((0, _)) => return Err(ClientError::Closed),
                 Ok((n, fds)) => {
-                    self.buf.extend_from_slice(&chunk[..n]);
+                    self.buf.extend_from_slice(&self.chunk[..n]);
                     self.fds.extend(fds);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,

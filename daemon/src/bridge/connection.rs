@@ -23,6 +23,8 @@ use crate::service::Service;
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Descriptors one read may carry; more are closed by the kernel (MSG_CTRUNC).
 const MAX_FDS_PER_READ: usize = 4;
+/// Bytes one read takes at most.
+const READ_CHUNK: usize = 16 * 1024;
 
 /// Bytes read so far and the descriptors that came with them, each at the offset of the
 /// first byte it arrived with.
@@ -31,6 +33,10 @@ struct Inbox {
     fds: Vec<(usize, OwnedFd)>,
     /// After an oversize frame, bytes are dropped up to the next newline.
     skipping: bool,
+    /// What one recvmsg reads into, and its room for descriptors: kept for the whole
+    /// connection rather than made (and zeroed) for every read.
+    chunk: Vec<u8>,
+    cmsg: Vec<u8>,
 }
 
 /// A complete frame taken out of the inbox.
@@ -66,6 +72,8 @@ pub async fn run(
         bytes: Vec::with_capacity(4096),
         fds: Vec::new(),
         skipping: false,
+        chunk: vec![0; READ_CHUNK],
+        cmsg: nix::cmsg_space!([std::os::fd::RawFd; MAX_FDS_PER_READ]),
     };
     let mut events: Option<broadcast::Receiver<Event>> = None;
     loop {
@@ -137,14 +145,19 @@ async fn next_event(
 
 /// One recvmsg: appends the bytes and keeps any descriptors that came with them.
 fn read_some(stream: &UnixStream, inbox: &mut Inbox) -> io::Result<usize> {
-    let mut chunk = [0u8; 16 * 1024];
-    let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; MAX_FDS_PER_READ]);
+    let Inbox {
+        bytes,
+        fds,
+        skipping,
+        chunk,
+        cmsg,
+    } = inbox;
     let (n, received) = {
-        let mut iov = [IoSliceMut::new(&mut chunk)];
+        let mut iov = [IoSliceMut::new(chunk)];
         let msg = recvmsg::<()>(
             stream.as_raw_fd(),
             &mut iov,
-            Some(&mut cmsg),
+            Some(cmsg),
             MsgFlags::MSG_CMSG_CLOEXEC,
         )
         .map_err(io::Error::from)?;
@@ -163,20 +176,20 @@ fn read_some(stream: &UnixStream, inbox: &mut Inbox) -> io::Result<usize> {
         }
         (msg.bytes, received)
     };
-    let at = inbox.bytes.len();
-    if !inbox.skipping || n == 0 {
-        inbox.bytes.extend_from_slice(&chunk[..n]);
+    let at = bytes.len();
+    if !*skipping || n == 0 {
+        bytes.extend_from_slice(&chunk[..n]);
     } else {
         // While skipping, keep only what follows the next newline.
         match chunk[..n].iter().position(|&b| b == b'\n') {
             Some(p) => {
-                inbox.skipping = false;
-                inbox.bytes.extend_from_slice(&chunk[p + 1..n]);
+                *skipping = false;
+                bytes.extend_from_slice(&chunk[p + 1..n]);
             }
             None => return Ok(n),
         }
     }
-    inbox.fds.extend(received.into_iter().map(|fd| (at, fd)));
+    fds.extend(received.into_iter().map(|fd| (at, fd)));
     Ok(n)
 }
 
@@ -430,6 +443,8 @@ mod tests {
             bytes: b"one\ntw".to_vec(),
             fds: vec![(4, a.into())],
             skipping: false,
+            chunk: Vec::new(),
+            cmsg: Vec::new(),
         };
         inbox.bytes.extend_from_slice(b"o\n");
         let first = inbox.next_frame().unwrap();

@@ -269,7 +269,8 @@ impl Service {
                 let (item, unsent, staged) = store
                     .write(move |c| {
                         let item = items::add_record(c, &work_order_id, &record)?;
-                        Ok::<_, DomainError>((item, journal::unsent(c)?, journal::staged(c)?))
+                        let staged = journal::staged(c)?;
+                        Ok::<_, DomainError>((item, outbox::unsent_count(c)? + staged, staged))
                     })
                     .await?;
                 self.inner.journal_dirty.store(true, Ordering::Release);

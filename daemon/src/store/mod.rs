@@ -599,7 +599,23 @@ fn run_group(conn: &Connection, batch: Vec<Job>) {
         return;
     }
     let mut replies = Vec::with_capacity(batch.len());
+    // A job alone needs no savepoint: the transaction is its own. A savepoint costs two
+    // statements and a copy of every page the job changes, for the chance to roll back.
+    let alone = batch.len() == 1;
     for job in batch {
+        if alone {
+            let (ok, reply) = (job.run)(conn);
+            if !ok {
+                if let Err(e) = exec(conn, "ROLLBACK") {
+                    tracing::error!(error = %e, "rollback failed");
+                }
+                // Nothing was stored; the job answers with its own error.
+                reply(Ok(()));
+                return;
+            }
+            replies.push((ok, reply));
+            continue;
+        }
         if exec(conn, "SAVEPOINT job").is_err() {
             let (_, reply) = fail_job(job, conn);
             replies.push((false, reply));
@@ -714,6 +730,43 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(n, 45);
+        store.close();
+    }
+
+    #[tokio::test]
+    async fn a_lone_failing_job_stores_nothing_and_the_next_write_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        let insert = |c: &Connection, id: &str| {
+            c.execute(
+                "INSERT INTO work_orders (id, version, title, stage, workflow, doc, received_ms)
+                 VALUES (?1, 1, 't', 'new', '[\"new\"]', '{}', 0)",
+                [id],
+            )
+        };
+        // Awaited one at a time, so each job is a group of its own (no savepoint).
+        let failed = store
+            .write(move |c| {
+                insert(c, "LOST")?;
+                Err::<(), _>(StoreError::Closed)
+            })
+            .await;
+        assert!(matches!(failed, Err(StoreError::Closed)));
+        store
+            .write(move |c| Ok::<_, StoreError>(insert(c, "KEPT")?))
+            .await
+            .unwrap();
+        let ids: Vec<String> = store
+            .read(|c| {
+                let mut stmt = c.prepare("SELECT id FROM work_orders ORDER BY id")?;
+                let ids = stmt
+                    .query_map([], |r| r.get(0))?
+                    .collect::<Result<Vec<String>, _>>()?;
+                Ok::<_, StoreError>(ids)
+            })
+            .await
+            .unwrap();
+        assert_eq!(ids, ["KEPT"]);
         store.close();
     }
 
