@@ -4,7 +4,8 @@
 //!
 //! cargo bench -p fieldsync-tests --bench drain
 //!
-//! FIELDSYNC_DRAIN_RECORDS (20000) and FIELDSYNC_MEMORY_RECORDS (100000) size the runs.
+//! FIELDSYNC_DRAIN_RECORDS (20000) and FIELDSYNC_MEMORY_RECORDS (100000) size the runs;
+//! FIELDSYNC_COMPRESSION_LEVEL sets the daemon's `uplink.compression_level`.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -25,11 +26,15 @@ fn env_count(name: &str, default: usize) -> usize {
 }
 
 fn options(broker: &Broker) -> Options {
+    let mut uplink = format!(
+        "broker = \"{}\"\ndevice_id = \"bench\"\nreconnect_min_ms = 50\nreconnect_max_secs = 1\n",
+        broker.url()
+    );
+    if let Ok(level) = std::env::var("FIELDSYNC_COMPRESSION_LEVEL") {
+        uplink.push_str(&format!("compression_level = {level}\n"));
+    }
     Options {
-        uplink: format!(
-            "broker = \"{}\"\ndevice_id = \"bench\"\nreconnect_min_ms = 50\nreconnect_max_secs = 1\n",
-            broker.url()
-        ),
+        uplink,
         ..Options::default()
     }
 }

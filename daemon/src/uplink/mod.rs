@@ -7,11 +7,13 @@
 //! flight on the previous one is sent again from the outbox, in order.
 
 pub mod mqtt;
+mod pump;
 pub mod wire;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
+use pump::Pump;
 use rumqttc::{AsyncClient, Event, Incoming, QoS};
 use tokio_util::sync::CancellationToken;
 
@@ -219,10 +221,11 @@ impl Uplink {
                     );
                     let backoff = delay;
                     delay = self.settings.reconnect_min;
+                    let mut pump = Pump::start(eventloop);
                     match self
                         .session(
                             &client,
-                            &mut eventloop,
+                            &mut pump,
                             &shutdown,
                             &mut pending,
                             ack.session_present,
@@ -230,7 +233,7 @@ impl Uplink {
                         .await
                     {
                         Ended::Shutdown => {
-                            self.say_goodbye(&client, &mut eventloop).await;
+                            self.say_goodbye(&client, &mut pump).await;
                             return;
                         }
                         Ended::LinkChanged(why) => {
@@ -252,7 +255,6 @@ impl Uplink {
             self.service
                 .set_broker("down", Some(format!("broker: {failure}")));
             drop(client);
-            drop(eventloop);
             // Jitter keeps a fleet that lost the same broker from returning in step.
             let jittered = delay.mul_f64(0.5 + rand_unit());
             self.service.set_sync_note(
@@ -357,7 +359,7 @@ impl Uplink {
     async fn session(
         &mut self,
         client: &AsyncClient,
-        eventloop: &mut rumqttc::EventLoop,
+        pump: &mut Pump,
         shutdown: &CancellationToken,
         pending: &mut TriggerSet,
         session_present: bool,
@@ -618,7 +620,7 @@ impl Uplink {
                         return Ended::Lost("no acknowledgement from the back office in time".into());
                     }
                 }
-                event = eventloop.poll() => match event {
+                event = pump.next() => match event {
                     Ok(Event::Incoming(Incoming::Publish(p))) => {
                         if p.topic == self.topics.acks() {
                             let Some(acks) = self.read_acks(&p.payload) else { continue };
@@ -676,7 +678,7 @@ impl Uplink {
                         ));
                     }
                     Ok(_) => {}
-                    Err(e) => return Ended::Lost(e.to_string()),
+                    Err(e) => return Ended::Lost(e),
                 },
             }
         }
@@ -1008,12 +1010,12 @@ impl Uplink {
 
     /// A clean stop says "offline" itself, so the back office need not wait for the
     /// broker to notice a missing keepalive.
-    async fn say_goodbye(&self, client: &AsyncClient, eventloop: &mut rumqttc::EventLoop) {
+    async fn say_goodbye(&self, client: &AsyncClient, pump: &mut Pump) {
         let offline = serde_json::json!({"v": WIRE_VERSION, "state": "offline"}).to_string();
         let _ = client.try_publish(self.topics.status(), QoS::AtLeastOnce, true, offline);
         let _ = client.try_disconnect();
         let _ = tokio::time::timeout(Duration::from_millis(500), async {
-            while let Ok(ev) = eventloop.poll().await {
+            while let Ok(ev) = pump.next().await {
                 if matches!(ev, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
                     break;
                 }
