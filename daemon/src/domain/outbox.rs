@@ -329,27 +329,40 @@ pub fn acknowledge(
            AND NOT EXISTS (SELECT 1 FROM outbox WHERE item_id = items.id)",
     )?
     .execute([&items])?;
-    // An item with nothing left in the outbox reads as delivered (items::ITEM_COLUMNS):
-    // its row is not rewritten here.
+    // What is left in the outbox of these items, in one statement for the whole
+    // message: the latest operation of each item gives its state. An item with nothing
+    // left reads as delivered (items::ITEM_COLUMNS): its row is not rewritten here.
+    let mut left: std::collections::HashMap<String, (i64, String)> =
+        std::collections::HashMap::new();
+    {
+        let mut stmt = conn
+            .prepare_cached("SELECT item_id, seq, state FROM outbox WHERE item_id IN rarray(?1)")?;
+        let mut rows = stmt.query([&items])?;
+        while let Some(r) = rows.next()? {
+            let (item_id, seq, state): (String, i64, String) = (r.get(0)?, r.get(1)?, r.get(2)?);
+            match left.get_mut(&item_id) {
+                Some(latest) if latest.0 > seq => {}
+                Some(latest) => *latest = (seq, state),
+                None => {
+                    left.insert(item_id, (seq, state));
+                }
+            }
+        }
+    }
+    if !left.is_empty() {
+        // More changes of these items wait: they stay blue, and they have been sent.
+        let still = id_array(left.keys());
+        conn.prepare_cached("UPDATE items SET sent = 1 WHERE id IN rarray(?1)")?
+            .execute([&still])?;
+    }
     let mut changes = Vec::with_capacity(known.len());
     let mut seen = std::collections::HashSet::new();
     for (_, _, item_id, work_order_id, kind, action) in known.into_iter().rev() {
         if !seen.insert(item_id.clone()) {
             continue;
         }
-        let next: Option<String> = conn
-            .prepare_cached(
-                "SELECT state FROM outbox WHERE item_id = ?1 ORDER BY seq DESC LIMIT 1",
-            )?
-            .query_row([&item_id], |r| r.get(0))
-            .optional()?;
-        let state = match next {
-            // More changes of the item wait: it stays blue, and it has been sent.
-            Some(s) => {
-                conn.prepare_cached("UPDATE items SET sent = 1 WHERE id = ?1")?
-                    .execute([&item_id])?;
-                Some(SyncState::parse(&s).unwrap_or(SyncState::Waiting))
-            }
+        let state = match left.get(&item_id) {
+            Some((_, s)) => Some(SyncState::parse(s).unwrap_or(SyncState::Waiting)),
             None if action == "delete" => None,
             None => Some(SyncState::Delivered),
         };
@@ -490,5 +503,35 @@ mod tests {
         // A refusal holds back its work order only.
         refuse(&conn, &b1, "conflict: stale").unwrap();
         assert_eq!(batch(&conn), [(a2, None)]);
+    }
+}
+
+#[cfg(test)]
+mod plan_tests {
+    use rusqlite::Connection;
+
+    /// The plan SQLite picks, one line per step.
+    fn plan(conn: &Connection, sql: &str) -> String {
+        let ids: rusqlite::vtab::array::Array = std::rc::Rc::new(Vec::new());
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let rows = stmt
+            .query_map([&ids], |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        rows.join("\n")
+    }
+
+    #[test]
+    fn acknowledging_looks_items_up_by_index_not_by_scanning_the_outbox() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        crate::store::schema_for_tests(&mut conn);
+        let left = plan(
+            &conn,
+            "SELECT item_id, seq, state FROM outbox WHERE item_id IN rarray(?1)",
+        );
+        assert!(left.contains("USING INDEX outbox_by_item"), "{left}");
+        let sent = plan(&conn, "UPDATE items SET sent = 1 WHERE id IN rarray(?1)");
+        assert!(!sent.contains("SCAN items"), "{sent}");
     }
 }
