@@ -73,8 +73,13 @@ fn build_binaries(dir: &Path) {
     assert!(status.success(), "building fieldsyncd and fieldctl failed");
 }
 
+/// The daemon the harness starts: this tree's, or the one `FIELDSYNC_BIN` names, so that
+/// a benchmark can run another build side by side with this one.
 pub fn fieldsyncd_bin() -> PathBuf {
-    bin_dir().join("fieldsyncd")
+    match std::env::var_os("FIELDSYNC_BIN") {
+        Some(path) => PathBuf::from(path),
+        None => bin_dir().join("fieldsyncd"),
+    }
 }
 
 pub fn fieldctl_bin() -> PathBuf {
