@@ -235,8 +235,9 @@ async fn main() {
     let texts: Vec<String> = (0..n).map(|_| random_text()).collect();
 
     println!("## Drain of {n} queued 1 KiB records\n");
-    println!("| run | mosquitto_pub -q 1 msgs/s | fieldsync records/s | ratio | first batch after broker up | wire bytes per payload byte | CPU s: daemon, back office |");
-    println!("|---|---|---|---|---|---|---|");
+    // "From the first batch" leaves the reconnect out: what the sending itself does.
+    println!("| run | mosquitto_pub -q 1 msgs/s | fieldsync records/s | ratio | first batch after broker up | records/s from the first batch | wire bytes per payload byte | CPU s: daemon, back office |");
+    println!("|---|---|---|---|---|---|---|---|");
     for run in 1..=2 {
         let reference = mosquitto_pub(&texts);
         let bodies = texts
@@ -245,8 +246,9 @@ async fn main() {
             .collect();
         let (d, _) = drain(bodies).await;
         let rate = n as f64 / d.all_s;
+        let sending = n as f64 / (d.all_s - d.first_ms / 1000.0);
         println!(
-            "| {run} | {reference:.0} | {rate:.0} | {:.2}x | {:.0} ms | {:.3} | {:.2}, {:.2} |",
+            "| {run} | {reference:.0} | {rate:.0} | {:.2}x | {:.0} ms | {sending:.0} | {:.3} | {:.2}, {:.2} |",
             rate / reference,
             d.first_ms,
             d.wire as f64 / (n * 1024) as f64,
