@@ -5,16 +5,17 @@
 //! loop is polled. Polled from the session's own loop, the connection stood still each
 //! time the session waited for the store (reading the next batch, recording it as sent),
 //! so batches went out and acknowledgements came in by turns. On its own task the event
-//! loop keeps the socket busy both ways while the session works; the bounded queue
-//! between them keeps memory flat when the session falls behind (the task then stops
-//! reading, and TCP slows the broker down).
+//! loop keeps the socket busy both ways while the session works. The queue between them
+//! is short: it needs room only for the answers to a window of batches, and a session
+//! that falls behind then stops the task reading, so TCP slows the broker down and at
+//! most [`QUEUE`] messages (each within `uplink.max_downlink_bytes`) wait in memory.
 
 use rumqttc::{Event, EventLoop, Incoming, Outgoing};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 /// Events the session has not taken yet.
-const QUEUE: usize = 64;
+const QUEUE: usize = 4;
 
 pub struct Pump {
     events: mpsc::Receiver<Result<Event, String>>,
