@@ -510,7 +510,7 @@ fn uplink(
         }
     };
     let secs = std::time::Duration::from_secs;
-    let level = u.compression_level.unwrap_or(1);
+    let level = u.compression_level.unwrap_or(3);
     if !(1..=19).contains(&level) {
         return Err(invalid("uplink.compression_level", "must be from 1 to 19"));
     }
