@@ -340,12 +340,8 @@ pub fn acknowledge(
         let mut rows = stmt.query([&items])?;
         while let Some(r) = rows.next()? {
             let (item_id, seq, state): (String, i64, String) = (r.get(0)?, r.get(1)?, r.get(2)?);
-            match left.get_mut(&item_id) {
-                Some(latest) if latest.0 > seq => {}
-                Some(latest) => *latest = (seq, state),
-                None => {
-                    left.insert(item_id, (seq, state));
-                }
+            if left.get(&item_id).is_none_or(|(latest, _)| *latest < seq) {
+                left.insert(item_id, (seq, state));
             }
         }
     }
