@@ -437,26 +437,36 @@ impl Service {
                     } else {
                         format!("{}: {}", r.code, r.reason)
                     };
-                    if let Some(change) = outbox::refuse(c, &r.id, &reason)? {
+                    let refused_wo = outbox::refuse(c, &r.id, &reason)?.map(|change| {
+                        let wo = change.work_order_id.clone();
                         changes.push(change);
-                    }
+                        wo
+                    });
                     // The back office's current version of the work order, so the
                     // inspector sees what changed.
                     // A broken one is left out: the refusal itself must still be kept,
-                    // or the same batch would come back and be refused for ever.
+                    // or the same batch would come back and be refused for ever. So is
+                    // one of another work order: a refusal is no way to hand one out.
                     if let Some(doc) = &r.work_order {
                         let doc = serde_json::from_value::<WorkOrderDoc>(doc.clone())
                             .map_err(|e| e.to_string())
                             .and_then(|doc| {
                                 doc.validate().map(|()| doc).map_err(|e| e.to_string())
                             });
-                        match doc {
-                            Ok(doc) => {
+                        match (doc, &refused_wo) {
+                            (Ok(doc), Some(wo)) if doc.id == *wo => {
                                 if let Some(ch) = work_orders::upsert(c, &doc)? {
                                     wo_changes.push((doc.id.clone(), ch));
                                 }
                             }
-                            Err(e) => bad_docs.push(format!("work order in a refusal: {e}")),
+                            (Ok(doc), Some(wo)) => bad_docs.push(format!(
+                                "the refusal of {} (work order {wo}) carries work order {}: ignored",
+                                r.id, doc.id
+                            )),
+                            // Not ours (any more): nothing to say which work order it
+                            // is about.
+                            (Ok(_), None) => {}
+                            (Err(e), _) => bad_docs.push(format!("work order in a refusal: {e}")),
                         }
                     }
                 }
@@ -688,5 +698,74 @@ mod tests {
         ));
         service.set_link(wifi("Wi-Fi, another access point"));
         assert!(events.try_recv().is_err());
+    }
+
+    /// A refusal may bring the back office's version of the refused operation's work
+    /// order; one that names another work order is not stored.
+    #[tokio::test]
+    async fn a_refusal_carrying_another_work_order_changes_no_work_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = crate::store::Store::open(dir.path()).unwrap();
+        let service = Service::new(store.clone(), crate::config::load(None).unwrap(), None);
+        let doc = |id: &str, version: i64, title: &str| {
+            serde_json::json!({"id": id, "version": version, "title": title,
+                               "stage": "new", "workflow": ["new", "done"]})
+        };
+        store
+            .write(move |c| {
+                let d: WorkOrderDoc = serde_json::from_value(doc("W", 1, "first")).unwrap();
+                work_orders::upsert(c, &d)?;
+                Ok::<_, DomainError>(())
+            })
+            .await
+            .unwrap();
+        let capture = ui_bridge::Request::AddRecord {
+            work_order_id: "W".into(),
+            record: ui_bridge::RecordBody::Note { text: "n".into() },
+        };
+        service.handle(capture, None).await.unwrap();
+        service.fold().await.unwrap();
+        let ops = store
+            .read_blocking(|c| outbox::next_batch(c, 10, 1 << 20))
+            .unwrap();
+        let refusal = |wo: serde_json::Value| Acks {
+            v: 1,
+            acks: Vec::new(),
+            refused: vec![Refusal {
+                id: ops[0].op_id.clone(),
+                code: "conflict".into(),
+                reason: "changed in the office".into(),
+                work_order: Some(wo),
+            }],
+            unreadable: Vec::new(),
+        };
+        service
+            .apply_acks(refusal(doc("OTHER", 5, "not asked for")))
+            .await
+            .unwrap();
+        let known: Vec<String> = store
+            .read_blocking(|c| {
+                let mut s = c.prepare("SELECT id FROM work_orders ORDER BY id")?;
+                let ids = s.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+                Ok::<_, DomainError>(ids)
+            })
+            .unwrap();
+        assert_eq!(known, ["W"], "no work order made from another's refusal");
+        assert_eq!(service.sync_status().bad_downlink, 1);
+
+        // Its own work order's version is taken.
+        service
+            .apply_acks(refusal(doc("W", 2, "second")))
+            .await
+            .unwrap();
+        let title: String = store
+            .read_blocking(|c| {
+                c.query_row("SELECT title FROM work_orders WHERE id = 'W'", [], |r| {
+                    r.get(0)
+                })
+                .map_err(DomainError::from)
+            })
+            .unwrap();
+        assert_eq!(title, "second");
     }
 }
