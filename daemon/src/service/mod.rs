@@ -179,7 +179,9 @@ impl Service {
             loop {
                 let Some(inner) = weak.upgrade() else { return };
                 let q = &inner.quiet_fold;
-                let since = q.since_start_us() - q.last_capture_us.load(Ordering::Acquire);
+                // A capture may note its time between the two readings: saturate.
+                let last = q.last_capture_us.load(Ordering::Acquire);
+                let since = q.since_start_us().saturating_sub(last);
                 let quiet_for = FOLD_WHEN_QUIET.as_micros() as u64;
                 if since < quiet_for {
                     drop(inner);
