@@ -711,12 +711,9 @@ pub fn free_bytes(dir: &Path) -> u64 {
 mod tests {
     use super::*;
 
-    /// A reader who comes while another caller's fold waits for the writer must wait
-    /// for that fold too; reading at once would miss the captures it moves.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_read_waits_for_a_fold_under_way() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, _) = Store::open(dir.path()).unwrap();
+    /// A store in `dir` holding work order `W`, and a service over it.
+    async fn with_work_order_w(dir: &Path) -> (Store, Service) {
+        let (store, _) = Store::open(dir).unwrap();
         let service = Service::new(store.clone(), crate::config::load(None).unwrap(), None);
         store
             .write(|c| {
@@ -729,6 +726,15 @@ mod tests {
             })
             .await
             .unwrap();
+        (store, service)
+    }
+
+    /// A reader who comes while another caller's fold waits for the writer must wait
+    /// for that fold too; reading at once would miss the captures it moves.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_waits_for_a_fold_under_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, service) = with_work_order_w(dir.path()).await;
         service.fold().await.unwrap();
         let capture = Request::AddRecord {
             work_order_id: "W".into(),
@@ -773,19 +779,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn captures_are_folded_after_a_pause_not_during_a_burst() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, _) = Store::open(dir.path()).unwrap();
-        let service = Service::new(store.clone(), crate::config::load(None).unwrap(), None);
-        store
-            .write(|c| {
-                c.execute(
-                    "INSERT INTO work_orders (id, version, title, stage, workflow, doc, received_ms)
-                     VALUES ('W', 1, 't', 'new', '[\"new\"]', '{}', 0)",
-                    [],
-                )
-                .map_err(DomainError::from)
-            })
-            .await
-            .unwrap();
+        let (store, service) = with_work_order_w(dir.path()).await;
         let staged = || store.read_blocking(journal::staged).unwrap();
         for i in 0..20 {
             let capture = Request::AddRecord {
