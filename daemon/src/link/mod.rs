@@ -91,17 +91,20 @@ impl LinkState {
             class: LinkClass::Unknown,
             source: LinkSource::NetworkManager,
             connection: None,
-            detail: "asking NetworkManager".into(),
+            detail: ASKING.into(),
         }
     }
 
     /// Whether the watcher has not said anything yet. The uplink waits for its first word
     /// (bounded by [`FIRST_WORD`]): connecting at once could send on a link that turns
-    /// out to be offline, or one the policy keeps records or photos off.
+    /// out to be offline, or one the policy keeps records or photos off. An answer can
+    /// be "unknown" too (a captive portal, NetworkManager starting): that is a word.
     pub fn is_asking(&self) -> bool {
-        self.class == LinkClass::Unknown && self.source == LinkSource::NetworkManager
+        *self == LinkState::asking()
     }
 }
+
+const ASKING: &str = "asking NetworkManager";
 
 /// How long the uplink waits at start for the watcher's first word. The watcher's calls
 /// time out after 5 s and then it says "unknown", so this is only a backstop.
@@ -130,3 +133,21 @@ pub fn spawn(
 
 /// How long to wait before trying the system bus again after it went away.
 const RETRY_BUS: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(30));
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_answer_of_unknown_is_not_taken_for_no_answer_yet() {
+        assert!(LinkState::asking().is_asking());
+        let portal = LinkState {
+            class: LinkClass::Unknown,
+            source: LinkSource::NetworkManager,
+            connection: Some("/org/freedesktop/NetworkManager/ActiveConnection/1".into()),
+            detail: "NetworkManager's check sees a captive portal".into(),
+        };
+        assert!(!portal.is_asking());
+        assert!(!LinkState::unknown("no system bus").is_asking());
+    }
+}

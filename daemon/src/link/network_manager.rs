@@ -31,9 +31,14 @@ const MM: &str = "org.freedesktop.ModemManager1";
 const MM_PATH: &str = "/org/freedesktop/ModemManager1";
 const MM_MODEM: &str = "org.freedesktop.ModemManager1.Modem";
 
-/// A change usually arrives as a burst of signals from several objects; one read after
-/// the burst sees the finished picture.
+/// A change arrives as a burst of signals: real NetworkManager sends one per property,
+/// the primary connection first and the state, metering and connectivity up to some
+/// 60 ms later. One read once no signal has come for this long sees the finished
+/// picture, not a moment in between.
 const SETTLE: Duration = Duration::from_millis(40);
+/// Longest wait for a burst to end, so that a service that never stops talking is
+/// still read.
+const SETTLE_AT_MOST: Duration = Duration::from_millis(250);
 /// Longest wait for the bus or NetworkManager to answer one call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// After a failed read, when to try again even if no signal comes.
@@ -54,9 +59,11 @@ const NM_KEYS: [&str; 7] = [
 const MM_KEYS: [&str; 1] = ["AccessTechnologies"];
 
 // NetworkManager's NMState, NMConnectivityState, NMMetered and NMDeviceType values.
+const NM_STATE_CONNECTED_LOCAL: u32 = 50;
 const NM_STATE_CONNECTED_SITE: u32 = 60;
 const NM_CONNECTIVITY_NONE: u32 = 1;
 const NM_CONNECTIVITY_PORTAL: u32 = 2;
+const NM_CONNECTIVITY_LIMITED: u32 = 3;
 const NM_METERED_YES: u32 = 1;
 const NM_METERED_GUESS_YES: u32 = 3;
 const NM_DEVICE_ETHERNET: u32 = 1;
@@ -109,14 +116,33 @@ pub(super) fn classify(s: &Snapshot) -> LinkState {
         return state(LinkClass::Unknown, "NetworkManager is starting".into());
     }
     if s.state < NM_STATE_CONNECTED_SITE {
+        // NetworkManager's check runs on the default route, whoever set it up: a link it
+        // does not manage (ifupdown, a vendor's modem tool) shows only there.
+        if s.connectivity >= NM_CONNECTIVITY_PORTAL {
+            return state(
+                LinkClass::Unknown,
+                "a link NetworkManager does not manage".into(),
+            );
+        }
+        // Connected without a default route: a broker on the local network may answer.
+        if s.state == NM_STATE_CONNECTED_LOCAL {
+            return state(LinkClass::Unknown, "local network only".into());
+        }
         return state(
             LinkClass::Offline,
             format!("NetworkManager state {}", s.state),
         );
     }
+    let mut limited = "";
     match s.connectivity {
+        // Connected with a default route, yet "none": NetworkManager says so until its
+        // first check after a connection comes up has answered, which takes as long as
+        // the check's server does. The broker is tried meanwhile.
         NM_CONNECTIVITY_NONE => {
-            return state(LinkClass::Offline, "no connectivity".into());
+            return state(
+                LinkClass::Unknown,
+                "NetworkManager's connectivity check has not answered yet".into(),
+            );
         }
         // NetworkManager says "portal" for any unexpected answer to its check: behind a
         // transparent proxy or a carrier's header injection too, where the broker may
@@ -127,6 +153,9 @@ pub(super) fn classify(s: &Snapshot) -> LinkState {
                 "NetworkManager's check sees a captive portal".into(),
             );
         }
+        // The check's server does not answer: a private APN or a depot network may
+        // still reach the broker. The link is what it is; the detail says so.
+        NM_CONNECTIVITY_LIMITED => limited = ", limited connectivity",
         _ => {}
     }
     let metered = matches!(s.metered, NM_METERED_YES | NM_METERED_GUESS_YES);
@@ -145,7 +174,7 @@ pub(super) fn classify(s: &Snapshot) -> LinkState {
             .find(|t| s.devices.contains(t))
             .unwrap_or(0),
     };
-    match medium {
+    let mut classified = match medium {
         NM_DEVICE_MODEM => match s.access {
             Some(a) if a & MM_FAST != 0 => state(LinkClass::Cellular, access_words(a)),
             Some(a) if a & MM_SLOW != 0 => state(LinkClass::TwoG, access_words(a)),
@@ -166,7 +195,9 @@ pub(super) fn classify(s: &Snapshot) -> LinkState {
         _ if metered => state(LinkClass::Metered, format!("{}{metered_words}", s.kind)),
         _ if s.kind.is_empty() => state(LinkClass::Unknown, "connection of unknown type".into()),
         _ => state(LinkClass::Unknown, format!("{} connection", s.kind)),
-    }
+    };
+    classified.detail.push_str(limited);
+    classified
 }
 
 /// The fastest technology in `bits`, the way a phone's status bar names it.
@@ -327,10 +358,22 @@ async fn watch_bus(
         tokio::select! {
             _ = shutdown.cancelled() => return None,
             _ = gone.recv() => return Some("connection closed".into()),
-            _ = wake.notified() => tokio::time::sleep(SETTLE).await,
+            _ = wake.notified() => settle(&wake).await,
             // Only after a failure: a NetworkManager that answered badly may send no
             // signal to say it is well again.
             _ = tokio::time::sleep(REREAD), if failed => {}
+        }
+    }
+}
+
+/// Returns once the signals of a change have stopped coming (see [`SETTLE`]).
+async fn settle(wake: &Notify) {
+    let deadline = tokio::time::Instant::now() + SETTLE_AT_MOST;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(SETTLE) => return,
+            _ = tokio::time::sleep_until(deadline) => return,
+            _ = wake.notified() => {}
         }
     }
 }
@@ -470,7 +513,7 @@ async fn read(conn: &Connection) -> zbus::Result<Option<Snapshot>> {
     let mut snap = Snapshot {
         state: prop_u32(&nm, "State").unwrap_or(0),
         starting: prop_bool(&nm, "Startup"),
-        // Without a connectivity check NetworkManager says "unknown", which is not "none".
+        // Missing (or "unknown", while NetworkManager starts or stops): no word either way.
         connectivity: prop_u32(&nm, "Connectivity").unwrap_or(0),
         metered: prop_u32(&nm, "Metered").unwrap_or(0),
         kind: prop_str(&nm, "PrimaryConnectionType").unwrap_or_default(),
@@ -522,6 +565,35 @@ async fn read(conn: &Connection) -> zbus::Result<Option<Snapshot>> {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn a_burst_of_signals_is_read_once_it_is_over() {
+        let wake = Arc::new(Notify::new());
+        let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let signals = {
+            let (wake, sent) = (wake.clone(), sent.clone());
+            tokio::spawn(async move {
+                // One signal per property, as real NetworkManager sends a change.
+                for _ in 0..5 {
+                    tokio::time::sleep(Duration::from_millis(15)).await;
+                    sent.lock().unwrap().push(tokio::time::Instant::now());
+                    wake.notify_one();
+                }
+            })
+        };
+        let start = tokio::time::Instant::now();
+        settle(&wake).await;
+        let read_at = tokio::time::Instant::now();
+        signals.await.unwrap();
+        let sent = sent.lock().unwrap();
+        let last_before = sent.iter().filter(|t| **t <= read_at).max().copied();
+        let quiet_since = last_before.unwrap_or(start);
+        assert!(
+            read_at - quiet_since >= SETTLE || read_at - start >= SETTLE_AT_MOST,
+            "read {:?} after the last signal",
+            read_at - quiet_since
+        );
+    }
+
     fn online(kind: &str, metered: u32, devices: &[u32], access: Option<u32>) -> Snapshot {
         Snapshot {
             state: 70,
@@ -550,11 +622,47 @@ mod tests {
             (
                 Snapshot {
                     state: 50,
-                    connectivity: 4,
+                    connectivity: 1,
+                    ..Snapshot::default()
+                },
+                Unknown,
+                "local only",
+            ),
+            (
+                Snapshot {
+                    state: 20,
+                    connectivity: 1,
                     ..Snapshot::default()
                 },
                 Offline,
-                "local only",
+                "disconnected, the check agrees",
+            ),
+            (
+                Snapshot {
+                    state: 20,
+                    connectivity: 4,
+                    ..Snapshot::default()
+                },
+                Unknown,
+                "a link NetworkManager does not manage",
+            ),
+            (
+                Snapshot {
+                    state: 20,
+                    connectivity: 3,
+                    ..Snapshot::default()
+                },
+                Unknown,
+                "an unmanaged link, limited",
+            ),
+            (
+                Snapshot {
+                    state: 60,
+                    connectivity: 3,
+                    ..online("802-3-ethernet", 4, &[1], None)
+                },
+                Ethernet,
+                "limited",
             ),
             (
                 Snapshot {
@@ -575,11 +683,12 @@ mod tests {
             ),
             (
                 Snapshot {
+                    state: 60,
                     connectivity: 1,
                     ..online("802-11-wireless", 4, &[2], None)
                 },
-                Offline,
-                "none",
+                Unknown,
+                "the first check has not answered",
             ),
             (
                 Snapshot {
@@ -660,6 +769,15 @@ mod tests {
         assert_eq!(
             classify(&online("802-11-wireless", 3, &[2], None)).detail,
             "Wi-Fi, metered (guessed)"
+        );
+        assert_eq!(
+            classify(&Snapshot {
+                state: 60,
+                connectivity: 3,
+                ..online("802-3-ethernet", 4, &[1], None)
+            })
+            .detail,
+            "Ethernet, limited connectivity"
         );
     }
 }
