@@ -526,11 +526,17 @@ fn uplink(
         "uplink.photo_chunk_bytes",
         u.photo_chunk_bytes.unwrap_or(32 * 1024),
     )?;
-    if photo_chunk_bytes + PHOTO_CHUNK_HEADER > max_message_bytes {
+    // A chunk's packet: its header, the photo's topic, the MQTT header around them.
+    let photo_topic = crate::uplink::wire::Topics::new(&topic_prefix, &device_id)
+        .photo(&"0".repeat(64))
+        .len();
+    let chunk_packet =
+        crate::uplink::wire::packet_bytes(photo_topic, photo_chunk_bytes + PHOTO_CHUNK_HEADER);
+    if chunk_packet > max_message_bytes {
         return Err(invalid(
             "uplink.photo_chunk_bytes",
             format!(
-                "a chunk and its {PHOTO_CHUNK_HEADER}-byte header must fit in uplink.max_message_bytes ({max_message_bytes})"
+                "a chunk makes a {chunk_packet}-byte packet (its {PHOTO_CHUNK_HEADER}-byte header, the photo's topic and MQTT's header included), more than uplink.max_message_bytes ({max_message_bytes})"
             ),
         ));
     }
@@ -698,6 +704,12 @@ mod tests {
             // A photo chunk could never be sent.
             (
                 "[uplink]\nbroker = \"mqtt://b\"\nmax_message_bytes = 65536\nphoto_chunk_bytes = 65536\n",
+                "uplink.photo_chunk_bytes",
+            ),
+            // The chunk and its header fit; with the topic and MQTT's header they do
+            // not, and a broker that counts packets would drop every one.
+            (
+                "[uplink]\nbroker = \"mqtt://b\"\nmax_message_bytes = 20480\nphoto_chunk_bytes = 20464\n",
                 "uplink.photo_chunk_bytes",
             ),
         ] {

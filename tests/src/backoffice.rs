@@ -85,6 +85,8 @@ pub struct Options {
     pub client_id: String,
     /// How long to keep trying the first connection before giving up.
     pub connect_timeout: Duration,
+    /// User name and password, for brokers that require a login.
+    pub login: Option<(String, String)>,
 }
 
 impl Options {
@@ -97,6 +99,7 @@ impl Options {
             device: None,
             client_id: format!("backoffice-{}", std::process::id()),
             connect_timeout: Duration::from_secs(10),
+            login: None,
         }
     }
 }
@@ -209,6 +212,9 @@ impl BackOffice {
         );
         o.set_keep_alive(Duration::from_secs(5));
         o.set_clean_session(false);
+        if let Some((user, password)) = &options.login {
+            o.set_credentials(user, password);
+        }
         o.set_max_packet_size(64 << 20, 64 << 20);
         o.set_inflight(1000);
         let (client, mut eventloop) = AsyncClient::new(o, 10_000);

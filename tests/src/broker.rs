@@ -67,6 +67,16 @@ impl Broker {
         b
     }
 
+    /// Mosquitto with `extra` lines in its configuration (a packet limit, say).
+    pub fn start_mosquitto_with(extra: &str) -> Broker {
+        let mut b = Broker::prepare(Kind::Mosquitto, None);
+        let mut conf = std::fs::read_to_string(&b.conf).expect("mosquitto.conf");
+        conf.push_str(extra);
+        std::fs::write(&b.conf, conf).expect("write mosquitto.conf");
+        b.spawn();
+        b
+    }
+
     /// Aedes refusing subscriptions to `filter`, as access rules that do not let a
     /// device read there would.
     pub fn start_aedes_refusing(filter: &str) -> Broker {

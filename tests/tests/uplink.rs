@@ -1106,6 +1106,44 @@ async fn a_change_too_large_for_the_broker_is_refused_on_the_device() {
     assert_eq!(applied[101].item, behind.id);
 }
 
+/// A broker that takes the connection and then drops it for a packet over its limit
+/// (Mosquitto's `max_packet_size`, rumqttd's default 20 KiB) while the device's
+/// `max_message_bytes` is larger. Every connection fails the same way, so the device
+/// backs off instead of calling again every `reconnect_min_ms`, and says why the
+/// connection dropped, not only that a publish could not go after it had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_drops_every_connection_is_called_with_growing_backoff() {
+    let broker = Broker::start_mosquitto_with("max_packet_size 20000\n");
+    let d = Daemon::start_with(Options {
+        uplink: format!(
+            "broker = \"{}\"\ndevice_id = \"{DEVICE}\"\nreconnect_min_ms = 50\nreconnect_max_secs = 2\n",
+            broker.url()
+        ),
+        ..Options::default()
+    });
+    let mut c = d.client().await;
+    // About 23 KB once compressed: over the broker's limit, under the device's.
+    c.add_record("WO-1", note(noise(7, 30_000))).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let log = d.log();
+    let connects = log.matches("connected to the broker").count();
+    assert!(connects >= 2, "the broker was called again:\n{log}");
+    // 50, 100, 200, 400, 800 ms, then 2 s (each with jitter): a handful in 6 s, where a
+    // backoff that starts over at every connection would make dozens.
+    assert!(connects <= 12, "{connects} connections in 6 s:\n{log}");
+    let lost: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("broker connection lost"))
+        .collect();
+    assert!(!lost.is_empty(), "{log}");
+    assert!(
+        lost.iter()
+            .all(|l| !l.contains("Failed to send mqtt requests")),
+        "the cause, not its echo:\n{}",
+        lost.join("\n")
+    );
+}
+
 /// Access rules that keep the device from reading its downlink: no acknowledgement could
 /// ever arrive. The device says so, keeps what it captured, and retries with backoff
 /// rather than sending the same batch every `ack_timeout_secs`.

@@ -135,7 +135,13 @@ pub struct Uplink {
     /// for the link watcher's first answer.
     started: Instant,
     codec: std::sync::Mutex<wire::Codec>,
+    /// The broker has delivered something to this session (an acknowledgement, a
+    /// push): the connection works both ways.
+    heard: bool,
 }
+
+/// A session that lasts this long counts as working even if nothing came back.
+const WORKING_SESSION: Duration = Duration::from_secs(30);
 
 /// What one session is doing about sync.
 struct Sync {
@@ -160,19 +166,21 @@ impl Uplink {
             link,
             started: Instant::now(),
             codec,
+            heard: false,
         }
     }
 
-    /// Encodes `batch`, cut down from the end until its message fits in
+    /// Encodes `batch`, cut down from the end until its packet fits in
     /// `max_message_bytes`.
     fn fit(&self, mut batch: Vec<PendingOp>) -> Result<Fitted, wire::WireError> {
+        let topic = self.topics.ops().len();
         loop {
             let payload = self.codec().encode_batch(&batch)?;
-            if payload.len() <= self.settings.max_message_bytes {
+            let size = wire::packet_bytes(topic, payload.len());
+            if size <= self.settings.max_message_bytes {
                 return Ok(Fitted::Message(batch, payload));
             }
             if batch.len() == 1 {
-                let size = payload.len();
                 return Ok(Fitted::TooLarge(batch.remove(0), size));
             }
             // Halving: a few tries even from hundreds of operations, where compression
@@ -219,10 +227,10 @@ impl Uplink {
                         session_present = ack.session_present,
                         "connected to the broker"
                     );
-                    let backoff = delay;
-                    delay = self.settings.reconnect_min;
                     let mut pump = Pump::start(eventloop);
-                    match self
+                    let began = Instant::now();
+                    self.heard = false;
+                    let ended = self
                         .session(
                             &client,
                             &mut pump,
@@ -230,8 +238,12 @@ impl Uplink {
                             &mut pending,
                             ack.session_present,
                         )
-                        .await
-                    {
+                        .await;
+                    // A broker that takes the connection and then drops it (a packet over
+                    // its limit, its rules) would otherwise be called every 100 ms for
+                    // ever: the backoff starts over only after a session that worked.
+                    let worked = self.heard || began.elapsed() >= WORKING_SESSION;
+                    match ended {
                         Ended::Shutdown => {
                             self.say_goodbye(&client, &mut pump).await;
                             return;
@@ -239,13 +251,18 @@ impl Uplink {
                         Ended::LinkChanged(why) => {
                             tracing::info!(reason = %why, "broker session closed");
                             self.service.set_broker("down", None);
+                            delay = self.settings.reconnect_min;
                             continue;
                         }
-                        Ended::Lost(why) => why,
-                        Ended::Refused(why) => {
-                            delay = backoff;
-                            why
+                        Ended::Lost(why) => {
+                            if worked {
+                                delay = self.settings.reconnect_min;
+                            }
+                            // The connection's own failure, when there is one, is the
+                            // cause; a publish that could not go is only how it showed.
+                            pump.failure().unwrap_or(why)
                         }
+                        Ended::Refused(why) => why,
                     }
                 }
                 Ok(other) => format!("unexpected first packet {other:?}"),
@@ -622,7 +639,11 @@ impl Uplink {
                 }
                 event = pump.next() => match event {
                     Ok(Event::Incoming(Incoming::Publish(p))) => {
+                        self.heard = true;
                         if p.topic == self.topics.acks() {
+                            // Acknowledgements may come twice: the operations they settle
+                            // are then unknown ids, counted and ignored.
+                            let _ = client.try_ack(&p);
                             let Some(acks) = self.read_acks(&p.payload) else { continue };
                             let settled = acks.settled();
                             // Recorded beside the sending rather than before it: the
@@ -665,6 +686,11 @@ impl Uplink {
                         } else {
                             tracing::warn!(topic = %p.topic, "message on an unknown downlink topic ignored");
                         }
+                        if p.topic != self.topics.acks() {
+                            // Handled: a push is in the store. Not acknowledged when the
+                            // session ends first, so the broker delivers it again.
+                            let _ = client.try_ack(&p);
+                        }
                     }
                     Ok(Event::Incoming(Incoming::SubAck(ack)))
                         if ack.return_codes.contains(&rumqttc::SubscribeReasonCode::Failure) =>
@@ -676,6 +702,13 @@ impl Uplink {
                             "the broker refused the subscription to {}: its access rules must let this device read there",
                             self.topics.downlink_filter()
                         ));
+                    }
+                    Ok(Event::Incoming(Incoming::SubAck(ack)))
+                        if ack.return_codes.contains(&rumqttc::SubscribeReasonCode::Success(QoS::AtMostOnce)) =>
+                    {
+                        // It works, but the broker may drop what it sends: acknowledgements
+                        // come again as operations are sent again; a push would be lost.
+                        tracing::warn!(filter = %self.topics.downlink_filter(), "the broker grants only QoS 0 for the downlink: work orders it pushes may be lost on a cut; its configuration should allow QoS 1");
                     }
                     Ok(_) => {}
                     Err(e) => return Ended::Lost(e),

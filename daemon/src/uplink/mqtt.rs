@@ -42,6 +42,10 @@ pub fn options(s: &UplinkSettings, topics: &Topics) -> Result<MqttOptions, MqttS
     // The broker keeps the subscription and queues acknowledgements and work orders
     // while the device is away.
     o.set_clean_session(false);
+    // A message is acknowledged to the broker once it has been handled (a push is in
+    // the store), not when it is read: one read and then lost with the session or the
+    // process would never come again.
+    o.set_manual_acks(true);
     o.set_keep_alive(s.keep_alive);
     o.set_inflight((s.window * 2).clamp(8, u16::MAX as usize) as u16);
     // The incoming limit stays well above `max_downlink_bytes`: rumqttc drops the

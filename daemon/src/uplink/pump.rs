@@ -10,6 +10,8 @@
 //! that falls behind then stops the task reading, so TCP slows the broker down and at
 //! most [`QUEUE`] messages (each within `uplink.max_downlink_bytes`) wait in memory.
 
+use std::sync::{Arc, Mutex};
+
 use rumqttc::{Event, EventLoop, Incoming, Outgoing};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -20,18 +22,28 @@ const QUEUE: usize = 4;
 pub struct Pump {
     events: mpsc::Receiver<Result<Event, String>>,
     task: JoinHandle<()>,
+    /// Why the connection failed, kept apart from the queue: the session may first
+    /// notice the failure as a publish that cannot go, which says nothing of the cause.
+    failure: Arc<Mutex<Option<String>>>,
 }
 
 impl Pump {
     /// Takes over an event loop whose connection is up (its ConnAck was read).
     pub fn start(mut eventloop: EventLoop) -> Pump {
         let (tx, events) = mpsc::channel(QUEUE);
+        let failure = Arc::new(Mutex::new(None));
+        let failed = failure.clone();
         let task = tokio::spawn(async move {
             loop {
                 let event = eventloop.poll().await.map_err(|e| e.to_string());
                 // The next poll after an error would reconnect on its own; the session
                 // decides that, with its backoff and a fresh client.
                 let ends = event.is_err();
+                if let Err(e) = &event {
+                    if let Ok(mut f) = failed.lock() {
+                        *f = Some(e.clone());
+                    }
+                }
                 if wanted(&event) && tx.send(event).await.is_err() {
                     return;
                 }
@@ -40,7 +52,16 @@ impl Pump {
                 }
             }
         });
-        Pump { events, task }
+        Pump {
+            events,
+            task,
+            failure,
+        }
+    }
+
+    /// Why the connection failed, if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().ok().and_then(|f| f.clone())
     }
 
     /// The next event the session acts on. An error ends the connection.

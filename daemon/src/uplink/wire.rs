@@ -14,6 +14,21 @@ pub const WIRE_VERSION: u32 = 1;
 const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 
 /// The topics of one device.
+/// The bytes of a QoS 1 PUBLISH packet carrying `payload` bytes on a topic of
+/// `topic` bytes: what a broker's packet limit counts (Mosquitto's `max_packet_size`,
+/// rumqttd's `max_payload_size`), not the payload alone.
+pub fn packet_bytes(topic: usize, payload: usize) -> usize {
+    // Topic length, topic, packet id.
+    let rest = 2 + topic + 2 + payload;
+    let length_bytes = match rest {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    };
+    1 + length_bytes + rest
+}
+
 #[derive(Debug, Clone)]
 pub struct Topics {
     base: String,
@@ -379,6 +394,30 @@ pub enum WireError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_packet_is_counted_as_the_mqtt_client_writes_it() {
+        for (topic, payload) in [
+            (10, 0),
+            (20, 100),
+            (40, 16_000),
+            (40, 16_400),
+            (70, 131_072),
+            (30, 2_100_000),
+        ] {
+            let mut p = rumqttc::Publish::new(
+                "t".repeat(topic),
+                rumqttc::QoS::AtLeastOnce,
+                vec![0u8; payload],
+            );
+            p.pkid = 1;
+            assert_eq!(
+                packet_bytes(topic, payload),
+                p.size(),
+                "topic {topic}, payload {payload}"
+            );
+        }
+    }
 
     fn op(i: usize, body: &str) -> PendingOp {
         PendingOp {

@@ -16,13 +16,16 @@ static LOST: AtomicBool = AtomicBool::new(false);
 const USAGE: &str = "\
 usage: demo-backoffice --broker mqtt://HOST:PORT [--topic-prefix PREFIX] [--device-id ID]
                        [--work-orders FILE] [--attachments DIR] [--ready-file FILE]
+                       [--username NAME --password-file FILE]
 
   --broker        the broker the devices use (their uplink.broker); mqtt:// only
   --topic-prefix  the devices' uplink.topic_prefix [default: fieldsync/v1]
   --device-id     serve this device only (its uplink.device_id) [default: every device]
   --work-orders   a JSON list of work orders, sent to a device that asks for its full state
   --attachments   serve every file in DIR as an attachment, under its SHA-256
-  --ready-file    created once the back office is connected and subscribed";
+  --ready-file    created once the back office is connected and subscribed
+  --username      log in to the broker as NAME, with the password in FILE (its first
+  --password-file line), for brokers that require a login";
 
 struct Args {
     host: String,
@@ -32,6 +35,7 @@ struct Args {
     work_orders: Option<PathBuf>,
     attachments: Option<PathBuf>,
     ready_file: Option<PathBuf>,
+    login: Option<(String, String)>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -41,6 +45,8 @@ fn parse_args() -> Result<Args, String> {
     let mut work_orders = None;
     let mut ready_file = None;
     let mut attachments = None;
+    let mut username = None;
+    let mut password_file = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = |name: &str| args.next().ok_or(format!("{name} needs a value"));
@@ -51,6 +57,8 @@ fn parse_args() -> Result<Args, String> {
             "--work-orders" => work_orders = Some(PathBuf::from(value("--work-orders")?)),
             "--ready-file" => ready_file = Some(PathBuf::from(value("--ready-file")?)),
             "--attachments" => attachments = Some(PathBuf::from(value("--attachments")?)),
+            "--username" => username = Some(value("--username")?),
+            "--password-file" => password_file = Some(PathBuf::from(value("--password-file")?)),
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -76,6 +84,16 @@ fn parse_args() -> Result<Args, String> {
     if host.is_empty() {
         return Err(format!("{broker:?} names no host"));
     }
+    let login = match (username, password_file) {
+        (None, None) => None,
+        (Some(user), Some(file)) => {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| format!("cannot read the password file {}: {e}", file.display()))?;
+            let password = text.lines().next().unwrap_or_default().to_owned();
+            Some((user, password))
+        }
+        _ => return Err("--username and --password-file go together".into()),
+    };
     Ok(Args {
         host: host.to_owned(),
         port,
@@ -84,6 +102,7 @@ fn parse_args() -> Result<Args, String> {
         work_orders,
         attachments,
         ready_file,
+        login,
     })
 }
 
@@ -180,6 +199,7 @@ async fn main() -> ExitCode {
         device: args.device.clone(),
         client_id: format!("fieldsync-demo-backoffice-{}", std::process::id()),
         connect_timeout: Duration::from_secs(5),
+        login: args.login.clone(),
     };
     let bo = match BackOffice::connect(options, Some(Box::new(print))).await {
         Ok(bo) => bo,
