@@ -642,8 +642,12 @@ impl Uplink {
                         self.heard = true;
                         if p.topic == self.topics.acks() {
                             // Acknowledgements may come twice: the operations they settle
-                            // are then unknown ids, counted and ignored.
-                            let _ = client.try_ack(&p);
+                            // are then unknown ids, counted and ignored. One the broker
+                            // never hears back about would stay in its window for the
+                            // device, so a failure ends the session.
+                            if let Err(e) = client.try_ack(&p) {
+                                return Ended::Lost(format!("acknowledging to the broker: {e}"));
+                            }
                             let Some(acks) = self.read_acks(&p.payload) else { continue };
                             let settled = acks.settled();
                             // Recorded beside the sending rather than before it: the
@@ -689,7 +693,9 @@ impl Uplink {
                         if p.topic != self.topics.acks() {
                             // Handled: a push is in the store. Not acknowledged when the
                             // session ends first, so the broker delivers it again.
-                            let _ = client.try_ack(&p);
+                            if let Err(e) = client.try_ack(&p) {
+                                return Ended::Lost(format!("acknowledging to the broker: {e}"));
+                            }
                         }
                     }
                     Ok(Event::Incoming(Incoming::SubAck(ack)))
