@@ -13,6 +13,7 @@
 //! returns.
 
 pub mod attachments;
+mod checkpoint;
 pub mod photos;
 mod schema;
 
@@ -133,6 +134,8 @@ struct Inner {
     queue: Mutex<Option<VecDeque<Job>>>,
     writer: Mutex<Writer>,
     reader: Mutex<Connection>,
+    /// The thread that copies the log back into the database ([`checkpoint`]).
+    checkpointer: Mutex<Option<std::thread::JoinHandle<()>>>,
     pub photos: PhotoDir,
     attachments: attachments::AttachmentDir,
     state_dir: PathBuf,
@@ -213,20 +216,32 @@ impl Store {
         reader.execute_batch("PRAGMA cache_size=-1024;")?;
         rusqlite::vtab::array::load_module(&reader)?;
 
+        checkpoint::watch(&conn);
         let store = Store {
             inner: Arc::new(Inner {
                 queue: Mutex::new(Some(VecDeque::new())),
                 writer: Mutex::new(Writer {
                     conn: Some(conn),
                     full_sync: true,
+                    wake: None,
+                    wakes: checkpoint::Wakes::default(),
                 }),
                 reader: Mutex::new(reader),
+                checkpointer: Mutex::new(None),
                 photos,
                 attachments,
                 state_dir: state_dir.to_owned(),
                 suspect: std::sync::atomic::AtomicBool::new(false),
             }),
         };
+        if let Some((wake, thread)) = checkpoint::start(&db_path, Arc::downgrade(&store.inner)) {
+            if let (Ok(mut w), Ok(mut t)) =
+                (store.inner.writer.lock(), store.inner.checkpointer.lock())
+            {
+                w.wake = Some(wake);
+                *t = Some(thread);
+            }
+        }
         Ok((store, report))
     }
 
@@ -335,6 +350,22 @@ impl Store {
     /// Commits what is queued, then closes the write connection after a checkpoint, so
     /// the database is left tidy. Later writes fail with [`StoreError::Closed`].
     pub fn close(&self) {
+        // The checkpoint thread first: a checkpoint of its own running beside the last
+        // one below would make that one fail. Dropping its waker ends it.
+        if let Ok(mut w) = self.inner.writer.lock() {
+            w.wake = None;
+        }
+        let thread = self
+            .inner
+            .checkpointer
+            .lock()
+            .ok()
+            .and_then(|mut t| t.take());
+        if let Some(thread) = thread {
+            if thread.join().is_err() {
+                tracing::warn!("the checkpoint thread panicked");
+            }
+        }
         let leftover = self.inner.queue.lock().ok().and_then(|mut q| q.take());
         let mut writer = match self.inner.writer.lock() {
             Ok(w) => w,
@@ -447,6 +478,9 @@ struct Writer {
     /// `None` after [`Store::close`].
     conn: Option<Connection>,
     full_sync: bool,
+    /// Wakes the checkpoint thread; `None` without one, or once closing.
+    wake: Option<std::sync::mpsc::SyncSender<()>>,
+    wakes: checkpoint::Wakes,
 }
 
 impl Writer {
@@ -474,6 +508,26 @@ impl Writer {
             return;
         }
         run_group(conn, batch);
+        let pages = checkpoint::take_pages();
+        let inline = match self.wake {
+            Some(_) => pages >= checkpoint::INLINE_AT,
+            None => pages >= checkpoint::START_AT,
+        };
+        if inline {
+            match checkpoint::passive(conn) {
+                // The thread is at it.
+                Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "checkpoint failed; retried after the next commit")
+                }
+                Ok(_) => {}
+            }
+        } else if let Some(wake) = &self.wake {
+            if self.wakes.due(pages) {
+                // Full: it is woken already.
+                let _ = wake.try_send(());
+            }
+        }
     }
 }
 
@@ -795,6 +849,62 @@ mod tests {
         let (store, report) = Store::open(dir.path()).unwrap();
         assert!(!report.check_deferred);
         drop(store);
+    }
+
+    #[tokio::test]
+    async fn the_checkpoint_thread_keeps_the_log_short_and_a_close_after_a_burst_is_clean() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        let wal = dir.path().join(format!("{DB_FILE}-wal"));
+        let mut longest = 0;
+        // About ten pages per commit, so the log passes START_AT many times over.
+        for i in 0..600 {
+            store
+                .write(move |c| {
+                    for j in 0..10 {
+                        c.execute(
+                            "INSERT INTO work_orders (id, version, title, stage, workflow, doc, received_ms)
+                             VALUES (?1, 1, 't', 'new', '[\"new\"]', ?2, 0)",
+                            rusqlite::params![format!("W{i}-{j}"), "x".repeat(4000)],
+                        )?;
+                    }
+                    Ok::<_, StoreError>(())
+                })
+                .await
+                .unwrap();
+            longest = longest.max(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0));
+        }
+        // Had the log never started over, it would have reached INLINE_AT before the
+        // writer copied it back itself.
+        let page = 4096 + 24;
+        assert!(
+            longest < (checkpoint::INLINE_AT as u64 / 2) * page,
+            "the log grew to {longest} bytes"
+        );
+        store.close();
+        assert!(
+            dir.path().join(CLEAN_STOP).exists(),
+            "the last checkpoint at close ran with the thread stopped"
+        );
+        drop(store);
+        let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        let n: i64 = conn
+            .query_row("SELECT count(*) FROM work_orders", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 6000);
+    }
+
+    #[test]
+    fn the_thread_is_woken_when_the_log_is_long_and_again_only_when_it_grew() {
+        let mut wakes = checkpoint::Wakes::default();
+        assert!(!wakes.due(checkpoint::START_AT - 1));
+        assert!(wakes.due(checkpoint::START_AT));
+        // The log could not start over (a reader held it): not for every commit.
+        assert!(!wakes.due(checkpoint::START_AT + 10));
+        assert!(wakes.due(checkpoint::START_AT + checkpoint::START_AT / 4));
+        // It started over, and grew long again.
+        assert!(!wakes.due(5));
+        assert!(wakes.due(checkpoint::START_AT));
     }
 
     #[test]
