@@ -69,6 +69,11 @@ const NM_METERED_GUESS_YES: u32 = 3;
 const NM_DEVICE_ETHERNET: u32 = 1;
 const NM_DEVICE_WIFI: u32 = 2;
 const NM_DEVICE_MODEM: u32 = 8;
+const NM_DEVICE_BOND: u32 = 10;
+const NM_DEVICE_VLAN: u32 = 11;
+const NM_DEVICE_BRIDGE: u32 = 13;
+const NM_DEVICE_TEAM: u32 = 15;
+const NM_DEVICE_MACVLAN: u32 = 18;
 
 // ModemManager's MMModemAccessTechnology bits.
 const MM_GSM: u32 = 1 << 1;
@@ -549,6 +554,13 @@ async fn read(conn: &Connection) -> zbus::Result<Option<Snapshot>> {
         };
         let kind = prop_u32(&d, "DeviceType").unwrap_or(0);
         snap.devices.push(kind);
+        // What carries a bridge, a bond or a VLAN decides its class: their devices are
+        // listed after it.
+        for carrier in carriers(conn, &device, kind, &d).await {
+            if let Ok(c) = get_all(conn, NM, &carrier, NM_DEVICE).await {
+                snap.devices.push(prop_u32(&c, "DeviceType").unwrap_or(0));
+            }
+        }
         if kind == NM_DEVICE_MODEM && snap.access.is_none() {
             // NetworkManager names a ModemManager modem by its object path.
             if let Some(udi) = prop_str(&d, "Udi").filter(|u| u.starts_with(MM_PATH)) {
@@ -559,6 +571,22 @@ async fn read(conn: &Connection) -> zbus::Result<Option<Snapshot>> {
         }
     }
     Ok(Some(snap))
+}
+
+/// The devices under a device that rides on others: a bridge's, bond's or team's ports
+/// (`Ports`, NetworkManager 1.34 and later), a VLAN's or macvlan's parent. One level:
+/// a VLAN on a bond on Ethernet stays unknown.
+async fn carriers(conn: &Connection, device: &str, kind: u32, props: &Props) -> Vec<String> {
+    let iface = match kind {
+        NM_DEVICE_BOND | NM_DEVICE_BRIDGE | NM_DEVICE_TEAM => return prop_paths(props, "Ports"),
+        NM_DEVICE_VLAN => "org.freedesktop.NetworkManager.Device.Vlan",
+        NM_DEVICE_MACVLAN => "org.freedesktop.NetworkManager.Device.Macvlan",
+        _ => return Vec::new(),
+    };
+    match get_all(conn, NM, device, iface).await {
+        Ok(p) => prop_path(&p, "Parent").into_iter().collect(),
+        Err(_) => Vec::new(),
+    }
 }
 
 #[cfg(test)]
@@ -751,6 +779,21 @@ mod tests {
             ),
             (online("wireguard", 4, &[29], None), Unknown, "tunnel"),
             (online("generic", 0, &[14], None), Unknown, "generic"),
+            (
+                online("bridge", 0, &[NM_DEVICE_BRIDGE, NM_DEVICE_ETHERNET], None),
+                Ethernet,
+                "a bridge over Ethernet",
+            ),
+            (
+                online("macvlan", 1, &[NM_DEVICE_MACVLAN, NM_DEVICE_ETHERNET], None),
+                Metered,
+                "a metered macvlan over Ethernet",
+            ),
+            (
+                online("bond", 0, &[NM_DEVICE_BOND], None),
+                Unknown,
+                "a bond without ports",
+            ),
             (online("", 0, &[], None), Unknown, "no primary connection"),
         ];
         for (snapshot, class, case) in table {
