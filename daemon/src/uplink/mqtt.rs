@@ -52,8 +52,9 @@ pub fn options(s: &UplinkSettings, topics: &Topics) -> Result<MqttOptions, MqttS
     // connection on an oversize packet, the broker would redeliver it on the next one,
     // and the device would never get past it. Oversize messages are refused after
     // reading instead.
-    // Outgoing: the uplink keeps every message within `max_message_bytes`; the margin is
-    // for the topic and the packet's header.
+    // Outgoing: the uplink keeps every packet within `max_message_bytes`, topic and header
+    // counted (`wire::packet_bytes`); rumqttc's own limit sits above it, so that it never
+    // refuses one first.
     o.set_max_packet_size(
         s.max_downlink_bytes.saturating_mul(4).max(16 << 20),
         s.max_message_bytes + 64 * 1024,

@@ -13,7 +13,6 @@ pub const WIRE_VERSION: u32 = 1;
 /// zstd frames start with these bytes; a JSON message starts with `{`.
 const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 
-/// The topics of one device.
 /// The bytes of a QoS 1 PUBLISH packet carrying `payload` bytes on a topic of
 /// `topic` bytes: what a broker's packet limit counts (Mosquitto's `max_packet_size`,
 /// rumqttd's `max_payload_size`), not the payload alone.
@@ -29,6 +28,7 @@ pub fn packet_bytes(topic: usize, payload: usize) -> usize {
     1 + length_bytes + rest
 }
 
+/// The topics of one device.
 #[derive(Debug, Clone)]
 pub struct Topics {
     base: String,
