@@ -33,12 +33,13 @@ const MM_MODEM: &str = "org.freedesktop.ModemManager1.Modem";
 
 /// A change arrives as a burst of signals: real NetworkManager sends one per property,
 /// the primary connection first and the state, metering and connectivity up to some
-/// 60 ms later. One read once no signal has come for this long sees the finished
-/// picture, not a moment in between.
-const SETTLE: Duration = Duration::from_millis(40);
+/// 60 ms later, with gaps of up to about 40 ms (after "disconnecting", say). One read
+/// once no signal has come for this long sees the finished picture, not a moment in
+/// between.
+const SETTLE: Duration = Duration::from_millis(75);
 /// Longest wait for a burst to end, so that a service that never stops talking is
 /// still read.
-const SETTLE_AT_MOST: Duration = Duration::from_millis(250);
+const SETTLE_AT_MOST: Duration = Duration::from_millis(300);
 /// Longest wait for the bus or NetworkManager to answer one call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// After a failed read, when to try again even if no signal comes.
@@ -59,6 +60,7 @@ const NM_KEYS: [&str; 7] = [
 const MM_KEYS: [&str; 1] = ["AccessTechnologies"];
 
 // NetworkManager's NMState, NMConnectivityState, NMMetered and NMDeviceType values.
+const NM_STATE_DISCONNECTED: u32 = 20;
 const NM_STATE_CONNECTED_LOCAL: u32 = 50;
 const NM_STATE_CONNECTED_SITE: u32 = 60;
 const NM_CONNECTIVITY_NONE: u32 = 1;
@@ -74,6 +76,7 @@ const NM_DEVICE_VLAN: u32 = 11;
 const NM_DEVICE_BRIDGE: u32 = 13;
 const NM_DEVICE_TEAM: u32 = 15;
 const NM_DEVICE_MACVLAN: u32 = 18;
+const NM_DEVICE_VETH: u32 = 20;
 
 // ModemManager's MMModemAccessTechnology bits.
 const MM_GSM: u32 = 1 << 1;
@@ -121,17 +124,19 @@ pub(super) fn classify(s: &Snapshot) -> LinkState {
         return state(LinkClass::Unknown, "NetworkManager is starting".into());
     }
     if s.state < NM_STATE_CONNECTED_SITE {
+        // Connected without a default route: a broker on the local network may answer.
+        if s.state == NM_STATE_CONNECTED_LOCAL {
+            return state(LinkClass::Unknown, "local network only".into());
+        }
         // NetworkManager's check runs on the default route, whoever set it up: a link it
-        // does not manage (ifupdown, a vendor's modem tool) shows only there.
-        if s.connectivity >= NM_CONNECTIVITY_PORTAL {
+        // does not manage (ifupdown, a vendor's modem tool) shows only there. Only in
+        // "disconnected": while a connection goes down or comes up the check's last
+        // answer is stale.
+        if s.state == NM_STATE_DISCONNECTED && s.connectivity >= NM_CONNECTIVITY_PORTAL {
             return state(
                 LinkClass::Unknown,
                 "a link NetworkManager does not manage".into(),
             );
-        }
-        // Connected without a default route: a broker on the local network may answer.
-        if s.state == NM_STATE_CONNECTED_LOCAL {
-            return state(LinkClass::Unknown, "local network only".into());
         }
         return state(
             LinkClass::Offline,
@@ -142,11 +147,12 @@ pub(super) fn classify(s: &Snapshot) -> LinkState {
     match s.connectivity {
         // Connected with a default route, yet "none": NetworkManager says so until its
         // first check after a connection comes up has answered, which takes as long as
-        // the check's server does. The broker is tried meanwhile.
+        // the check's server does, and also for a link without carrier that it has not
+        // taken down yet. Nothing tells the two apart: the broker is tried.
         NM_CONNECTIVITY_NONE => {
             return state(
                 LinkClass::Unknown,
-                "NetworkManager's connectivity check has not answered yet".into(),
+                "connected, but NetworkManager sees no connectivity (yet)".into(),
             );
         }
         // NetworkManager says "portal" for any unexpected answer to its check: behind a
@@ -173,11 +179,24 @@ pub(super) fn classify(s: &Snapshot) -> LinkState {
         "802-11-wireless" => NM_DEVICE_WIFI,
         "802-3-ethernet" | "pppoe" => NM_DEVICE_ETHERNET,
         "gsm" | "cdma" | "bluetooth" => NM_DEVICE_MODEM,
-        // A VPN, a bridge or a bond: what carries it decides.
-        _ => [NM_DEVICE_MODEM, NM_DEVICE_WIFI, NM_DEVICE_ETHERNET]
-            .into_iter()
-            .find(|t| s.devices.contains(t))
-            .unwrap_or(0),
+        // A VPN, a bridge or a bond: what carries it decides. A veth is a container's or
+        // a virtual machine's wired link.
+        _ => [
+            NM_DEVICE_MODEM,
+            NM_DEVICE_WIFI,
+            NM_DEVICE_ETHERNET,
+            NM_DEVICE_VETH,
+        ]
+        .into_iter()
+        .find(|t| s.devices.contains(t))
+        .map(|t| {
+            if t == NM_DEVICE_VETH {
+                NM_DEVICE_ETHERNET
+            } else {
+                t
+            }
+        })
+        .unwrap_or(0),
     };
     let mut classified = match medium {
         NM_DEVICE_MODEM => match s.access {
@@ -650,11 +669,29 @@ mod tests {
             (
                 Snapshot {
                     state: 50,
-                    connectivity: 1,
+                    connectivity: 3,
                     ..Snapshot::default()
                 },
                 Unknown,
                 "local only",
+            ),
+            (
+                Snapshot {
+                    state: 30,
+                    connectivity: 4,
+                    ..Snapshot::default()
+                },
+                Offline,
+                "disconnecting, the check's answer stale",
+            ),
+            (
+                Snapshot {
+                    state: 40,
+                    connectivity: 4,
+                    ..Snapshot::default()
+                },
+                Offline,
+                "connecting, the check's answer stale",
             ),
             (
                 Snapshot {
@@ -790,6 +827,11 @@ mod tests {
                 "a metered macvlan over Ethernet",
             ),
             (
+                online("bridge", 0, &[NM_DEVICE_BRIDGE, NM_DEVICE_VETH], None),
+                Ethernet,
+                "a bridge over a veth",
+            ),
+            (
                 online("bond", 0, &[NM_DEVICE_BOND], None),
                 Unknown,
                 "a bond without ports",
@@ -812,6 +854,16 @@ mod tests {
         assert_eq!(
             classify(&online("802-11-wireless", 3, &[2], None)).detail,
             "Wi-Fi, metered (guessed)"
+        );
+        // Real NetworkManager says "limited" for a network without a gateway.
+        assert_eq!(
+            classify(&Snapshot {
+                state: 50,
+                connectivity: 3,
+                ..Snapshot::default()
+            })
+            .detail,
+            "local network only"
         );
         assert_eq!(
             classify(&Snapshot {
