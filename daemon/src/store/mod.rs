@@ -6,7 +6,9 @@
 //! Group commit without a writer thread: a job is queued, then its caller tries to take
 //! the write connection; whoever holds it commits everything queued, its own job and
 //! those of callers that arrived meanwhile. A lone capture thus commits on the thread
-//! that read its request, with no hand-off between threads on the hot path.
+//! that read its request, with no hand-off between threads on the hot path. The log is
+//! copied back into the database by a thread of its own ([`checkpoint`]), not inside
+//! the commit of whichever capture makes it long.
 //!
 //! Promise 1 lives here: a write's future resolves only after its transaction's COMMIT
 //! returned, and SQLite with `synchronous=FULL` in WAL mode fsyncs the log before COMMIT
