@@ -7,7 +7,7 @@
 //! the write connection; whoever holds it commits everything queued, its own job and
 //! those of callers that arrived meanwhile. A lone capture thus commits on the thread
 //! that read its request, with no hand-off between threads on the hot path. The log is
-//! copied back into the database by a thread of its own ([`checkpoint`]), not inside
+//! copied back into the database by a thread of its own (`checkpoint.rs`), not inside
 //! the commit of whichever capture makes it long.
 //!
 //! Promise 1 lives here: a write's future resolves only after its transaction's COMMIT
