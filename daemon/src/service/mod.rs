@@ -711,8 +711,8 @@ pub fn free_bytes(dir: &Path) -> u64 {
 mod tests {
     use super::*;
 
-    /// A store in `dir` holding work order `W`, and a service over it.
-    async fn with_work_order_w(dir: &Path) -> (Store, Service) {
+    /// A store in `dir` holding work order `W` (version 1), and a service over it.
+    pub(super) async fn with_work_order_w(dir: &Path) -> (Store, Service) {
         let (store, _) = Store::open(dir).unwrap();
         let service = Service::new(store.clone(), crate::config::load(None).unwrap(), None);
         store

@@ -705,20 +705,11 @@ mod tests {
     #[tokio::test]
     async fn a_refusal_carrying_another_work_order_changes_no_work_order() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, _) = crate::store::Store::open(dir.path()).unwrap();
-        let service = Service::new(store.clone(), crate::config::load(None).unwrap(), None);
+        let (store, service) = crate::service::tests::with_work_order_w(dir.path()).await;
         let doc = |id: &str, version: i64, title: &str| {
             serde_json::json!({"id": id, "version": version, "title": title,
                                "stage": "new", "workflow": ["new", "done"]})
         };
-        store
-            .write(move |c| {
-                let d: WorkOrderDoc = serde_json::from_value(doc("W", 1, "first")).unwrap();
-                work_orders::upsert(c, &d)?;
-                Ok::<_, DomainError>(())
-            })
-            .await
-            .unwrap();
         let capture = ui_bridge::Request::AddRecord {
             work_order_id: "W".into(),
             record: ui_bridge::RecordBody::Note { text: "n".into() },

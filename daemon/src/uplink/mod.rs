@@ -641,38 +641,34 @@ impl Uplink {
                     Ok(Event::Incoming(Incoming::Publish(p))) => {
                         self.heard = true;
                         if p.topic == self.topics.acks() {
-                            // Acknowledgements may come twice: the operations they settle
-                            // are then unknown ids, counted and ignored. One the broker
-                            // never hears back about would stay in its window for the
-                            // device, so a failure ends the session.
-                            if let Err(e) = client.try_ack(&p) {
-                                return Ended::Lost(format!("acknowledging to the broker: {e}"));
-                            }
-                            let Some(acks) = self.read_acks(&p.payload) else { continue };
-                            let settled = acks.settled();
-                            // Recorded beside the sending rather than before it: the
-                            // window moves on at once, and the store groups several
-                            // messages' worth into one commit.
-                            let service = self.service.clone();
-                            recording.spawn(async move { service.apply_acks(acks).await });
-                            for id in settled {
-                                if let Some(&i) = op_batch.get(&id) {
-                                    if let Some(b) = in_flight.get_mut(i) {
-                                        b.waiting.remove(&id);
-                                    }
-                                    op_batch.remove(&id);
-                                }
-                            }
-                            // Batches finish in any order; drop finished ones and renumber.
-                            if in_flight.iter().any(|b| b.waiting.is_empty()) {
-                                in_flight.retain(|b| !b.waiting.is_empty());
-                                op_batch.clear();
-                                for (i, b) in in_flight.iter().enumerate() {
-                                    for id in &b.waiting {
-                                        op_batch.insert(id.clone(), i);
+                            // Unreadable ones are counted as bad; acknowledgements that
+                            // come twice settle unknown ids, counted and ignored.
+                            if let Some(acks) = self.read_acks(&p.payload) {
+                                let settled = acks.settled();
+                                // Recorded beside the sending rather than before it: the
+                                // window moves on at once, and the store groups several
+                                // messages' worth into one commit.
+                                let service = self.service.clone();
+                                recording.spawn(async move { service.apply_acks(acks).await });
+                                for id in settled {
+                                    if let Some(&i) = op_batch.get(&id) {
+                                        if let Some(b) = in_flight.get_mut(i) {
+                                            b.waiting.remove(&id);
+                                        }
+                                        op_batch.remove(&id);
                                     }
                                 }
-                                more = true;
+                                // Batches finish in any order; drop finished ones and renumber.
+                                if in_flight.iter().any(|b| b.waiting.is_empty()) {
+                                    in_flight.retain(|b| !b.waiting.is_empty());
+                                    op_batch.clear();
+                                    for (i, b) in in_flight.iter().enumerate() {
+                                        for id in &b.waiting {
+                                            op_batch.insert(id.clone(), i);
+                                        }
+                                    }
+                                    more = true;
+                                }
                             }
                         } else if p.topic == self.topics.photo_acks() {
                             if self.on_photo_ack(&p.payload, &mut photos).await {
@@ -690,12 +686,12 @@ impl Uplink {
                         } else {
                             tracing::warn!(topic = %p.topic, "message on an unknown downlink topic ignored");
                         }
-                        if p.topic != self.topics.acks() {
-                            // Handled: a push is in the store. Not acknowledged when the
-                            // session ends first, so the broker delivers it again.
-                            if let Err(e) = client.try_ack(&p) {
-                                return Ended::Lost(format!("acknowledging to the broker: {e}"));
-                            }
+                        // Handled: a push is in the store. Not acknowledged when the
+                        // session ends first, so the broker delivers it again. One the
+                        // broker never hears back about would stay in its window for
+                        // the device, so a failure ends the session.
+                        if let Err(e) = client.try_ack(&p) {
+                            return Ended::Lost(format!("acknowledging to the broker: {e}"));
                         }
                     }
                     Ok(Event::Incoming(Incoming::SubAck(ack)))
