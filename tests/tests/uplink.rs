@@ -862,6 +862,51 @@ async fn attachments_named_in_the_full_state_are_fetched() {
     }
 }
 
+/// A push the store cannot take is left unacknowledged, so the broker hands it over again
+/// on the next connection and it is stored then. Here another process holds the
+/// database's write lock past the daemon's busy timeout; a full or failing disk does the
+/// same on a handheld. Acknowledged anyway (or on reading), the push would be gone while
+/// the back office believes it delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_the_store_cannot_take_comes_again_once_it_can() {
+    let broker = Broker::start();
+    let bo = BackOffice::start(broker.port).await;
+    let d = Daemon::start_with(uplink_options(&broker));
+    let mut c = d.client().await;
+    let wo = |id: &str| serde_json::json!({"id": id, "version": 1, "title": "Pushed", "stage": "new", "workflow": ["new", "done"]});
+    // Subscribed: a first push arrives.
+    push_until_seen(&bo, &mut c, wo("WO-A")).await;
+
+    let lock = rusqlite::Connection::open(d.state_dir.join("fieldsync.db")).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    bo.push_work_orders(DEVICE, vec![wo("WO-B")]).await;
+    // The daemon waits 5 s for the lock, then gives up on this delivery.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !d.log().contains("database is locked") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the failure is logged:\n{}",
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    lock.execute_batch("ROLLBACK").unwrap();
+    drop(lock);
+
+    // Pushed once, stored all the same.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while c.work_order("WO-B").await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "WO-B comes again and is stored:\n{}",
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Delivered again by the broker, not brought by a full state.
+    assert_eq!(bo.state.lock().unwrap().resync_requests, 1, "{}", d.log());
+}
+
 /// Pushes a work order until the device has that version. A push that reaches the
 /// broker before the device's subscription (its first, or after a broker restart without
 /// persistence) has no session to wait in and is lost; the dispatcher sends it again.

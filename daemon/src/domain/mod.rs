@@ -55,6 +55,12 @@ impl From<rusqlite::Error> for DomainError {
 }
 
 impl DomainError {
+    /// The store could not take the change, whatever the change: see
+    /// [`StoreError::is_unavailable`].
+    pub fn is_store_unavailable(&self) -> bool {
+        matches!(self, DomainError::Store(e) if e.is_unavailable())
+    }
+
     pub fn code(&self) -> ErrorCode {
         match self {
             DomainError::UnknownWorkOrder(_) => ErrorCode::UnknownWorkOrder,

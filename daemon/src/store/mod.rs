@@ -76,6 +76,35 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether the store failed for a reason of its own (busy past the timeout, full,
+    /// read-only, an I/O error, shut down) rather than because of what was written: the
+    /// same write may well succeed later.
+    pub fn is_unavailable(&self) -> bool {
+        use rusqlite::ErrorCode as C;
+        match self {
+            StoreError::Full
+            | StoreError::ReadOnly
+            | StoreError::Closed
+            | StoreError::SyncMode
+            | StoreError::NotWritable { .. } => true,
+            StoreError::Sqlite(e) => matches!(
+                e.sqlite_error_code(),
+                Some(
+                    C::DatabaseBusy
+                        | C::DatabaseLocked
+                        | C::DiskFull
+                        | C::SystemIoFailure
+                        | C::ReadOnly
+                        | C::CannotOpen
+                        | C::OutOfMemory
+                        | C::PermissionDenied
+                        | C::FileLockingProtocolFailed
+                )
+            ),
+            _ => false,
+        }
+    }
+
     /// Sorts a SQLite failure into the cases the UI reports differently.
     fn classify(e: rusqlite::Error) -> StoreError {
         use rusqlite::ErrorCode as C;
@@ -646,7 +675,7 @@ fn run_group(conn: &Connection, batch: Vec<Job>) {
     if let Err(e) = exec(conn, "BEGIN IMMEDIATE") {
         let e = StoreError::classify(e);
         tracing::error!(error = %e, "cannot begin a write transaction");
-        let msg = e.to_string();
+        let msg = cause(&e);
         for job in batch {
             // The job still has to answer; run nothing and fail it.
             let (_, reply) = fail_job(job, conn);
@@ -699,7 +728,7 @@ fn run_group(conn: &Connection, batch: Vec<Job>) {
             let e = StoreError::classify(e);
             tracing::error!(error = %e, jobs = replies.len(), "commit failed; nothing of this group was stored");
             let _ = conn.execute_batch("ROLLBACK");
-            let msg = e.to_string();
+            let msg = cause(&e);
             for (_, reply) in replies {
                 reply(Err(same_kind(&e, &msg)));
             }
@@ -717,14 +746,28 @@ fn fail_job(job: Job, conn: &Connection) -> (bool, Reply) {
     out
 }
 
+/// A copy of a group's failure for each of its jobs (rusqlite's errors are not `Clone`),
+/// keeping SQLite's code so that callers can tell a busy or full store from the rest.
 fn same_kind(e: &StoreError, msg: &str) -> StoreError {
     match e {
         StoreError::Full => StoreError::Full,
         StoreError::ReadOnly => StoreError::ReadOnly,
+        StoreError::Sqlite(rusqlite::Error::SqliteFailure(code, _)) => {
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(*code, Some(msg.to_owned())))
+        }
         _ => StoreError::Sqlite(rusqlite::Error::SqliteFailure(
             rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
             Some(msg.to_owned()),
         )),
+    }
+}
+
+/// The words of a failure without this module's "database error: " before them, which
+/// the copy made by [`same_kind`] adds again.
+fn cause(e: &StoreError) -> String {
+    match e {
+        StoreError::Sqlite(inner) => inner.to_string(),
+        other => other.to_string(),
     }
 }
 
@@ -907,6 +950,36 @@ mod tests {
         // It started over, and grew long again.
         assert!(!wakes.due(5));
         assert!(wakes.due(checkpoint::START_AT));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_locked_past_its_timeout_fails_as_unavailable_and_works_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        let lock = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let write = || {
+            store.write(|c| {
+                c.execute("INSERT INTO settings (key, value) VALUES ('k', 'v')", [])?;
+                Ok::<_, StoreError>(())
+            })
+        };
+        let e = write().await.expect_err("the lock is held");
+        assert!(e.is_unavailable(), "{e:?}");
+        // Said once, as SQLite says it.
+        assert_eq!(e.to_string(), "database error: database is locked");
+        lock.execute_batch("ROLLBACK").unwrap();
+        write().await.expect("free again");
+        // What was written cannot succeed later: not unavailable.
+        let e = store
+            .write(|c| {
+                c.execute("INSERT INTO settings (key, value) VALUES ('k', 'v')", [])?;
+                Ok::<_, StoreError>(())
+            })
+            .await
+            .expect_err("the key is taken");
+        assert!(!e.is_unavailable(), "{e:?}");
+        store.close();
     }
 
     #[test]

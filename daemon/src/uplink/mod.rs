@@ -110,6 +110,10 @@ enum Ended {
     /// The broker took the connection but refused what a session needs: trying again
     /// soon would not help, so the backoff goes on growing.
     Refused(String),
+    /// The store could not take what the broker delivered (busy past its timeout, full,
+    /// an I/O error). Left unacknowledged, it comes again on the next connection; the
+    /// backoff goes on growing, as the store may need a while.
+    StoreFailed(String),
 }
 
 /// Refusal codes of changes the device cannot send at all (docs/ui-protocol.md): too
@@ -260,17 +264,17 @@ impl Uplink {
                             }
                             // The connection's own failure, when there is one, is the
                             // cause; a publish that could not go is only how it showed.
-                            pump.failure().unwrap_or(why)
+                            format!("broker: {}", pump.failure().unwrap_or(why))
                         }
-                        Ended::Refused(why) => why,
+                        Ended::Refused(why) => format!("broker: {why}"),
+                        Ended::StoreFailed(why) => why,
                     }
                 }
-                Ok(other) => format!("unexpected first packet {other:?}"),
-                Err(e) => e.to_string(),
+                Ok(other) => format!("broker: unexpected first packet {other:?}"),
+                Err(e) => format!("broker: {e}"),
             };
             tracing::warn!(error = %failure, retry_in_ms = delay.as_millis() as u64, "broker connection lost");
-            self.service
-                .set_broker("down", Some(format!("broker: {failure}")));
+            self.service.set_broker("down", Some(failure));
             drop(client);
             // Jitter keeps a fleet that lost the same broker from returning in step.
             let jittered = delay.mul_f64(0.5 + rand_unit());
@@ -676,7 +680,11 @@ impl Uplink {
                                 photos_more = true;
                             }
                         } else if p.topic == self.topics.work_orders() {
-                            self.on_work_orders(&p.payload).await;
+                            if let Err(why) = self.on_work_orders(&p.payload).await {
+                                // Not a session that worked: the backoff goes on growing.
+                                self.heard = false;
+                                return Ended::StoreFailed(why);
+                            }
                         } else if let Some(sha) = p.topic.strip_prefix(&self.topics.attachment_prefix()) {
                             if self.on_attachment_chunk(sha, &p.payload, &mut downloads).await {
                                 downloads_more = true;
@@ -1025,7 +1033,9 @@ impl Uplink {
         false
     }
 
-    async fn on_work_orders(&self, payload: &[u8]) {
+    /// Stores a push from the dispatcher. A broken one is counted and dropped; one the
+    /// store could not take is an error, so that it is not acknowledged to the broker.
+    async fn on_work_orders(&self, payload: &[u8]) -> Result<(), String> {
         let push: WorkOrderPush = match self
             .codec()
             .parse(payload, self.settings.max_downlink_bytes)
@@ -1034,12 +1044,19 @@ impl Uplink {
             Err(e) => {
                 self.service
                     .count_bad_downlink("work-orders", &e.to_string());
-                return;
+                return Ok(());
             }
         };
-        if let Err(e) = self.service.apply_push(push).await {
-            self.service
-                .count_bad_downlink("work-orders", &e.to_string());
+        match self.service.apply_push(push).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_store_unavailable() => Err(format!(
+                "the store could not take work orders from the dispatcher ({e}); the broker delivers them again on the next connection"
+            )),
+            Err(e) => {
+                self.service
+                    .count_bad_downlink("work-orders", &e.to_string());
+                Ok(())
+            }
         }
     }
 
