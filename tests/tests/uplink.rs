@@ -750,6 +750,87 @@ async fn photo_cut_three_times(kind: Kind) {
     wait_state(&mut c, "WO-1", &photo.id, SyncState::Delivered).await;
 }
 
+/// A photo whose file was damaged on the device after it was stored (failing flash, a
+/// hand in the state folder) is refused on the device once the back office reports its
+/// bytes wrong, instead of going again from the start for ever; the record it belongs
+/// to is delivered all the same. The same photo attached again is stored anew and goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_photo_damaged_on_the_device_is_refused_there_not_sent_for_ever() {
+    let mut broker = Broker::start();
+    let bo = BackOffice::start(broker.port).await;
+    broker.stop();
+    let d = Daemon::start_with(uplink_options(&broker));
+    let mut c = d.client().await;
+    let record = c.add_record("WO-1", note("gasket".into())).await.unwrap();
+    let (path, bytes) = fieldsync_tests::photo_file(d.dir.path(), "p.jpg", 100 * 1024);
+    let sha = fieldsync_tests::sha256_hex(&bytes);
+    let photo = c
+        .attach_photo(&record.id, &std::fs::File::open(&path).unwrap(), None, None)
+        .await
+        .unwrap();
+    let stored = d.state_dir.join("photos").join(&sha[..2]).join(&sha);
+    let mut damaged = std::fs::read(&stored).unwrap();
+    damaged[5000] ^= 0x40;
+    std::fs::write(&stored, &damaged).unwrap();
+    // And one whose file is gone altogether: it cannot even be read.
+    let (gone_path, gone_bytes) = fieldsync_tests::photo_file(d.dir.path(), "q.jpg", 1000);
+    let gone_sha = fieldsync_tests::sha256_hex(&gone_bytes);
+    let gone = c
+        .attach_photo(
+            &record.id,
+            &std::fs::File::open(&gone_path).unwrap(),
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    std::fs::remove_file(
+        d.state_dir
+            .join("photos")
+            .join(&gone_sha[..2])
+            .join(&gone_sha),
+    )
+    .unwrap();
+
+    broker.spawn();
+    let refused = wait_state(&mut c, "WO-1", &photo.id, SyncState::Refused).await;
+    let reason = refused.reason.unwrap_or_default();
+    assert!(reason.starts_with("photo_damaged:"), "{reason}");
+    let refused = wait_state(&mut c, "WO-1", &gone.id, SyncState::Refused).await;
+    let reason = refused.reason.unwrap_or_default();
+    assert!(reason.starts_with("photo_damaged:"), "{reason}");
+    bo.wait_applied(1, Duration::from_secs(20)).await;
+    let sent = |bo: &BackOffice| {
+        bo.state
+            .lock()
+            .unwrap()
+            .photos
+            .get(&sha)
+            .map_or(0, |p| p.chunks)
+    };
+    let chunks = sent(&bo);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        sent(&bo),
+        chunks,
+        "nothing more is sent of the damaged file"
+    );
+
+    // Attached again, the photo replaces the damaged file and arrives whole.
+    let again = c
+        .attach_photo(&record.id, &std::fs::File::open(&path).unwrap(), None, None)
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&stored).unwrap(), bytes);
+    // Like any refusal, each holds back what comes after it in its work order.
+    c.discard(&photo.id).await.unwrap();
+    c.discard(&gone.id).await.unwrap();
+    wait_state(&mut c, "WO-1", &again.id, SyncState::Delivered).await;
+    let rx = bo.state.lock().unwrap().photos.get(&sha).cloned().unwrap();
+    assert!(rx.complete);
+    assert_eq!(rx.data, bytes);
+}
+
 /// The device was away while the dispatcher pushed a work order. Mosquitto kept the
 /// device's session across its restart and hands the push over; Aedes forgot the
 /// session and the push with it, and the device, finding no session, asks for the full

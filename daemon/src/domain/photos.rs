@@ -42,6 +42,21 @@ pub fn next_upload(conn: &Connection, except: &[String]) -> Result<Option<Upload
     Ok(None)
 }
 
+/// The operations that carry photo `sha256` and have not been refused: those a damaged
+/// file holds up.
+pub fn unrefused_ops(conn: &Connection, sha256: &str) -> Result<Vec<String>, DomainError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT o.op_id FROM outbox o JOIN items i ON i.id = o.item_id
+         WHERE i.photo_sha256 = ?1 AND o.item_kind = 'photo' AND o.action = 'create'
+           AND o.state != 'refused'
+         ORDER BY o.seq",
+    )?;
+    let ops = stmt
+        .query_map([sha256], |r| r.get(0))?
+        .collect::<Result<Vec<String>, _>>()?;
+    Ok(ops)
+}
+
 /// Records the back office's progress on a photo. Returns false for a photo the device
 /// is not uploading (an acknowledgement for something else).
 pub fn record_progress(
@@ -73,10 +88,16 @@ pub fn record_progress(
 }
 
 /// Starts a photo over (the back office found its bytes wrong).
-pub fn restart(conn: &Connection, sha256: &str) -> Result<(), DomainError> {
+/// Returns false for a photo the device does not have.
+pub fn restart(conn: &Connection, sha256: &str) -> Result<bool, DomainError> {
+    let known: bool = conn.query_row(
+        "SELECT EXISTS(SELECT 1 FROM items WHERE photo_sha256 = ?1)",
+        [sha256],
+        |r| r.get(0),
+    )?;
     conn.execute(
         "UPDATE photo_uploads SET acked = 0, complete = 0 WHERE sha256 = ?1",
         [sha256],
     )?;
-    Ok(())
+    Ok(known)
 }

@@ -597,6 +597,38 @@ impl Service {
             .await
     }
 
+    /// What is wrong with this device's own copy of a photo, if anything: the back office
+    /// found the bytes it received damaged, and sending a damaged file again cannot help.
+    pub async fn photo_damage_here(&self, sha256: &str) -> Option<String> {
+        let store = self.inner.store.clone();
+        let sha = sha256.to_owned();
+        tokio::task::spawn_blocking(move || store.photos().verify(&sha).err())
+            .await
+            .unwrap_or_else(|e| Some(format!("the check did not finish: {e}")))
+    }
+
+    /// Refuses, on the device, every operation that carries photo `sha256`, with `code`
+    /// and `reason`: its item turns red, and the inspector attaches the photo again or
+    /// discards it. Returns how many were refused.
+    pub async fn refuse_photo_on_device(
+        &self,
+        sha256: &str,
+        code: &str,
+        reason: String,
+    ) -> Result<usize, DomainError> {
+        let sha = sha256.to_owned();
+        let ops = self
+            .inner
+            .store
+            .read(move |c| photos::unrefused_ops(c, &sha))
+            .await?;
+        for op in &ops {
+            self.refuse_on_device(op.clone(), code, reason.clone())
+                .await?;
+        }
+        Ok(ops.len())
+    }
+
     /// Reads part of a stored photo for upload.
     pub async fn read_photo(
         &self,
@@ -640,8 +672,7 @@ impl Service {
             .store
             .write_lazy(move |c| {
                 if error.is_some() {
-                    photos::restart(c, &sha256)?;
-                    return Ok::<_, DomainError>(true);
+                    return photos::restart(c, &sha256);
                 }
                 photos::record_progress(c, &sha256, received, complete)
             })

@@ -136,14 +136,45 @@ impl PhotoDir {
             std::fs::create_dir_all(&dir).map_err(dir_io)?;
             fsync_dir(&self.root).map_err(dir_io)?;
         }
-        // Same content already stored: keep the existing file.
-        if final_path.exists() {
+        // Same content already stored: keep the existing file, unless it no longer
+        // holds that content (a damaged one is how an inspector ends up attaching the
+        // same photo again).
+        if final_path.exists() && self.verify(&photo.sha256).is_ok() {
             let _ = std::fs::remove_file(&tmp_path);
         } else {
             std::fs::rename(&tmp_path, &final_path).map_err(dir_io)?;
         }
         fsync_dir(&dir).map_err(dir_io)?;
         Ok(photo)
+    }
+
+    /// Checks that a photo's file still holds the bytes its name is the SHA-256 of; says
+    /// what is wrong otherwise. Blocking: it reads the whole file.
+    pub fn verify(&self, sha256: &str) -> Result<(), String> {
+        let path = self.path_of(sha256);
+        let file = File::open(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut offset = 0u64;
+        loop {
+            let n = file
+                .read_at(&mut buf, offset)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            offset += n as u64;
+        }
+        let found = hex::encode(hasher.finalize());
+        if found == sha256 {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} no longer matches its SHA-256 ({offset} bytes hash to {found})",
+                path.display()
+            ))
+        }
     }
 
     /// Every photo hash with a file in the store.
@@ -209,6 +240,30 @@ mod tests {
             b"hello photo"
         );
         assert_eq!(photos.list().unwrap(), vec![a.sha256.clone()]);
+    }
+
+    #[test]
+    fn a_damaged_file_fails_its_check_and_the_same_photo_again_replaces_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let photos = PhotoDir::open(&dir.path().join("photos")).unwrap();
+        let src = dir.path().join("src");
+        std::fs::write(&src, b"hello photo").unwrap();
+        let a = photos
+            .ingest(File::open(&src).unwrap().into(), 100)
+            .unwrap();
+        assert_eq!(photos.verify(&a.sha256), Ok(()));
+        std::fs::write(photos.path_of(&a.sha256), b"hellO photo").unwrap();
+        let problem = photos.verify(&a.sha256).unwrap_err();
+        assert!(problem.contains("no longer matches"), "{problem}");
+        photos
+            .ingest(File::open(&src).unwrap().into(), 100)
+            .unwrap();
+        assert_eq!(photos.verify(&a.sha256), Ok(()));
+        std::fs::remove_file(photos.path_of(&a.sha256)).unwrap();
+        assert!(photos
+            .verify(&a.sha256)
+            .unwrap_err()
+            .contains("cannot open"));
     }
 
     #[test]

@@ -39,8 +39,11 @@ struct PhotoLane {
     current: Option<crate::domain::photos::Upload>,
     /// Next byte to send; `current.acked` is the first byte not yet confirmed.
     next: u64,
-    /// Photos whose file could not be read, left for the next connection.
+    /// Photos whose file could not be read, or that the back office found damaged too
+    /// often, left for the next connection.
     skip: Vec<String>,
+    /// Times on this connection the back office found each photo damaged.
+    damaged: HashMap<String, u32>,
     /// When the back office last confirmed bytes of the current photo, or it started.
     progress_at: Instant,
 }
@@ -97,7 +100,7 @@ impl DownloadLane {
 }
 
 /// After this many downloads that fail their SHA-256, an attachment waits for the next
-/// connection.
+/// connection; so does a photo the back office finds damaged this many times.
 const MAX_MISMATCHES: u32 = 3;
 
 /// How one connection ended.
@@ -120,6 +123,8 @@ enum Ended {
 /// large for the broker, or unreadable in the store.
 const TOO_LARGE: &str = "too_large";
 const UNREADABLE: &str = "unreadable";
+/// A photo whose file on the device no longer matches its SHA-256.
+const PHOTO_DAMAGED: &str = "photo_damaged";
 
 /// A batch made ready for the broker.
 enum Fitted {
@@ -425,6 +430,7 @@ impl Uplink {
             current: None,
             next: 0,
             skip: Vec::new(),
+            damaged: HashMap::new(),
             progress_at: Instant::now(),
         };
         let mut downloads = DownloadLane {
@@ -809,9 +815,13 @@ impl Uplink {
             {
                 Ok(d) if d.len() == len => d,
                 other => {
-                    tracing::error!(sha256 = %u.sha256, result = ?other.map(|d| d.len()), "cannot read a photo for upload; it waits");
-                    lane.skip.push(u.sha256.clone());
+                    let sha = u.sha256.clone();
                     lane.current = None;
+                    // Gone or cut short for good, or only this read failed?
+                    if !self.refuse_if_damaged(&sha, lane).await {
+                        tracing::error!(sha256 = %sha, result = ?other.map(|d| d.len()), "cannot read a photo for upload; it waits");
+                        lane.skip.push(sha);
+                    }
                     break;
                 }
             };
@@ -976,6 +986,44 @@ impl Uplink {
         }
     }
 
+    /// The back office found the bytes of a photo damaged, and its upload starts over. A
+    /// file damaged on the device would only be sent again and again: its operations are
+    /// refused on the device instead. An intact one goes again, up to
+    /// [`MAX_MISMATCHES`] times on one connection.
+    async fn on_photo_damaged(&self, sha: &str, lane: &mut PhotoLane) {
+        if self.refuse_if_damaged(sha, lane).await {
+            return;
+        }
+        let n = lane.damaged.entry(sha.to_owned()).or_default();
+        *n += 1;
+        if *n >= MAX_MISMATCHES {
+            tracing::warn!(sha256 = %sha, times = *n, "the back office keeps finding a photo damaged that is intact on this device; it waits for the next connection");
+            lane.skip.push(sha.to_owned());
+        }
+    }
+
+    /// Checks this device's copy of a photo; if it is damaged (or gone), refuses the
+    /// photo's operations on the device, since sending it cannot help. Returns whether
+    /// it was damaged.
+    async fn refuse_if_damaged(&self, sha: &str, lane: &mut PhotoLane) -> bool {
+        let Some(problem) = self.service.photo_damage_here(sha).await else {
+            return false;
+        };
+        tracing::error!(sha256 = %sha, problem = %problem, "a photo's file on this device is damaged; it is not sent");
+        let reason = format!(
+            "the photo's file on this device is damaged ({problem}): attach the photo again, or discard this one"
+        );
+        if let Err(e) = self
+            .service
+            .refuse_photo_on_device(sha, PHOTO_DAMAGED, reason)
+            .await
+        {
+            tracing::error!(sha256 = %sha, error = %e, "cannot refuse the operations of a damaged photo; it waits for the next connection");
+            lane.skip.push(sha.to_owned());
+        }
+        true
+    }
+
     /// Handles the back office's progress on a photo; returns true when the photo is
     /// done (its operation may go, and the next photo may start).
     async fn on_photo_ack(&self, payload: &[u8], lane: &mut PhotoLane) -> bool {
@@ -1014,6 +1062,9 @@ impl Uplink {
                 tracing::error!(error = %e, "cannot record photo progress");
                 return false;
             }
+        }
+        if failed {
+            self.on_photo_damaged(&sha, lane).await;
         }
         if !is_current {
             return complete;
