@@ -577,6 +577,90 @@ mod tests {
     }
 
     #[test]
+    fn a_deleted_record_waits_for_its_refused_photo_and_goes_with_it() {
+        let conn = conn_with_work_order();
+        let record = add_record(&conn, "WO-1", &note("a")).unwrap();
+        let photo = StoredPhoto {
+            sha256: "cd".repeat(32),
+            size: 3,
+        };
+        let p = attach_photo(&conn, &record.id, &photo, None, None).unwrap();
+        // Both creations went out; then the inspector deleted the record (and with it
+        // the photo), and the deletions went out too.
+        conn.execute("UPDATE outbox SET state = 'in_progress', attempts = 1", [])
+            .unwrap();
+        delete_item(&conn, &record.id).unwrap();
+        conn.execute(
+            "UPDATE outbox SET state = 'in_progress', attempts = 1 WHERE action = 'delete'",
+            [],
+        )
+        .unwrap();
+        let ops = outbox::list(&conn, None).unwrap();
+        let id = |item: &str, action: &str| {
+            ops.iter()
+                .find(|o| o.item_id == item && o.action == action)
+                .unwrap()
+                .op_id
+                .clone()
+        };
+        let rows = |conn: &Connection| -> i64 {
+            conn.query_row("SELECT count(*) FROM items", [], |r| r.get(0))
+                .unwrap()
+        };
+        // The record's acknowledgements come first: its row cannot go while the
+        // photo's, which names it, stays.
+        outbox::acknowledge(&conn, &[id(&record.id, "create"), id(&record.id, "delete")])
+            .expect("acknowledged");
+        assert_eq!(rows(&conn), 2);
+        // Then the photo's: both go.
+        outbox::acknowledge(&conn, &[id(&p.id, "create"), id(&p.id, "delete")]).unwrap();
+        assert_eq!(rows(&conn), 0);
+    }
+
+    #[test]
+    fn a_refused_change_of_a_deleted_item_is_dropped_not_held() {
+        let conn = conn_with_work_order();
+        let record = add_record(&conn, "WO-1", &note("a")).unwrap();
+        let photo = StoredPhoto {
+            sha256: "ef".repeat(32),
+            size: 3,
+        };
+        let p = attach_photo(&conn, &record.id, &photo, None, None).unwrap();
+        conn.execute("UPDATE outbox SET state = 'in_progress', attempts = 1", [])
+            .unwrap();
+        delete_item(&conn, &record.id).unwrap();
+        let ops = outbox::list(&conn, None).unwrap();
+        let id = |item: &str, action: &str| {
+            ops.iter()
+                .find(|o| o.item_id == item && o.action == action)
+                .unwrap()
+                .op_id
+                .clone()
+        };
+        // The back office refuses the photo and acknowledges the rest, the deletion of
+        // the photo it never applied included.
+        assert_eq!(
+            outbox::refuse(&conn, &id(&p.id, "create"), "forbidden: no").unwrap(),
+            None
+        );
+        outbox::acknowledge(
+            &conn,
+            &[
+                id(&record.id, "create"),
+                id(&record.id, "delete"),
+                id(&p.id, "delete"),
+            ],
+        )
+        .unwrap();
+        let left: i64 = conn
+            .query_row("SELECT count(*) FROM items", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(left, 0);
+        // Nothing refused is left to hold the work order back.
+        assert_eq!(outbox::unsent_count(&conn).unwrap(), 0);
+    }
+
+    #[test]
     fn delivered_items_do_not_change() {
         let conn = conn_with_work_order();
         let item = add_record(&conn, "WO-1", &note("a")).unwrap();
@@ -756,6 +840,15 @@ pub fn discard(conn: &Connection, item_id: &str) -> Result<Discarded, DomainErro
         }
         conn.execute("DELETE FROM outbox WHERE item_id = ?1", [item_id])?;
         conn.execute("DELETE FROM items WHERE id = ?1", [item_id])?;
+        // A deleted record that stayed hidden only for this photo goes with it.
+        if let Some(record_id) = &item.record_id {
+            conn.execute(
+                "DELETE FROM items WHERE id = ?1 AND deleted = 1
+                   AND NOT EXISTS (SELECT 1 FROM outbox WHERE item_id = ?1)
+                   AND NOT EXISTS (SELECT 1 FROM items WHERE record_id = ?1)",
+                [record_id],
+            )?;
+        }
         return Ok(Discarded {
             item: None,
             work_order_id: item.work_order_id,

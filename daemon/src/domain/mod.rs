@@ -74,7 +74,7 @@ impl DomainError {
             DomainError::MissingDescriptor => ErrorCode::MissingDescriptor,
             DomainError::Photo(PhotoError::NotRegularFile) => ErrorCode::NotRegularFile,
             DomainError::Photo(PhotoError::TooLarge { .. }) => ErrorCode::PhotoTooLarge,
-            DomainError::Photo(PhotoError::Read(_)) => ErrorCode::BadRequest,
+            DomainError::Photo(PhotoError::Read(_) | PhotoError::Empty) => ErrorCode::BadRequest,
             DomainError::Photo(PhotoError::Io { source, .. })
                 if source.raw_os_error() == Some(nix::errno::Errno::ENOSPC as i32) =>
             {

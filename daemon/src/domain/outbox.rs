@@ -323,12 +323,30 @@ pub fn acknowledge(
     // acknowledged item is looked at, not only those whose deletion this is: the
     // deletion's acknowledgement may come before that of an earlier change (one sent
     // again after a cut).
+    // A record whose photo stays (refused, waiting for the inspector) stays hidden with
+    // it: the photo's row names it. Photos going in the same statement do not hold it.
     let items = id_array(known.iter().map(|k| &k.2));
-    conn.prepare_cached(
-        "DELETE FROM items WHERE id IN rarray(?1) AND deleted = 1
-           AND NOT EXISTS (SELECT 1 FROM outbox WHERE item_id = items.id)",
-    )?
-    .execute([&items])?;
+    let parents = conn
+        .prepare_cached(
+            "DELETE FROM items WHERE id IN rarray(?1) AND deleted = 1
+           AND NOT EXISTS (SELECT 1 FROM outbox WHERE item_id = items.id)
+           AND NOT EXISTS (SELECT 1 FROM items c WHERE c.record_id = items.id
+                             AND NOT (c.id IN rarray(?1) AND c.deleted = 1
+                                      AND NOT EXISTS (SELECT 1 FROM outbox WHERE item_id = c.id)))
+         RETURNING record_id",
+        )?
+        .query_map([&items], |r| r.get::<_, Option<String>>(0))?
+        .filter_map(|r| r.transpose())
+        .collect::<Result<Vec<String>, _>>()?;
+    // And one that waited for its last photo goes once that photo has.
+    if !parents.is_empty() {
+        conn.prepare_cached(
+            "DELETE FROM items WHERE id IN rarray(?1) AND deleted = 1
+               AND NOT EXISTS (SELECT 1 FROM outbox WHERE item_id = items.id)
+               AND NOT EXISTS (SELECT 1 FROM items c WHERE c.record_id = items.id)",
+        )?
+        .execute([&id_array(parents.iter())])?;
+    }
     // What is left in the outbox of these items, in one statement for the whole
     // message: the latest operation of each item gives its state. An item with nothing
     // left reads as delivered (items::ITEM_COLUMNS): its row is not rewritten here.
@@ -390,16 +408,30 @@ pub fn refuse(
     op_id: &str,
     reason: &str,
 ) -> Result<Option<StateChange>, DomainError> {
-    let found: Option<(String, String, String)> = conn
+    let found: Option<(String, String, String, bool)> = conn
         .query_row(
-            "SELECT item_id, work_order_id, item_kind FROM outbox WHERE op_id = ?1",
+            "SELECT o.item_id, o.work_order_id, o.item_kind, coalesce(i.deleted, 0)
+             FROM outbox o LEFT JOIN items i ON i.id = o.item_id WHERE o.op_id = ?1",
             [op_id],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
         )
         .optional()?;
-    let Some((item_id, work_order_id, kind)) = found else {
+    let Some((item_id, work_order_id, kind, deleted)) = found else {
         return Ok(None);
     };
+    if deleted {
+        // The inspector deleted the item: a change of it that was not applied is one
+        // less to undo, not one to fix. Turned red, it would hold back its work order
+        // behind an item nobody can see.
+        conn.execute("DELETE FROM outbox WHERE op_id = ?1", [op_id])?;
+        conn.execute(
+            "DELETE FROM items WHERE id = ?1 AND deleted = 1
+               AND NOT EXISTS (SELECT 1 FROM outbox WHERE item_id = ?1)
+               AND NOT EXISTS (SELECT 1 FROM items WHERE record_id = ?1)",
+            [&item_id],
+        )?;
+        return Ok(None);
+    }
     conn.execute(
         "UPDATE outbox SET state = 'refused', reason = ?2 WHERE op_id = ?1",
         params![op_id, reason],

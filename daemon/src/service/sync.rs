@@ -277,6 +277,36 @@ impl Service {
                 files.remove(&a.sha256);
                 received = 0;
             }
+            if received == a.size {
+                // Whole but never checked: killed between its last chunk and the check,
+                // or an empty file, for which no chunk ever comes. Asked for again, no
+                // byte would come and the lane would wait on it for ever.
+                let d = Download {
+                    sha256: a.sha256.clone(),
+                    size: a.size,
+                    work_order_id: work_order_id.clone(),
+                    attachment_id: a.id.clone(),
+                    received,
+                };
+                match self.check_whole_attachment(&d).await {
+                    Ok(true) => continue,
+                    Ok(false) if a.size > 0 => received = 0,
+                    Ok(false) => {
+                        self.count_bad_downlink(
+                            "attachment",
+                            &format!(
+                                "attachment {} is empty, and that is not what its SHA-256 names",
+                                a.sha256
+                            ),
+                        );
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(sha256 = %a.sha256, error = %e, "cannot check a downloaded attachment; it waits");
+                        continue;
+                    }
+                }
+            }
             if self.free_space(true) < (a.size - received).saturating_add(reserve) {
                 tracing::warn!(sha256 = %a.sha256, size = a.size, "an attachment waits: it would eat into the space kept for captures");
                 continue;
@@ -290,6 +320,35 @@ impl Service {
             }));
         }
         Ok(None)
+    }
+
+    /// Checks an attachment whose bytes are all on the device; returns whether it matched
+    /// (a mismatch is thrown away).
+    async fn check_whole_attachment(&self, d: &Download) -> std::io::Result<bool> {
+        let store = self.store().clone();
+        let (sha, empty) = (d.sha256.clone(), d.size == 0);
+        let matched = tokio::task::spawn_blocking(move || {
+            let files = store.attachments();
+            if empty {
+                files.append(&sha, 0, &[])?;
+            }
+            files.finish(&sha)
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        if matched {
+            self.attachment_complete(d);
+        }
+        Ok(matched)
+    }
+
+    fn attachment_complete(&self, d: &Download) {
+        tracing::info!(sha256 = %d.sha256, size = d.size, work_order_id = %d.work_order_id, attachment_id = %d.attachment_id, "attachment downloaded and verified");
+        self.update_sync(|s| s.last_download_ms = Some(now_ms()));
+        self.emit(Event::WorkOrder {
+            work_order_id: d.work_order_id.clone(),
+            change: WorkOrderChange::Changed,
+        });
     }
 
     /// Appends a chunk of `d` and, once the file is whole, checks it.
@@ -322,12 +381,7 @@ impl Service {
             source,
         })?;
         if outcome == ChunkOutcome::Complete {
-            tracing::info!(sha256 = %d.sha256, size = d.size, work_order_id = %d.work_order_id, attachment_id = %d.attachment_id, "attachment downloaded and verified");
-            self.update_sync(|s| s.last_download_ms = Some(now_ms()));
-            self.emit(Event::WorkOrder {
-                work_order_id: d.work_order_id.clone(),
-                change: WorkOrderChange::Changed,
-            });
+            self.attachment_complete(d);
         }
         Ok(outcome)
     }
@@ -597,14 +651,21 @@ impl Service {
             .await
     }
 
-    /// What is wrong with this device's own copy of a photo, if anything: the back office
-    /// found the bytes it received damaged, and sending a damaged file again cannot help.
+    /// What is wrong with this device's own copy of a photo, if it is damaged or gone
+    /// for good: sending such a file again cannot help. A file that could not be read
+    /// just now is not damaged (it is logged, and tried again later).
     pub async fn photo_damage_here(&self, sha256: &str) -> Option<String> {
         let store = self.inner.store.clone();
         let sha = sha256.to_owned();
-        tokio::task::spawn_blocking(move || store.photos().verify(&sha).err())
-            .await
-            .unwrap_or_else(|e| Some(format!("the check did not finish: {e}")))
+        let check = tokio::task::spawn_blocking(move || store.photos().verify(&sha)).await;
+        match check {
+            Ok(Err(crate::store::photos::Check::Damaged(why))) => Some(why),
+            Ok(Err(crate::store::photos::Check::Unreadable(why))) => {
+                tracing::warn!(sha256, problem = %why, "cannot check a photo's file");
+                None
+            }
+            Ok(Ok(())) | Err(_) => None,
+        }
     }
 
     /// Refuses, on the device, every operation that carries photo `sha256`, with `code`
@@ -657,7 +718,8 @@ impl Service {
     }
 
     /// The back office's progress on a photo. Needs no fsync: lost, the upload resumes a
-    /// little earlier. Returns false when the device is not uploading that photo.
+    /// little earlier; a start over does (see below). Returns false when the device is
+    /// not uploading that photo.
     pub async fn photo_progress(&self, ack: PhotoAck) -> Result<bool, DomainError> {
         let PhotoAck {
             sha256,
@@ -667,16 +729,20 @@ impl Service {
             ..
         } = ack;
         let bad = error.clone();
-        let known = self
-            .inner
-            .store
-            .write_lazy(move |c| {
-                if error.is_some() {
-                    return photos::restart(c, &sha256);
-                }
-                photos::record_progress(c, &sha256, received, complete)
-            })
-            .await?;
+        let known = if error.is_some() {
+            // Durable: the back office has thrown its bytes away. Lost to a power cut,
+            // the restart would leave this device resuming past bytes the back office
+            // no longer holds, and its answers (received 0) would never move it on.
+            self.inner
+                .store
+                .write(move |c| photos::restart(c, &sha256))
+                .await?
+        } else {
+            self.inner
+                .store
+                .write_lazy(move |c| photos::record_progress(c, &sha256, received, complete))
+                .await?
+        };
         if let Some(why) = bad {
             tracing::warn!(reason = %why, "the back office found a photo damaged; it is sent again from the start");
         }
@@ -702,6 +768,35 @@ impl Service {
 mod tests {
     use super::*;
     use crate::link::LinkSource;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_attachment_whole_but_unchecked_or_empty_is_checked_not_asked_for() {
+        use sha2::Digest;
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = crate::store::Store::open(dir.path()).unwrap();
+        let settings = crate::config::load(None).unwrap();
+        let service = Service::new(store.clone(), settings, None);
+        let drawing = b"a drawing".to_vec();
+        let sha = |b: &[u8]| hex::encode(sha2::Sha256::digest(b));
+        let push: WorkOrderPush = serde_json::from_value(serde_json::json!({
+            "v": 1, "type": "upsert", "work_orders": [{
+                "id": "WO-A", "version": 1, "title": "t", "stage": "new", "workflow": ["new"],
+                "attachments": [
+                    {"id": "d", "name": "d.pdf", "size": drawing.len(), "sha256": sha(&drawing)},
+                    {"id": "e", "name": "empty.txt", "size": 0, "sha256": sha(b"")},
+                ]
+            }]
+        }))
+        .unwrap();
+        service.apply_push(push).await.unwrap();
+        // Every byte came, and the daemon was killed before it checked them.
+        let files = store.attachments();
+        files.append(&sha(&drawing), 0, &drawing).unwrap();
+        assert!(service.next_download(Vec::new()).await.unwrap().is_none());
+        assert!(files.is_complete(&sha(&drawing)));
+        assert!(files.is_complete(&sha(b"")));
+        store.close();
+    }
 
     #[tokio::test]
     async fn the_app_hears_of_a_link_only_when_its_class_changes() {

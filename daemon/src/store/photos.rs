@@ -21,11 +21,22 @@ pub enum PhotoError {
     TooLarge { size: u64, limit: u64 },
     #[error("cannot read the photo from its descriptor: {0}")]
     Read(std::io::Error),
+    #[error("the photo is empty (0 bytes): there is nothing to attach")]
+    Empty,
     #[error("photo storage {path}: {source}")]
     Io {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+/// Why a photo's file failed [`PhotoDir::verify`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check {
+    /// Gone, or holding other bytes: it will not get better.
+    Damaged(String),
+    /// Could not be read just now (an I/O error, too many open files): it may.
+    Unreadable(String),
 }
 
 /// A photo safely on disk.
@@ -112,6 +123,10 @@ impl PhotoDir {
                 hasher.update(&buf[..n]);
                 tmp.write_all(&buf[..n]).map_err(io)?;
             }
+            // Nothing to upload would ever be asked for, or confirmed.
+            if offset == 0 {
+                return Err(PhotoError::Empty);
+            }
             tmp.sync_all().map_err(io)?;
             Ok(StoredPhoto {
                 sha256: hex::encode(hasher.finalize()),
@@ -148,18 +163,29 @@ impl PhotoDir {
         Ok(photo)
     }
 
-    /// Checks that a photo's file still holds the bytes its name is the SHA-256 of; says
-    /// what is wrong otherwise. Blocking: it reads the whole file.
-    pub fn verify(&self, sha256: &str) -> Result<(), String> {
+    /// Checks that a photo's file still holds the bytes its name is the SHA-256 of.
+    /// Blocking: it reads the whole file.
+    pub fn verify(&self, sha256: &str) -> Result<(), Check> {
         let path = self.path_of(sha256);
-        let file = File::open(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Check::Damaged(format!("{} is gone", path.display())))
+            }
+            Err(e) => {
+                return Err(Check::Unreadable(format!(
+                    "cannot open {}: {e}",
+                    path.display()
+                )))
+            }
+        };
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; 64 * 1024];
         let mut offset = 0u64;
         loop {
             let n = file
                 .read_at(&mut buf, offset)
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                .map_err(|e| Check::Unreadable(format!("cannot read {}: {e}", path.display())))?;
             if n == 0 {
                 break;
             }
@@ -170,10 +196,10 @@ impl PhotoDir {
         if found == sha256 {
             Ok(())
         } else {
-            Err(format!(
+            Err(Check::Damaged(format!(
                 "{} no longer matches its SHA-256 ({offset} bytes hash to {found})",
                 path.display()
-            ))
+            )))
         }
     }
 
@@ -253,17 +279,26 @@ mod tests {
             .unwrap();
         assert_eq!(photos.verify(&a.sha256), Ok(()));
         std::fs::write(photos.path_of(&a.sha256), b"hellO photo").unwrap();
-        let problem = photos.verify(&a.sha256).unwrap_err();
+        let Err(Check::Damaged(problem)) = photos.verify(&a.sha256) else {
+            panic!("damaged")
+        };
         assert!(problem.contains("no longer matches"), "{problem}");
         photos
             .ingest(File::open(&src).unwrap().into(), 100)
             .unwrap();
         assert_eq!(photos.verify(&a.sha256), Ok(()));
         std::fs::remove_file(photos.path_of(&a.sha256)).unwrap();
-        assert!(photos
-            .verify(&a.sha256)
-            .unwrap_err()
-            .contains("cannot open"));
+        let Err(Check::Damaged(problem)) = photos.verify(&a.sha256) else {
+            panic!("gone")
+        };
+        assert!(problem.contains("is gone"), "{problem}");
+        // Nothing to attach in an empty file.
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, b"").unwrap();
+        assert!(matches!(
+            photos.ingest(File::open(&empty).unwrap().into(), 100),
+            Err(PhotoError::Empty)
+        ));
     }
 
     #[test]

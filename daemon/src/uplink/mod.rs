@@ -110,6 +110,9 @@ enum Ended {
     /// wait for a link), without backoff.
     LinkChanged(String),
     Lost(String),
+    /// Batches went unanswered for `ack_timeout`: the back office is down or its answers
+    /// do not reach the device. However long it lasted, the session did not work.
+    Unanswered(String),
     /// The broker took the connection but refused what a session needs: trying again
     /// soon would not help, so the backoff goes on growing.
     Refused(String),
@@ -251,7 +254,7 @@ impl Uplink {
                     // A broker that takes the connection and then drops it (a packet over
                     // its limit, its rules) would otherwise be called every 100 ms for
                     // ever: the backoff starts over only after a session that worked.
-                    let worked = self.heard || began.elapsed() >= WORKING_SESSION;
+                    let worked = worked(self.heard, began.elapsed(), &ended);
                     match ended {
                         Ended::Shutdown => {
                             self.say_goodbye(&client, &mut pump).await;
@@ -263,7 +266,7 @@ impl Uplink {
                             delay = self.settings.reconnect_min;
                             continue;
                         }
-                        Ended::Lost(why) => {
+                        Ended::Lost(why) | Ended::Unanswered(why) => {
                             if worked {
                                 delay = self.settings.reconnect_min;
                             }
@@ -644,7 +647,7 @@ impl Uplink {
                     if in_flight.front().is_some_and(|b| b.sent_at.elapsed() > self.settings.ack_timeout) {
                         // The back office has not answered: start over on a new
                         // connection, which sends everything unacknowledged again.
-                        return Ended::Lost("no acknowledgement from the back office in time".into());
+                        return Ended::Unanswered("no acknowledgement from the back office in time".into());
                     }
                 }
                 event = pump.next() => match event {
@@ -681,9 +684,16 @@ impl Uplink {
                                 }
                             }
                         } else if p.topic == self.topics.photo_acks() {
-                            if self.on_photo_ack(&p.payload, &mut photos).await {
-                                more = true;
-                                photos_more = true;
+                            match self.on_photo_ack(&p.payload, &mut photos).await {
+                                Ok(true) => {
+                                    more = true;
+                                    photos_more = true;
+                                }
+                                Ok(false) => {}
+                                Err(why) => {
+                                    self.heard = false;
+                                    return Ended::StoreFailed(why);
+                                }
                             }
                         } else if p.topic == self.topics.work_orders() {
                             if let Err(why) = self.on_work_orders(&p.payload).await {
@@ -800,6 +810,20 @@ impl Uplink {
                 Ok(None) => return Ok(false),
                 Err(e) => return Err(format!("store: {e}")),
             }
+        }
+        if let Some(u) = lane.current.take_if(|u| u.size == 0) {
+            // No chunk would go, no answer would come, and every photo behind it would
+            // wait. Only a store written before empty photos were refused holds one.
+            let reason = "the photo is empty (0 bytes): attach it again, or discard this one";
+            if let Err(e) = self
+                .service
+                .refuse_photo_on_device(&u.sha256, PHOTO_DAMAGED, reason.into())
+                .await
+            {
+                tracing::error!(sha256 = %u.sha256, error = %e, "cannot refuse an empty photo; it waits for the next connection");
+                lane.skip.push(u.sha256);
+            }
+            return Ok(true);
         }
         let chunk = self.settings.photo_chunk_bytes as u64;
         let window = chunk * self.settings.photo_window as u64;
@@ -1026,7 +1050,11 @@ impl Uplink {
 
     /// Handles the back office's progress on a photo; returns true when the photo is
     /// done (its operation may go, and the next photo may start).
-    async fn on_photo_ack(&self, payload: &[u8], lane: &mut PhotoLane) -> bool {
+    ///
+    /// An answer the store could not take is an error: left unacknowledged to the broker,
+    /// it comes again on the next connection. One that starts a photo over must not be
+    /// lost, and the others cost nothing to hear twice.
+    async fn on_photo_ack(&self, payload: &[u8], lane: &mut PhotoLane) -> Result<bool, String> {
         let ack = match self
             .codec()
             .parse::<wire::PhotoAck>(payload, self.settings.max_downlink_bytes)
@@ -1035,12 +1063,12 @@ impl Uplink {
             Ok(a) => {
                 self.service
                     .count_bad_downlink("photo-acks", &wire::WireError::Version(a.v).to_string());
-                return false;
+                return Ok(false);
             }
             Err(e) => {
                 self.service
                     .count_bad_downlink("photo-acks", &e.to_string());
-                return false;
+                return Ok(false);
             }
         };
         let is_current = lane
@@ -1056,22 +1084,27 @@ impl Uplink {
                     "photo-acks",
                     &format!("acknowledgement for photo {sha}, which this device is not sending"),
                 );
-                return false;
+                return Ok(false);
+            }
+            Err(e) if e.is_store_unavailable() => {
+                return Err(format!(
+                    "the store could not take the back office's answer on photo {sha} ({e}); the broker delivers it again on the next connection"
+                ));
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot record photo progress");
-                return false;
+                return Ok(false);
             }
         }
         if failed {
             self.on_photo_damaged(&sha, lane).await;
         }
         if !is_current {
-            return complete;
+            return Ok(complete);
         }
         if complete || failed {
             lane.current = None;
-            return true;
+            return Ok(true);
         }
         if let Some(u) = lane.current.as_mut() {
             let received = received.min(u.size);
@@ -1081,7 +1114,7 @@ impl Uplink {
             }
             lane.next = lane.next.max(u.acked);
         }
-        false
+        Ok(false)
     }
 
     /// Stores a push from the dispatcher. A broken one is counted and dropped; one the
@@ -1129,7 +1162,33 @@ impl Uplink {
     }
 }
 
+/// Whether a session worked, so that the backoff may start over: the broker delivered
+/// something, or it lasted [`WORKING_SESSION`] with its batches answered.
+fn worked(heard: bool, lasted: Duration, ended: &Ended) -> bool {
+    heard || (lasted >= WORKING_SESSION && !matches!(ended, Ended::Unanswered(_)))
+}
+
 /// A number in [0, 1), for jitter.
 fn rand_unit() -> f64 {
     rand::random::<f64>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backoff_starts_over_only_after_a_session_that_worked() {
+        let long = WORKING_SESSION + Duration::from_secs(15);
+        let short = Duration::from_secs(1);
+        let lost = || Ended::Lost("cut".into());
+        let unanswered = || Ended::Unanswered("no answer".into());
+        assert!(worked(true, short, &lost()));
+        assert!(worked(false, long, &lost()));
+        assert!(!worked(false, short, &lost()));
+        // A back office that is down: every session lasts the ack timeout, and not one
+        // of them worked.
+        assert!(!worked(false, long, &unanswered()));
+        assert!(worked(true, long, &unanswered()));
+    }
 }
