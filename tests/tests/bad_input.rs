@@ -78,6 +78,15 @@ async fn broken_frames_get_errors_and_the_connection_goes_on() {
         raw_error(&mut c, &big).await,
         (None, ErrorCode::FrameTooLarge)
     );
+    // The same through the client library: answered, not waited on for ever.
+    let err = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        c.add_record("WO-1", note(&"a".repeat(200_000))),
+    )
+    .await
+    .expect("an answer comes")
+    .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::FrameTooLarge));
     // Domain errors.
     let err = c.add_record("WO-404", note("x")).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::UnknownWorkOrder));
@@ -163,6 +172,109 @@ async fn photos_need_a_regular_file_within_the_size_limit() {
     c.attach_photo(&record.id, &File::open(&ok).unwrap(), None, None)
         .await
         .unwrap();
+}
+
+/// Descriptors the daemon holds open now.
+fn open_fds(d: &Daemon) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", d.pid()))
+        .unwrap()
+        .count()
+}
+
+/// Sends `bytes` with `fds` in one sendmsg on a raw connection.
+fn send_with_fds(s: &std::os::unix::net::UnixStream, bytes: &[u8], fds: &[std::os::fd::RawFd]) {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let iov = [std::io::IoSlice::new(bytes)];
+    let cmsg = [ControlMessage::ScmRights(fds)];
+    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
+    let n = sendmsg::<()>(s.as_raw_fd(), &iov, cmsgs, MsgFlags::empty(), None).unwrap();
+    assert_eq!(n, bytes.len());
+}
+
+/// The next answer on a raw connection: its id and error code, if it is an error.
+fn answer(r: &mut impl std::io::BufRead) -> (u64, Option<String>) {
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    (
+        v["id"].as_u64().unwrap_or(u64::MAX),
+        v["error"]["code"].as_str().map(String::from),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn descriptors_go_with_their_own_frame_and_none_is_kept_beyond_use() {
+    use std::io::BufReader;
+    use std::os::fd::AsRawFd;
+    let d = Daemon::start();
+    let mut c = d.client().await;
+    let record = c.add_record("WO-1", note("with photo")).await.unwrap();
+    let (photo, bytes) = photo_file(d.dir.path(), "p.jpg", 3000);
+    let sha = fieldsync_tests::sha256_hex(&bytes);
+    let file = File::open(&photo).unwrap();
+    let baseline = open_fds(&d);
+
+    let s = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let attach = format!(
+        "{{\"v\":1,\"id\":2,\"request\":{{\"type\":\"attach_photo\",\"record_id\":\"{}\"}}}}\n",
+        record.id
+    );
+    // A request and, right behind it, the photo with its descriptor: one read may bring
+    // both, and the descriptor is the photo's.
+    for _ in 0..5 {
+        send_with_fds(
+            &s,
+            b"{\"v\":1,\"id\":1,\"request\":{\"type\":\"status\"}}\n",
+            &[],
+        );
+        send_with_fds(&s, attach.as_bytes(), &[file.as_raw_fd()]);
+        assert_eq!(answer(&mut r), (1, None));
+        assert_eq!(answer(&mut r), (2, None), "the photo got its descriptor");
+    }
+    // Descriptors with a request that takes none: refused, and closed.
+    let many = vec![file.as_raw_fd(); 6];
+    for _ in 0..20 {
+        send_with_fds(
+            &s,
+            b"{\"v\":1,\"id\":3,\"request\":{\"type\":\"status\"}}\n",
+            &many,
+        );
+        assert_eq!(answer(&mut r), (3, Some("bad_request".into())));
+    }
+    // Descriptors on a line that never ends are not hoarded.
+    for _ in 0..50 {
+        send_with_fds(&s, b" ", &many);
+    }
+    send_with_fds(
+        &s,
+        b"{\"v\":1,\"id\":4,\"request\":{\"type\":\"status\"}}\n",
+        &[],
+    );
+    // The line ends as a status request with descriptors: refused, like the ones above.
+    assert_eq!(answer(&mut r), (4, Some("bad_request".into())));
+    assert!(
+        open_fds(&d) <= baseline + 1 + 4,
+        "{} descriptors open, {baseline} before",
+        open_fds(&d)
+    );
+    drop(r);
+    drop(s);
+    // And none is left once the client is gone.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while open_fds(&d) > baseline {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} > {baseline}",
+            open_fds(&d)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let item = c.work_order("WO-1").await.unwrap();
+    assert!(item.items.iter().any(|i| i.body["sha256"] == sha));
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

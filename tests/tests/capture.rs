@@ -36,6 +36,10 @@ async fn every_kind_of_capture_is_stored_and_waits() {
         )
         .await
         .unwrap();
+    // Listed as soon as it is answered, by every read.
+    let wo = c.work_order("WO-1").await.unwrap();
+    assert!(wo.items.iter().any(|i| i.id == work.id), "{wo:?}");
+    assert_eq!(wo.summary.unsent, 1);
     let checklist = c
         .add_record(
             "WO-1",

@@ -128,8 +128,13 @@ impl Client {
                     ..
                 }) => {
                     // A refusal of the connection as a whole (unauthorized, busy) comes
-                    // without an id and ends the exchange.
-                    if matches!(e.code, ErrorCode::Unauthorized | ErrorCode::Busy) {
+                    // without an id and ends the exchange. So does a line too long for
+                    // the daemon to read its id: this client's lines are its requests,
+                    // one at a time, so it was this one.
+                    if matches!(
+                        e.code,
+                        ErrorCode::Unauthorized | ErrorCode::Busy | ErrorCode::FrameTooLarge
+                    ) {
                         return Err(ClientError::Daemon(e));
                     }
                     self.orphan_errors.push_back(e)

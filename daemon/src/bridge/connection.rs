@@ -21,13 +21,19 @@ use crate::service::Service;
 
 /// A client that does not read its answers for this long is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Descriptors one read may carry; more are closed by the kernel (MSG_CTRUNC).
-const MAX_FDS_PER_READ: usize = 4;
+/// Room for as many descriptors as one sendmsg can carry (Linux's SCM_MAX_FD), so the
+/// kernel never truncates them: truncated, the ones it did install could not be told
+/// apart, and would stay open for good.
+const MAX_FDS_PER_READ: usize = 253;
+/// Descriptors kept for frames not complete yet. A frame uses one at most; beyond these,
+/// more are closed at once, so a client cannot hoard the daemon's descriptors.
+const MAX_PENDING_FDS: usize = 4;
 /// Bytes one read takes at most.
 const READ_CHUNK: usize = 16 * 1024;
 
 /// Bytes read so far and the descriptors that came with them, each at the offset of the
-/// first byte it arrived with.
+/// last byte of the read it arrived with: a read that brings descriptors ends with the
+/// data they were sent with, possibly after data sent before them without any.
 struct Inbox {
     bytes: Vec<u8>,
     fds: Vec<(usize, OwnedFd)>,
@@ -162,21 +168,26 @@ fn read_some(stream: &UnixStream, inbox: &mut Inbox) -> io::Result<usize> {
         )
         .map_err(io::Error::from)?;
         let mut received = Vec::new();
-        if let Ok(cmsgs) = msg.cmsgs() {
-            for c in cmsgs {
-                if let ControlMessageOwned::ScmRights(fds) = c {
-                    // SAFETY: the kernel just installed these descriptors for us; we are
-                    // their only owner.
-                    received.extend(
-                        fds.into_iter()
-                            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                    );
+        match msg.cmsgs() {
+            Err(e) => {
+                // Cannot happen with room for SCM_MAX_FD; said loudly if it does.
+                tracing::error!(error = %e, "descriptors from a UI client were cut short");
+            }
+            Ok(cmsgs) => {
+                for c in cmsgs {
+                    if let ControlMessageOwned::ScmRights(fds) = c {
+                        // SAFETY: the kernel just installed these descriptors for us; we are
+                        // their only owner.
+                        received.extend(
+                            fds.into_iter()
+                                .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                        );
+                    }
                 }
             }
         }
         (msg.bytes, received)
     };
-    let at = bytes.len();
     if !*skipping || n == 0 {
         bytes.extend_from_slice(&chunk[..n]);
     } else {
@@ -189,7 +200,18 @@ fn read_some(stream: &UnixStream, inbox: &mut Inbox) -> io::Result<usize> {
             None => return Ok(n),
         }
     }
-    fds.extend(received.into_iter().map(|fd| (at, fd)));
+    if let Some(at) = bytes.len().checked_sub(1) {
+        let room = MAX_PENDING_FDS.saturating_sub(fds.len());
+        if received.len() > room {
+            tracing::warn!(
+                received = received.len(),
+                kept = room,
+                "a UI client sent more descriptors than its frames can use; the rest are closed"
+            );
+        }
+        // Dropping the others closes them.
+        fds.extend(received.into_iter().take(room).map(|fd| (at, fd)));
+    }
     Ok(n)
 }
 
@@ -217,6 +239,21 @@ async fn handle_frame(
             return error_frame(id, body).into();
         }
     };
+    if !frame.fds.is_empty() && !matches!(request, Request::AttachPhoto { .. }) {
+        // Most likely sent with the wrong frame: said, rather than closed in silence.
+        return error_frame(
+            Some(id),
+            ErrorBody {
+                code: ErrorCode::BadRequest,
+                message: format!(
+                    "only attach_photo takes a descriptor; the {} sent with this frame {} closed",
+                    frame.fds.len(),
+                    if frame.fds.len() == 1 { "was" } else { "were" }
+                ),
+            },
+        )
+        .into();
+    }
     if request == Request::Subscribe && events.is_none() {
         *events = Some(service.subscribe());
     }

@@ -326,8 +326,9 @@ impl Service {
                 Ok(Response::WorkOrders { work_orders })
             }
             Request::GetWorkOrder { work_order_id } => {
-                let mut wo = store
-                    .read(move |c| work_orders::get(c, &work_order_id))
+                // Through the fold, like every read: a capture just answered is listed.
+                let mut wo = self
+                    .query(move |c| work_orders::get(c, &work_order_id))
                     .await?;
                 for a in &mut wo.attachments {
                     a.downloaded = store.attachments().is_complete(&a.sha256);
