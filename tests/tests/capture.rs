@@ -122,6 +122,44 @@ async fn every_kind_of_capture_is_stored_and_waits() {
     assert_eq!(c.work_order("WO-1").await.unwrap().items.len(), 4);
 }
 
+/// Equal photos share one file. Deleting one while the same bytes are attached to
+/// another record, at the same moment, leaves the file for the one that stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_photo_deleted_while_its_twin_is_attached_keeps_the_twins_file() {
+    let d = Daemon::start();
+    let mut c1 = d.client().await;
+    let mut c2 = d.client().await;
+    let a = c1.add_record("WO-1", note("a")).await.unwrap();
+    let b = c1.add_record("WO-1", note("b")).await.unwrap();
+    let (path, bytes) = photo_file(d.dir.path(), "twin.jpg", 1024 * 1024);
+    let sha = sha256_hex(&bytes);
+    let stored = d.state_dir.join("photos").join(&sha[..2]).join(&sha);
+    // The delete comes a little later each round, so that some round it lands between
+    // the twin's copy finding the file in place and the twin's row naming it.
+    for round in 0..30u64 {
+        let first = c1
+            .attach_photo(&a.id, &File::open(&path).unwrap(), None, None)
+            .await
+            .unwrap();
+        let file = File::open(&path).unwrap();
+        let (deleted, twin) = tokio::join!(
+            async {
+                tokio::time::sleep(std::time::Duration::from_millis(round)).await;
+                c1.delete_item(&first.id).await
+            },
+            c2.attach_photo(&b.id, &file, None, None)
+        );
+        deleted.unwrap();
+        let twin = twin.unwrap();
+        assert_eq!(
+            std::fs::read(&stored).ok().as_deref(),
+            Some(&bytes[..]),
+            "round {round}: the twin's file is there"
+        );
+        c2.delete_item(&twin.id).await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn edits_fold_and_deletes_send_nothing_before_delivery() {
     let d = Daemon::start();

@@ -64,6 +64,11 @@ struct Inner {
     switches: std::sync::Mutex<Switches>,
     /// The last free-space reading and when it was taken.
     free_space: std::sync::Mutex<Option<(std::time::Instant, u64)>>,
+    /// Held by an attach from its copy of the file to its commit, and by a delete from
+    /// its commit to the removal of the files it left unnamed: equal photos share one
+    /// file, and a delete must not remove the file an attach of the same bytes has
+    /// just found in place and not yet named.
+    photo_files: tokio::sync::Mutex<()>,
 }
 
 /// When the last capture came, for the fold that waits for a pause.
@@ -103,6 +108,7 @@ impl Service {
                 folding: tokio::sync::Mutex::new(()),
                 quiet_fold: QuietFold::default(),
                 free_space: std::sync::Mutex::new(None),
+                photo_files: tokio::sync::Mutex::new(()),
                 sync: std::sync::Mutex::new(SyncStatus {
                     broker: if uplink_configured {
                         "connecting"
@@ -372,6 +378,7 @@ impl Service {
                 Ok(Response::Item(item))
             }
             Request::DeleteItem { item_id } => {
+                let _files = self.inner.photo_files.lock().await;
                 let (deleted, unsent) = self
                     .change(move |c| {
                         let d = items::delete_item(c, &item_id)?;
@@ -530,6 +537,7 @@ impl Service {
             .map(|s| s.st_size.max(0) as u64)
             .unwrap_or(0);
         self.check_space(size)?;
+        let _files = self.inner.photo_files.lock().await;
         let copy_store = store.clone();
         let photo = tokio::task::spawn_blocking(move || copy_store.photos().ingest(fd, limit))
             .await
