@@ -323,6 +323,53 @@ async fn a_peer_that_is_not_allowed_is_refused() {
     assert_eq!(c.status().await.unwrap().unsent, 0);
 }
 
+/// A group counts when the connecting process holds it, as systemd's
+/// `SupplementaryGroups=` gives it to an app, whatever the user database says; and not
+/// when the process does not, whatever the user database says.
+#[tokio::test]
+async fn a_group_counts_when_the_process_holds_it() {
+    let d = Daemon::start_with(Options {
+        ui: "socket_mode = \"0666\"\nallowed_gids = [4243]\n".into(),
+        ..Options::default()
+    });
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test switches users and needs root"
+    );
+    std::fs::set_permissions(
+        d.dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let status = |groups: &'static [u32]| {
+        let mut cmd = Command::new(fieldctl_bin());
+        cmd.args(["--socket"]).arg(&d.socket).arg("status");
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let gids: Vec<nix::unistd::Gid> = groups
+                    .iter()
+                    .map(|g| nix::unistd::Gid::from_raw(*g))
+                    .collect();
+                nix::unistd::setgroups(&gids)?;
+                nix::unistd::setgid(nix::unistd::Gid::from_raw(65534))?;
+                nix::unistd::setuid(nix::unistd::Uid::from_raw(65534))?;
+                Ok(())
+            });
+        }
+        cmd.output().unwrap()
+    };
+    let allowed = status(&[4243]);
+    assert!(
+        allowed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&allowed.stderr)
+    );
+    let refused = status(&[]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("unauthorized"));
+}
+
 #[tokio::test]
 async fn connections_beyond_the_cap_are_told_busy() {
     let d = Daemon::start_with(Options {

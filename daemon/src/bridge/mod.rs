@@ -123,7 +123,11 @@ pub async fn serve(
                 continue;
             }
         };
-        if !auth::is_allowed(cred.uid(), cred.gid(), &settings) {
+        let groups = {
+            use std::os::fd::AsFd;
+            auth::peer_groups(stream.as_fd(), cred.uid(), cred.gid(), &settings)
+        };
+        if !auth::is_allowed(cred.uid(), cred.gid(), &groups, &settings) {
             tracing::warn!(uid = cred.uid(), gid = cred.gid(), pid = ?cred.pid(), "UI connection refused: user not allowed");
             refuse(
                 stream,
