@@ -323,6 +323,45 @@ async fn a_peer_that_is_not_allowed_is_refused() {
     assert_eq!(c.status().await.unwrap().unsent, 0);
 }
 
+/// fieldctl: a refusal on stderr, or as JSON on stdout with `--json`; exit 1 for a request
+/// that is wrong, 4 for one the daemon cannot do now; a closed pipe ends it quietly.
+#[tokio::test]
+async fn fieldctl_reports_errors_by_kind() {
+    let d = Daemon::start_with(Options {
+        store: "min_free_bytes = 1000000000000000000\n".into(),
+        ..Options::default()
+    });
+    let fieldctl = |args: &[&str]| {
+        Command::new(fieldctl_bin())
+            .arg("--socket")
+            .arg(&d.socket)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = fieldctl(&["--json", "work-order", "WO-404"]);
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["error"]["code"], "unknown_work_order", "{v}");
+    let out = fieldctl(&["add", "WO-1", "note", "x"]);
+    assert_eq!(out.status.code(), Some(4), "storage low: try again later");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("storage_low"), "{stderr}");
+
+    let mut child = Command::new(fieldctl_bin())
+        .arg("--socket")
+        .arg(&d.socket)
+        .arg("work-orders")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
 /// A group counts when the connecting process holds it, as systemd's
 /// `SupplementaryGroups=` gives it to an app, whatever the user database says; and not
 /// when the process does not, whatever the user database says.

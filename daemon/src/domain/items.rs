@@ -795,6 +795,8 @@ pub fn retry(conn: &Connection, item_id: &str) -> Result<Item, DomainError> {
 pub struct Discarded {
     /// The item afterwards; `None` when it is gone (a refused creation).
     pub item: Option<Item>,
+    /// What kind of item it was, for the event that says it is gone.
+    pub kind: ItemKind,
     pub work_order_id: String,
     /// Items removed with it (photos of a record whose creation was refused).
     pub also_removed: Vec<Item>,
@@ -851,6 +853,7 @@ pub fn discard(conn: &Connection, item_id: &str) -> Result<Discarded, DomainErro
         }
         return Ok(Discarded {
             item: None,
+            kind: item.kind,
             work_order_id: item.work_order_id,
             also_removed,
             stage_reverted,
@@ -870,6 +873,7 @@ pub fn discard(conn: &Connection, item_id: &str) -> Result<Discarded, DomainErro
     )?;
     Ok(Discarded {
         item: Some(load_item(conn, item_id)?),
+        kind: item.kind,
         work_order_id: item.work_order_id,
         also_removed,
         stage_reverted,

@@ -462,7 +462,7 @@ impl Service {
                     None => self.emit(Event::ItemState {
                         item_id: item_id.clone(),
                         work_order_id: d.work_order_id.clone(),
-                        kind: ui_bridge::ItemKind::Note,
+                        kind: d.kind,
                         state: None,
                         reason: None,
                     }),

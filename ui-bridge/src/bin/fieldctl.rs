@@ -220,9 +220,22 @@ fn default_socket() -> PathBuf {
     PathBuf::from("fieldsync-state/ui.sock")
 }
 
+/// Exit codes: 0 done; 1 the daemon refused the request (what it asked is wrong or not
+/// allowed); 2 a usage error; 3 no daemon on the socket; 4 the daemon could not do it
+/// now (busy, storage low or failing): the same request may work later.
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
+    // `fieldctl outbox | head` ends quietly, as other command-line tools do, instead of
+    // failing on the closed pipe.
+    // SAFETY: called before any other thread exists; it only resets a signal's handler.
+    unsafe {
+        let _ = nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigDfl,
+        );
+    }
     let cli = Cli::parse();
+    let json = cli.json;
     let socket = cli.socket.clone().unwrap_or_else(default_socket);
     match run(cli, socket).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -235,8 +248,21 @@ async fn main() -> ExitCode {
             ExitCode::from(3)
         }
         Err(Failure::Client(e)) => {
-            eprintln!("fieldctl: {e}");
-            ExitCode::from(1)
+            let Some(code) = e.code() else {
+                eprintln!("fieldctl: {e}");
+                return ExitCode::from(1);
+            };
+            match (&e, json) {
+                (ClientError::Daemon(body), true) => {
+                    println!("{}", serde_json::json!({ "error": body }))
+                }
+                _ => eprintln!("fieldctl: {e}"),
+            }
+            use ui_bridge::ErrorCode as C;
+            match code {
+                C::Busy | C::StorageLow | C::StorageUnavailable | C::Internal => ExitCode::from(4),
+                _ => ExitCode::from(1),
+            }
         }
         Err(Failure::Local(msg)) => {
             eprintln!("fieldctl: {msg}");
