@@ -661,6 +661,36 @@ mod tests {
     }
 
     #[test]
+    fn a_fix_after_a_refusal_reaches_the_held_update_too() {
+        let conn = conn_with_work_order();
+        let item = add_record(&conn, "WO-1", &note("first")).unwrap();
+        let seqs = |conn: &Connection| -> Vec<i64> {
+            let mut stmt = conn
+                .prepare("SELECT seq FROM outbox WHERE state = 'waiting'")
+                .unwrap();
+            stmt.query_map([], |r| r.get(0))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        };
+        outbox::mark_sent(&conn, &seqs(&conn)).unwrap();
+        edit_record(&conn, &item.id, &note("second")).unwrap();
+        outbox::mark_sent(&conn, &seqs(&conn)).unwrap();
+        let ops = outbox::list(&conn, None).unwrap();
+        let (create, update) = (ops[0].op_id.clone(), ops[1].op_id.clone());
+        // The back office refuses the creation and holds the update behind it.
+        outbox::refuse(&conn, &create, "validation: no").unwrap();
+        outbox::requeue_op(&conn, &update).unwrap();
+        // Editing a refused item sends it again as it stands.
+        edit_record(&conn, &item.id, &note("fixed")).unwrap();
+        let batch = outbox::next_batch(&conn, 10, 1 << 20).unwrap();
+        assert_eq!(batch.len(), 2);
+        for op in &batch {
+            assert!(op.payload.contains("fixed"), "{}: {}", op.op_id, op.payload);
+        }
+    }
+
+    #[test]
     fn delivered_items_do_not_change() {
         let conn = conn_with_work_order();
         let item = add_record(&conn, "WO-1", &note("a")).unwrap();

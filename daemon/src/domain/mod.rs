@@ -90,6 +90,17 @@ impl DomainError {
     }
 }
 
+/// Reads a JSON `null` as the field's default, as a missing key is: a back office whose
+/// language writes an empty list or an absent string as `null` (Go's nil slices, a
+/// mapper's unset fields) sends exactly that. For `#[serde(default, deserialize_with)]`.
+pub fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + serde::Deserialize<'de>,
+{
+    Ok(<Option<T> as serde::Deserialize>::deserialize(d)?.unwrap_or_default())
+}
+
 /// The stage after `stage` in `workflow`, if any.
 pub fn next_stage<'a>(workflow: &'a [String], stage: &str) -> Option<&'a str> {
     let at = workflow.iter().position(|s| s == stage)?;

@@ -461,8 +461,12 @@ pub fn requeue_op(conn: &Connection, op_id: &str) -> Result<Option<StateChange>,
     let Some((item_id, work_order_id, kind)) = found else {
         return Ok(None);
     };
+    // Held is the one answer that says the back office did not apply it and did not
+    // keep its id: as far as anyone knows it was never sent, so an edit folds into it
+    // (rather than a fix going out first and this older content after it).
     conn.execute(
-        "UPDATE outbox SET state = 'waiting' WHERE op_id = ?1 AND state = 'in_progress'",
+        "UPDATE outbox SET state = 'waiting', attempts = 0
+         WHERE op_id = ?1 AND state = 'in_progress'",
         [op_id],
     )?;
     conn.execute(

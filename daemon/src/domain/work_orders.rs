@@ -29,9 +29,9 @@ pub struct WorkOrderDoc {
     pub description: Option<String>,
     #[serde(default)]
     pub site: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::null_as_default")]
     pub checklist: Vec<ChecklistItem>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::null_as_default")]
     pub attachments: Vec<Attachment>,
 }
 

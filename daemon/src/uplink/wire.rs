@@ -128,10 +128,12 @@ pub struct AttachmentError {
 pub struct PhotoAck {
     pub v: u32,
     pub sha256: String,
-    /// Bytes received in order from the start of the photo.
+    /// Bytes received in order from the start of the photo; 0 when left out (an answer
+    /// that only says `error`).
+    #[serde(default, deserialize_with = "crate::domain::null_as_default")]
     pub received: u64,
     /// Set once the whole photo arrived and its size and SHA-256 check out.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::domain::null_as_default")]
     pub complete: bool,
     /// Set when the bytes did not check out; the device starts the photo over.
     #[serde(default)]
@@ -290,9 +292,9 @@ pub struct Acks {
 #[derive(Deserialize)]
 struct AcksOnWire {
     v: u32,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::domain::null_as_default")]
     acks: Vec<serde_json::Value>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::domain::null_as_default")]
     refused: Vec<serde_json::Value>,
 }
 
@@ -344,7 +346,7 @@ pub struct Refusal {
     /// `conflict`, `validation`, `forbidden`, or another word the back office chooses.
     pub code: String,
     /// Words for the inspector; the code alone when the back office gave none.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::domain::null_as_default")]
     pub reason: String,
     /// The back office's current version of the work order, when it has one. Read on
     /// its own later: a broken one is dropped, and the refusal it came with still holds.
@@ -359,11 +361,13 @@ pub enum WorkOrderPush {
     /// New or changed work orders for this device.
     Upsert {
         v: u32,
+        #[serde(default, deserialize_with = "crate::domain::null_as_default")]
         work_orders: Vec<WorkOrderDoc>,
     },
     /// Work orders taken off this device (cancelled, reassigned).
     Remove {
         v: u32,
+        #[serde(default, deserialize_with = "crate::domain::null_as_default")]
         ids: Vec<String>,
         #[serde(default)]
         reason: Option<String>,
@@ -373,6 +377,8 @@ pub enum WorkOrderPush {
         v: u32,
         #[serde(default)]
         request: Option<String>,
+        // Required, as a full state names everything; `null` is an empty one.
+        #[serde(deserialize_with = "crate::domain::null_as_default")]
         work_orders: Vec<WorkOrderDoc>,
     },
 }
@@ -394,6 +400,48 @@ pub enum WireError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn null_reads_as_left_out() {
+        let mut codec = Codec::new(3);
+        let acks: Acks = codec
+            .parse(br#"{"v":1,"acks":["a"],"refused":null}"#, 1 << 20)
+            .unwrap();
+        assert_eq!(acks.settled(), ["a"]);
+        let acks: Acks = codec
+            .parse(
+                br#"{"v":1,"acks":null,"refused":[{"id":"b","code":"validation","reason":null}]}"#,
+                1 << 20,
+            )
+            .unwrap();
+        assert!(acks.unreadable.is_empty(), "{:?}", acks.unreadable);
+        assert_eq!(acks.refused[0].reason, "");
+        let ack: PhotoAck = codec
+            .parse(
+                br#"{"v":1,"sha256":"ab","error":"hash_mismatch","complete":null}"#,
+                1 << 20,
+            )
+            .unwrap();
+        assert_eq!((ack.received, ack.complete), (0, false));
+        let push: WorkOrderPush = codec
+            .parse(
+                br#"{"v":1,"type":"upsert","work_orders":[{"id":"W","version":1,"title":"t","stage":"a","workflow":["a"],"checklist":null,"attachments":null,"site":null}]}"#,
+                1 << 20,
+            )
+            .unwrap();
+        let WorkOrderPush::Upsert { work_orders, .. } = push else {
+            panic!("an upsert")
+        };
+        assert!(work_orders[0].checklist.is_empty() && work_orders[0].attachments.is_empty());
+        // A full state must say what it holds; `null` holds nothing.
+        assert!(codec
+            .parse::<WorkOrderPush>(br#"{"v":1,"type":"full"}"#, 1 << 20)
+            .is_err());
+        let push: WorkOrderPush = codec
+            .parse(br#"{"v":1,"type":"full","work_orders":null}"#, 1 << 20)
+            .unwrap();
+        assert!(matches!(push, WorkOrderPush::Full { work_orders, .. } if work_orders.is_empty()));
+    }
 
     #[test]
     fn a_packet_is_counted_as_the_mqtt_client_writes_it() {
