@@ -201,6 +201,14 @@ impl Store {
             left.is_some() && left.as_deref().map(str::trim) == fingerprint(&db_path).as_deref();
         let conn = match open_checked(&db_path, !report.check_deferred) {
             Ok(conn) => conn,
+            // Busy, an I/O error, no memory: the file may be fine, and moving it aside
+            // would leave its work behind. The start fails and says why.
+            Err(problem) if !is_damage(&problem) => {
+                return Err(StoreError::Open {
+                    path: db_path.clone(),
+                    source: problem,
+                })
+            }
             Err(problem) => {
                 let moved = move_aside(&db_path)?;
                 tracing::error!(
@@ -226,7 +234,16 @@ impl Store {
                 source: std::io::Error::other(other.to_string()),
             },
         })?;
-        sweep_unreferenced_photos(&conn, &photos)?;
+        // Photo files no row names are left by captures that never committed. Not
+        // swept when the database that named them was set aside (support may recover
+        // both), nor before a deferred check has vouched for the rows that name them.
+        if report.damaged_moved_to.is_some() {
+            tracing::warn!(
+                "photo files are kept as they are: the database that names them was set aside"
+            );
+        } else if !report.check_deferred {
+            sweep_unreferenced_photos(&conn, &photos)?;
+        }
         let attachments_dir = state_dir.join("attachments");
         let attachments = attachments::AttachmentDir::open(&attachments_dir).map_err(|source| {
             StoreError::NotWritable {
@@ -604,6 +621,15 @@ fn open_checked(path: &Path, full: bool) -> Result<Connection, rusqlite::Error> 
     Ok(conn)
 }
 
+/// Whether opening or checking the database failed because the file is damaged, rather
+/// than for a reason of the moment.
+fn is_damage(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+    )
+}
+
 fn quick_check(conn: &Connection) -> Result<(), rusqlite::Error> {
     let verdict: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
     if verdict != "ok" {
@@ -687,7 +713,8 @@ fn run_group(conn: &Connection, batch: Vec<Job>) {
     // A job alone needs no savepoint: the transaction is its own. A savepoint costs two
     // statements and a copy of every page the job changes, for the chance to roll back.
     let alone = batch.len() == 1;
-    for job in batch {
+    let mut jobs = batch.into_iter();
+    while let Some(job) = jobs.next() {
         if alone {
             let (ok, reply) = (job.run)(conn);
             if !ok {
@@ -712,6 +739,32 @@ fn run_group(conn: &Connection, batch: Vec<Job>) {
         } else {
             exec(conn, "ROLLBACK TO job").and_then(|_| exec(conn, "RELEASE job"))
         };
+        if conn.is_autocommit() {
+            // SQLite rolled the whole transaction back (an I/O error, a full disk during
+            // a cache spill): the jobs before this one are gone with it. Going on would
+            // commit the later ones each on its own while the group reports failure,
+            // and an app that tries again would store them twice.
+            tracing::error!("a change failed and took its group's transaction with it; the changes after it run in a new one");
+            let e = StoreError::Sqlite(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
+                Some("the transaction was rolled back by another change's failure".into()),
+            ));
+            let msg = cause(&e);
+            for (_, earlier) in replies {
+                earlier(Err(same_kind(&e, &msg)));
+            }
+            if ok {
+                reply(Err(same_kind(&e, &msg)));
+            } else {
+                // It answers with its own error.
+                reply(Ok(()));
+            }
+            let rest: Vec<Job> = jobs.collect();
+            if !rest.is_empty() {
+                run_group(conn, rest);
+            }
+            return;
+        }
         if let Err(e) = end {
             tracing::error!(error = %e, "savepoint failed");
         }
@@ -829,6 +882,52 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(n, 45);
+        store.close();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_job_whose_failure_ends_the_transaction_leaves_no_answer_untrue() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        let mut handles = Vec::new();
+        for i in 0..60 {
+            let store = store.clone();
+            handles.push(tokio::spawn(async move {
+                let answer = store
+                    .write(move |c| {
+                        c.execute(
+                            "INSERT INTO settings (key, value) VALUES (?1, 'v')",
+                            [format!("k{i}")],
+                        )?;
+                        if i % 7 == 3 {
+                            // What SQLite does by itself on an I/O error.
+                            c.execute_batch("ROLLBACK")?;
+                            return Err(StoreError::Closed);
+                        }
+                        Ok::<_, StoreError>(())
+                    })
+                    .await;
+                (i, answer.is_ok())
+            }));
+        }
+        let mut ok = std::collections::BTreeSet::new();
+        for h in handles {
+            let (i, answered_ok) = h.await.unwrap();
+            if answered_ok {
+                ok.insert(format!("k{i}"));
+            }
+        }
+        let stored: std::collections::BTreeSet<String> = store
+            .read(|c| {
+                let mut stmt = c.prepare("SELECT key FROM settings WHERE key LIKE 'k%'")?;
+                let keys = stmt
+                    .query_map([], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?;
+                Ok::<_, StoreError>(keys)
+            })
+            .await
+            .unwrap();
+        assert_eq!(stored, ok, "stored exactly what was answered ok");
         store.close();
     }
 
@@ -987,9 +1086,39 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let junk = vec![0x5au8; 8192];
         std::fs::write(dir.path().join(DB_FILE), &junk).unwrap();
+        // A photo the damaged database may name.
+        let sha = "ab".repeat(32);
+        let photo = dir.path().join("photos").join("ab").join(&sha);
+        std::fs::create_dir_all(photo.parent().unwrap()).unwrap();
+        std::fs::write(&photo, b"bytes").unwrap();
         let (store, report) = Store::open(dir.path()).unwrap();
         let moved = report.damaged_moved_to.expect("moved aside");
         assert_eq!(std::fs::read(&moved).unwrap(), junk);
+        assert_eq!(
+            std::fs::read(&photo).unwrap(),
+            b"bytes",
+            "its photos are kept"
+        );
+        store.close();
+    }
+
+    #[test]
+    fn a_database_locked_by_another_process_is_not_taken_for_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        store.close();
+        drop(store);
+        let other = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        other
+            .execute_batch("PRAGMA locking_mode=EXCLUSIVE; BEGIN EXCLUSIVE;")
+            .unwrap();
+        let Err(e) = Store::open(dir.path()) else {
+            panic!("the start fails while the file is locked")
+        };
+        assert!(matches!(e, StoreError::Open { .. }), "{e:?}");
+        drop(other);
+        let (store, report) = Store::open(dir.path()).unwrap();
+        assert!(report.damaged_moved_to.is_none());
         store.close();
     }
 
