@@ -200,13 +200,31 @@ pub fn load(path: Option<&Path>) -> Result<Settings, ConfigError> {
             .parent()
             .unwrap_or_else(|| Path::new("."))
             .join("config.d");
-        if let Ok(entries) = std::fs::read_dir(&dropins) {
-            let mut extra: Vec<PathBuf> = entries
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-                .collect();
-            extra.sort();
-            files.extend(extra);
+        // No drop-in folder is fine; one that cannot be read is not: the settings it
+        // holds (a broker, credentials) would be missing without a word.
+        match std::fs::read_dir(&dropins) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: dropins,
+                    source,
+                })
+            }
+            Ok(entries) => {
+                let mut extra = Vec::new();
+                for entry in entries {
+                    let entry = entry.map_err(|source| ConfigError::Read {
+                        path: dropins.clone(),
+                        source,
+                    })?;
+                    let p = entry.path();
+                    if p.extension().is_some_and(|x| x == "toml") {
+                        extra.push(p);
+                    }
+                }
+                extra.sort();
+                files.extend(extra);
+            }
         }
     }
     for file in &files {
@@ -354,7 +372,7 @@ fn validate(file: File, base_dir: &Path) -> Result<Settings, ConfigError> {
         return Err(invalid("store.max_photo_bytes", "must be above 0"));
     }
     let log_level = file.log.level.unwrap_or_else(|| "info".into());
-    if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
+    if !is_log_filter(&log_level) || tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
         return Err(invalid(
             "log.level",
             format!(
@@ -548,10 +566,7 @@ fn uplink(
         password_file: u.password_file.map(resolve),
         device_id,
         topic_prefix,
-        keep_alive: secs(positive(
-            "uplink.keep_alive_secs",
-            u.keep_alive_secs.unwrap_or(30) as usize,
-        )? as u64),
+        keep_alive: secs(keep_alive(u.keep_alive_secs.unwrap_or(30))?),
         batch_max_ops: positive("uplink.batch_max_ops", u.batch_max_ops.unwrap_or(200))?,
         batch_max_bytes: positive(
             "uplink.batch_max_bytes",
@@ -596,6 +611,29 @@ fn default_device_id() -> String {
         .unwrap_or_else(|| "fieldsync-device".into())
 }
 
+/// A log filter made of levels and `target=level` directives only. tracing's own parser
+/// takes a bare word it does not know ("verbose", "inf") for a target's name, which turns
+/// every other target off: the daemon would run with an empty log.
+fn is_log_filter(filter: &str) -> bool {
+    const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+    let level = |l: &str| LEVELS.contains(&l.trim().to_ascii_lowercase().as_str());
+    filter.split(',').all(|part| match part.split_once('=') {
+        Some((target, l)) => !target.trim().is_empty() && level(l),
+        None => level(part),
+    })
+}
+
+/// MQTT carries the keepalive in 16 bits: a longer one would go out as another value.
+fn keep_alive(secs: u64) -> Result<u64, ConfigError> {
+    if secs == 0 || secs > u64::from(u16::MAX) {
+        return Err(invalid(
+            "uplink.keep_alive_secs",
+            format!("{secs} must be from 1 to 65535 (MQTT's limit)"),
+        ));
+    }
+    Ok(secs)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -637,6 +675,47 @@ mod tests {
         assert_eq!(s.max_photo_bytes, 30);
         assert_eq!(s.max_connections, 3);
         assert_eq!(s.state_dir, dir.path().join("s"));
+    }
+
+    #[test]
+    fn a_log_level_that_would_silence_the_log_and_a_keepalive_mqtt_cannot_carry_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for (text, key) in [
+            ("[log]\nlevel = \"verbose\"\n", "log.level"),
+            ("[log]\nlevel = \"inf\"\n", "log.level"),
+            ("[log]\nlevel = \"fieldsyncd=loud\"\n", "log.level"),
+            (
+                "[uplink]\nbroker = \"mqtt://b\"\ndevice_id = \"d\"\nkeep_alive_secs = 86400\n",
+                "uplink.keep_alive_secs",
+            ),
+        ] {
+            let main = write(dir.path(), "f.toml", text);
+            let e = load(Some(&main)).unwrap_err().to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
+        for good in [
+            "debug",
+            "WARN",
+            "fieldsyncd=debug,info",
+            "info,rumqttc=warn",
+        ] {
+            let main = write(
+                dir.path(),
+                "f.toml",
+                &format!("[log]\nlevel = \"{good}\"\n"),
+            );
+            assert_eq!(load(Some(&main)).unwrap().log_level, good);
+        }
+    }
+
+    #[test]
+    fn a_dropin_folder_that_cannot_be_read_is_an_error_not_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = write(dir.path(), "f.toml", "");
+        // A file where the folder belongs: reading it fails as an unreadable folder does.
+        write(dir.path(), "config.d", "not a folder");
+        let e = load(Some(&main)).unwrap_err().to_string();
+        assert!(e.contains("config.d"), "{e}");
     }
 
     #[test]

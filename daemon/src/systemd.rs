@@ -42,11 +42,24 @@ pub async fn watchdog(store: Store, shutdown: CancellationToken) {
     if !sd_notify::watchdog_enabled(false, &mut usec) {
         return;
     }
-    let period = Duration::from_micros(usec) / 2;
+    // A period systemd would never set (WATCHDOG_USEC=1) must not spin the store.
+    let timeout = Duration::from_micros(usec);
+    if timeout < Duration::from_secs(1) {
+        tracing::warn!(
+            watchdog_usec = usec,
+            "WATCHDOG_USEC is under a second; fed every half second"
+        );
+    }
+    let timeout = timeout.max(Duration::from_secs(1));
+    // Fed on a steady beat of half the timeout, each probe given a quarter of it: a slow
+    // answer cannot push a feed past the timeout itself.
+    let mut beat = tokio::time::interval(timeout / 2);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let period = timeout / 4;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(period) => {}
+            _ = beat.tick() => {}
         }
         let probe = store.write(|c| {
             c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))

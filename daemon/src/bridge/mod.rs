@@ -48,6 +48,13 @@ pub fn listen(settings: &Settings) -> Result<(UnixListener, Origin), BridgeError
         .map_err(BridgeError::Activation)?
         .next();
     if let Some((fd, _name)) = passed {
+        // A stray LISTEN_FDS (a wrapper that leaked it, a unit without its .socket) would
+        // name a descriptor the process uses for something else, the database even.
+        check_passed_socket(fd).map_err(|why| {
+            BridgeError::Activation(std::io::Error::other(format!(
+                "LISTEN_FDS names descriptor {fd}, which {why}; start fieldsyncd from fieldsyncd.socket or without LISTEN_FDS"
+            )))
+        })?;
         // SAFETY: systemd hands us this descriptor and nothing else in the process owns it.
         let std_listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
         std_listener
@@ -76,6 +83,25 @@ pub fn listen(settings: &Settings) -> Result<(UnixListener, Origin), BridgeError
         nix::unistd::chown(path, None, gid).map_err(|e| bind_err(e.into()))?;
     }
     Ok((listener, Origin::Bound(path.clone())))
+}
+
+/// Whether `fd` is what socket activation must pass: a listening Unix stream socket.
+fn check_passed_socket(fd: std::os::fd::RawFd) -> Result<(), &'static str> {
+    use nix::sys::socket::{getsockname, getsockopt, sockopt, SockType, UnixAddr};
+    // SAFETY: only borrowed for the calls below; nothing is closed or taken over.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    match getsockopt(&borrowed, sockopt::SockType) {
+        Ok(SockType::Stream) => {}
+        Ok(_) => return Err("is a socket, but not a stream one"),
+        Err(_) => return Err("is not a socket"),
+    }
+    if getsockname::<UnixAddr>(fd).is_err() {
+        return Err("is not a Unix socket");
+    }
+    match getsockopt(&borrowed, sockopt::AcceptConn) {
+        Ok(true) => Ok(()),
+        _ => Err("is not listening"),
+    }
 }
 
 /// A socket file left by a daemon that died is removed; one that still answers belongs
@@ -177,4 +203,35 @@ async fn refuse(stream: UnixStream, code: ErrorCode, message: &str) {
         connection::write_all(&stream, &frame),
     )
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd;
+
+    use super::check_passed_socket;
+
+    #[test]
+    fn only_a_listening_unix_stream_socket_is_taken_from_systemd() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::fs::File::create(dir.path().join("db")).unwrap();
+        assert_eq!(
+            check_passed_socket(file.as_raw_fd()),
+            Err("is not a socket")
+        );
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert_eq!(check_passed_socket(a.as_raw_fd()), Err("is not listening"));
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        assert_eq!(
+            check_passed_socket(udp.as_raw_fd()),
+            Err("is a socket, but not a stream one")
+        );
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        assert_eq!(
+            check_passed_socket(tcp.as_raw_fd()),
+            Err("is not a Unix socket")
+        );
+        let l = std::os::unix::net::UnixListener::bind(dir.path().join("s")).unwrap();
+        assert_eq!(check_passed_socket(l.as_raw_fd()), Ok(()));
+    }
 }

@@ -170,7 +170,8 @@ struct Inner {
     pub photos: PhotoDir,
     attachments: attachments::AttachmentDir,
     state_dir: PathBuf,
-    /// Set when a deferred check failed: this stop must not count as clean.
+    /// Set while a deferred check has not passed (not run yet, under way, or failed):
+    /// a stop then must not count as clean, or the next start would defer it again.
     suspect: std::sync::atomic::AtomicBool,
 }
 
@@ -279,7 +280,7 @@ impl Store {
                 photos,
                 attachments,
                 state_dir: state_dir.to_owned(),
-                suspect: std::sync::atomic::AtomicBool::new(false),
+                suspect: std::sync::atomic::AtomicBool::new(report.check_deferred),
             }),
         };
         if let Some((wake, thread)) = checkpoint::start(&db_path, Arc::downgrade(&store.inner)) {
@@ -464,11 +465,9 @@ impl Store {
         let db = self.inner.state_dir.join(DB_FILE);
         let result = Connection::open_with_flags(&db, OpenFlags::SQLITE_OPEN_READ_ONLY)
             .and_then(|c| quick_check(&c));
-        if result.is_err() {
-            self.inner
-                .suspect
-                .store(true, std::sync::atomic::Ordering::Release);
-        }
+        self.inner
+            .suspect
+            .store(result.is_err(), std::sync::atomic::Ordering::Release);
         result.map_err(|source| StoreError::Open { path: db, source })
     }
 
@@ -983,6 +982,18 @@ mod tests {
         store.check().unwrap();
         // No close: a crash. The next start checks first.
         drop(store);
+        let (store, report) = Store::open(dir.path()).unwrap();
+        assert!(!report.check_deferred);
+        store.close();
+        drop(store);
+
+        // A clean stop before the deferred check has passed is no clean stop: the next
+        // start checks first.
+        let (store, report) = Store::open(dir.path()).unwrap();
+        assert!(report.check_deferred);
+        store.close();
+        drop(store);
+        assert!(!dir.path().join(CLEAN_STOP).exists());
         let (store, report) = Store::open(dir.path()).unwrap();
         assert!(!report.check_deferred);
         store.close();
