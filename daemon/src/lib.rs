@@ -70,7 +70,12 @@ pub struct Reload {
 pub async fn run(settings: Settings, reload: Reload) -> Result<(), RunError> {
     let started = std::time::Instant::now();
     let settings = Arc::new(settings);
-    let (store, report) = Store::open(&settings.state_dir)?;
+    // Opening may check the whole database and migrate it: seconds on a large store and
+    // slow flash. systemd is told to wait, rather than the start timeout ending it.
+    let (store, report) = {
+        let _extend = systemd::ExtendWhile::start();
+        Store::open(&settings.state_dir)?
+    };
     let check_deferred = report.check_deferred;
     let service = Service::new(
         store.clone(),

@@ -34,6 +34,46 @@ fn notify(states: &[NotifyState<'_>]) {
     }
 }
 
+/// While it lives, asks systemd every 10 s for 30 s more to get ready
+/// (`EXTEND_TIMEOUT_USEC`), so that long start-up work is not killed by the unit's start
+/// timeout; a wedged start still is, 30 s after it stopped asking.
+pub struct ExtendWhile {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+}
+
+impl ExtendWhile {
+    pub fn start() -> ExtendWhile {
+        if std::env::var_os("NOTIFY_SOCKET").is_none() {
+            return ExtendWhile { stop: None };
+        }
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let spawned = std::thread::Builder::new()
+            .name("extend-start".into())
+            .spawn(move || loop {
+                notify(&[NotifyState::ExtendTimeoutUsec(30_000_000)]);
+                match rx.recv_timeout(Duration::from_secs(10)) {
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+                    _ => return,
+                }
+            });
+        match spawned {
+            Ok(_) => ExtendWhile { stop: Some(tx) },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start the start-timeout extender");
+                ExtendWhile { stop: None }
+            }
+        }
+    }
+}
+
+impl Drop for ExtendWhile {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
 /// Pings the watchdog at half its period, but only while the store's writer answers a
 /// trivial transaction: a wedged writer or event loop stops the pings and systemd
 /// restarts the daemon.

@@ -326,3 +326,28 @@ async fn sigterm_stops_cleanly_and_removes_the_socket() {
     assert!(!d.socket.exists());
     assert!(Daemon::item_stored(&d.db(), &item.id));
 }
+
+/// Under systemd the daemon asks for more time while it opens (and may check) its
+/// store, then says it is ready: a long check on a large store is not ended by the
+/// unit's start timeout.
+#[tokio::test]
+async fn the_start_asks_systemd_for_time_then_says_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let notify = dir.path().join("notify");
+    let sock = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let _d = Daemon::start_with(fieldsync_tests::Options {
+        env: vec![("NOTIFY_SOCKET".into(), notify.display().to_string())],
+        ..fieldsync_tests::Options::default()
+    });
+    let mut said = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !said.iter().any(|m: &String| m.contains("READY=1")) {
+        let n = sock.recv(&mut buf).expect("the daemon notifies");
+        said.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    let extend = said.iter().position(|m| m.contains("EXTEND_TIMEOUT_USEC="));
+    let ready = said.iter().position(|m| m.contains("READY=1"));
+    assert!(extend.is_some() && extend < ready, "{said:?}");
+}

@@ -78,6 +78,9 @@ pub fn record_progress(
     if acked > size as u64 {
         return Ok(false);
     }
+    // "complete" holds only with every byte: said early (a back office's slip), the
+    // photo's operation would go before its bytes were all there.
+    let complete = complete && acked == size as u64;
     conn.execute(
         "INSERT INTO photo_uploads (sha256, size, acked, complete) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT(sha256) DO UPDATE SET acked = max(acked, excluded.acked),
@@ -100,4 +103,41 @@ pub fn restart(conn: &Connection, sha256: &str) -> Result<bool, DomainError> {
         [sha256],
     )?;
     Ok(known)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_photo_is_complete_only_with_every_byte() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        crate::store::schema_for_tests(&mut conn);
+        let doc: crate::domain::work_orders::WorkOrderDoc = serde_json::from_value(
+            serde_json::json!({"id": "WO-1", "version": 1, "title": "t", "stage": "new", "workflow": ["new"]}),
+        )
+        .unwrap();
+        crate::domain::work_orders::upsert(&conn, &doc).unwrap();
+        let record = crate::domain::items::add_record(
+            &conn,
+            "WO-1",
+            &ui_bridge::RecordBody::Note { text: "a".into() },
+        )
+        .unwrap();
+        crate::domain::journal::fold(&conn).unwrap();
+        let sha = "ab".repeat(32);
+        let photo = crate::store::photos::StoredPhoto {
+            sha256: sha.clone(),
+            size: 10,
+        };
+        crate::domain::items::attach_photo(&conn, &record.id, &photo, None, None).unwrap();
+        let complete = |conn: &Connection| -> i64 {
+            conn.query_row("SELECT complete FROM photo_uploads", [], |r| r.get(0))
+                .unwrap()
+        };
+        assert!(record_progress(&conn, &sha, 4, true).unwrap());
+        assert_eq!(complete(&conn), 0, "4 of 10 bytes is not complete");
+        assert!(record_progress(&conn, &sha, 10, true).unwrap());
+        assert_eq!(complete(&conn), 1);
+    }
 }
