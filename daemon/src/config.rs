@@ -20,8 +20,20 @@ pub enum ConfigError {
     },
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
-    #[error("config: `{key}` {problem}")]
-    Invalid { key: String, problem: String },
+    #[error("{}: `{key}` {problem}", where_set(.file))]
+    Invalid {
+        key: String,
+        problem: String,
+        /// The file that set the key last, when one did.
+        file: Option<PathBuf>,
+    },
+}
+
+fn where_set(file: &Option<PathBuf>) -> String {
+    match file {
+        Some(f) => format!("config file {}", f.display()),
+        None => "config".into(),
+    }
 }
 
 /// The validated settings the daemon runs with.
@@ -193,6 +205,8 @@ struct DevSection {
 /// state in `$STATE_DIRECTORY` or `./fieldsync-state`, no root needed.
 pub fn load(path: Option<&Path>) -> Result<Settings, ConfigError> {
     let mut merged = toml::Table::new();
+    // Which file set each key last, so that a value found wrong names its drop-in.
+    let mut sources = std::collections::HashMap::new();
     let mut files = Vec::new();
     if let Some(path) = path {
         files.push(path.to_owned());
@@ -242,6 +256,7 @@ pub fn load(path: Option<&Path>) -> Result<Settings, ConfigError> {
             path: file.clone(),
             message: e.to_string().trim_end().to_owned(),
         })?;
+        note_sources(&table, "", file, &mut sources);
         merge(&mut merged, table);
     }
     let file = File::deserialize(toml::Value::Table(merged)).map_err(|e| ConfigError::Parse {
@@ -251,7 +266,35 @@ pub fn load(path: Option<&Path>) -> Result<Settings, ConfigError> {
     let base_dir = path
         .and_then(Path::parent)
         .unwrap_or_else(|| Path::new("."));
-    validate(file, base_dir)
+    validate(file, base_dir).map_err(|e| match e {
+        ConfigError::Invalid { key, problem, .. } => ConfigError::Invalid {
+            file: sources.get(&key).cloned(),
+            key,
+            problem,
+        },
+        other => other,
+    })
+}
+
+fn note_sources(
+    table: &toml::Table,
+    prefix: &str,
+    file: &Path,
+    into: &mut std::collections::HashMap<String, PathBuf>,
+) {
+    for (k, v) in table {
+        let key = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match v {
+            toml::Value::Table(t) => note_sources(t, &key, file, into),
+            _ => {
+                into.insert(key, file.to_owned());
+            }
+        }
+    }
 }
 
 fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
@@ -279,6 +322,7 @@ fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
         problem: problem.into(),
+        file: None,
     }
 }
 
@@ -706,6 +750,22 @@ mod tests {
             );
             assert_eq!(load(Some(&main)).unwrap().log_level, good);
         }
+    }
+
+    #[test]
+    fn a_value_found_wrong_names_the_dropin_that_set_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = write(dir.path(), "f.toml", "[sync]\ninterval_secs = 600\n");
+        let dropin = write(
+            dir.path(),
+            "config.d/50-site.toml",
+            "[sync]\ninterval_secs = 5\n",
+        );
+        let e = load(Some(&main)).unwrap_err().to_string();
+        assert!(
+            e.contains(&dropin.display().to_string()) && e.contains("sync.interval_secs"),
+            "{e}"
+        );
     }
 
     #[test]

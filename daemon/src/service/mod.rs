@@ -44,6 +44,9 @@ struct Inner {
     events: broadcast::Sender<Event>,
     /// Swapped whole by a reload (SIGHUP); read through [`Service::settings`].
     settings: std::sync::RwLock<Arc<Settings>>,
+    /// The settings the daemon started with: what a restart-only key is compared to,
+    /// so that a second reload still says a first one's change waits for a restart.
+    started: Arc<Settings>,
     damaged_store: Option<String>,
     /// Set by captures, cleared by folds: whether the journal may hold rows.
     journal_dirty: AtomicBool,
@@ -120,6 +123,7 @@ impl Service {
                 triggers: Triggers::default(),
                 more_to_send: tokio::sync::Notify::new(),
                 switches: std::sync::Mutex::new(settings.sync.switches.clone()),
+                started: Arc::new(settings.clone()),
                 settings: std::sync::RwLock::new(Arc::new(settings)),
             }),
         }
@@ -242,7 +246,7 @@ impl Service {
     /// the sync switches' defaults (the app's own choices still win) and the timer.
     /// Returns the keys that changed but need a restart.
     pub async fn reload(&self, new: Settings) -> Vec<&'static str> {
-        let old = self.settings();
+        let old = self.inner.started.clone();
         let mut need_restart = Vec::new();
         let checks: [(&'static str, bool); 6] = [
             ("store.state_dir", old.state_dir != new.state_dir),
@@ -719,6 +723,18 @@ pub fn free_bytes(dir: &Path) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_change_that_needs_a_restart_is_said_at_every_reload_until_then() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, service) = with_work_order_w(dir.path()).await;
+        let mut new = crate::config::load(None).unwrap();
+        new.log_format = crate::config::LogFormat::Journald;
+        assert_eq!(service.reload(new.clone()).await, ["log.format"]);
+        // Reloaded again unchanged: still not what runs.
+        assert_eq!(service.reload(new).await, ["log.format"]);
+        store.close();
+    }
 
     /// A store in `dir` holding work order `W` (version 1), and a service over it.
     pub(super) async fn with_work_order_w(dir: &Path) -> (Store, Service) {
