@@ -236,13 +236,9 @@ impl Store {
             },
         })?;
         // Photo files no row names are left by captures that never committed. Not
-        // swept when the database that named them was set aside (support may recover
-        // both), nor before a deferred check has vouched for the rows that name them.
-        if report.damaged_moved_to.is_some() {
-            tracing::warn!(
-                "photo files are kept as they are: the database that names them was set aside"
-            );
-        } else if !report.check_deferred {
+        // swept before a deferred check has vouched for the rows that name them (a
+        // damaged database sets its photos aside with it, and starts with none).
+        if !report.check_deferred {
             sweep_unreferenced_photos(&conn, &photos)?;
         }
         let attachments_dir = state_dir.join("attachments");
@@ -648,6 +644,18 @@ fn move_aside(db: &Path) -> Result<PathBuf, StoreError> {
         .map(|d| d.as_secs())
         .unwrap_or(0);
     let target = db.with_extension(format!("db.damaged-{stamp}"));
+    // The photos its rows name go with it: left in place, the first sweep of the new
+    // database, which names none of them, would remove them all.
+    if let Some(dir) = db.parent() {
+        let photos = dir.join("photos");
+        if photos.is_dir() {
+            let to = dir.join(format!("photos.damaged-{stamp}"));
+            std::fs::rename(&photos, &to).map_err(|source| StoreError::MoveAside {
+                path: photos.clone(),
+                source,
+            })?;
+        }
+    }
     for suffix in ["", "-wal", "-shm"] {
         let from = PathBuf::from(format!("{}{suffix}", db.display()));
         if from.exists() {
@@ -1105,12 +1113,27 @@ mod tests {
         let (store, report) = Store::open(dir.path()).unwrap();
         let moved = report.damaged_moved_to.expect("moved aside");
         assert_eq!(std::fs::read(&moved).unwrap(), junk);
-        assert_eq!(
-            std::fs::read(&photo).unwrap(),
-            b"bytes",
-            "its photos are kept"
-        );
+        // Its photos are set aside with it, out of reach of any later sweep.
+        let stamp = moved
+            .extension()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .trim_start_matches("damaged-")
+            .to_owned();
+        let kept = dir
+            .path()
+            .join(format!("photos.damaged-{stamp}"))
+            .join("ab")
+            .join(&sha);
+        assert_eq!(std::fs::read(&kept).unwrap(), b"bytes");
+        assert!(!photo.exists());
         store.close();
+        drop(store);
+        // A later start that sweeps (after a crash) cannot touch them.
+        let (store, _) = Store::open(dir.path()).unwrap();
+        drop(store);
+        assert_eq!(std::fs::read(&kept).unwrap(), b"bytes");
     }
 
     #[test]
