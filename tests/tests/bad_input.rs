@@ -289,11 +289,10 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     out
 }
 
-#[tokio::test]
-async fn a_peer_that_is_not_allowed_is_refused() {
-    // Anyone may connect to the file; the daemon decides by peer credentials.
+/// A daemon whose socket anyone may reach, and which decides by peer credentials alone.
+fn daemon_open_to_anyone(ui: &str) -> Daemon {
     let d = Daemon::start_with(Options {
-        ui: "socket_mode = \"0666\"\nallowed_uids = [4242]\n".into(),
+        ui: format!("socket_mode = \"0666\"\n{ui}"),
         ..Options::default()
     });
     assert!(
@@ -306,14 +305,34 @@ async fn a_peer_that_is_not_allowed_is_refused() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
-    let out = Command::new(fieldctl_bin())
-        .args(["--socket"])
-        .arg(&d.socket)
-        .arg("status")
-        .uid(65534)
-        .gid(65534)
-        .output()
-        .unwrap();
+    d
+}
+
+/// `fieldctl status` run as uid and gid 65534, holding exactly `groups` besides.
+fn status_as_nobody(d: &Daemon, groups: &[u32]) -> std::process::Output {
+    let gids: Vec<nix::unistd::Gid> = groups
+        .iter()
+        .map(|g| nix::unistd::Gid::from_raw(*g))
+        .collect();
+    let mut cmd = Command::new(fieldctl_bin());
+    cmd.args(["--socket"]).arg(&d.socket).arg("status");
+    // SAFETY: only async-signal-safe calls between fork and exec; `gids` is built
+    // before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::unistd::setgroups(&gids)?;
+            nix::unistd::setgid(nix::unistd::Gid::from_raw(65534))?;
+            nix::unistd::setuid(nix::unistd::Uid::from_raw(65534))?;
+            Ok(())
+        });
+    }
+    cmd.output().unwrap()
+}
+
+#[tokio::test]
+async fn a_peer_that_is_not_allowed_is_refused() {
+    let d = daemon_open_to_anyone("allowed_uids = [4242]\n");
+    let out = status_as_nobody(&d, &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("unauthorized"), "{stderr}");
@@ -367,37 +386,8 @@ async fn fieldctl_reports_errors_by_kind() {
 /// when the process does not, whatever the user database says.
 #[tokio::test]
 async fn a_group_counts_when_the_process_holds_it() {
-    let d = Daemon::start_with(Options {
-        ui: "socket_mode = \"0666\"\nallowed_gids = [4243]\n".into(),
-        ..Options::default()
-    });
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "this test switches users and needs root"
-    );
-    std::fs::set_permissions(
-        d.dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    let status = |groups: &'static [u32]| {
-        let mut cmd = Command::new(fieldctl_bin());
-        cmd.args(["--socket"]).arg(&d.socket).arg("status");
-        // SAFETY: only async-signal-safe calls between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                let gids: Vec<nix::unistd::Gid> = groups
-                    .iter()
-                    .map(|g| nix::unistd::Gid::from_raw(*g))
-                    .collect();
-                nix::unistd::setgroups(&gids)?;
-                nix::unistd::setgid(nix::unistd::Gid::from_raw(65534))?;
-                nix::unistd::setuid(nix::unistd::Uid::from_raw(65534))?;
-                Ok(())
-            });
-        }
-        cmd.output().unwrap()
-    };
+    let d = daemon_open_to_anyone("allowed_gids = [4243]\n");
+    let status = |groups: &[u32]| status_as_nobody(&d, groups);
     let allowed = status(&[4243]);
     assert!(
         allowed.status.success(),

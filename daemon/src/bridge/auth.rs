@@ -34,24 +34,24 @@ pub fn peer_groups(socket: BorrowedFd<'_>, uid: u32, gid: u32, settings: &Settin
 }
 
 /// Linux's SO_PEERGROUPS (since 4.13): 59 on every architecture a handheld runs (x86,
-/// Arm, RISC-V); the libc crate exports it for none of them yet.
-#[cfg(any(
+/// Arm, RISC-V); the libc crate exports it for none of them yet. `None` where the number
+/// differs, so nothing is asked under a wrong name.
+const SO_PEERGROUPS: Option<libc::c_int> = if cfg!(any(
     target_arch = "x86_64",
     target_arch = "x86",
     target_arch = "aarch64",
     target_arch = "arm",
     target_arch = "riscv64"
-))]
-const SO_PEERGROUPS: libc::c_int = 59;
+)) {
+    Some(59)
+} else {
+    None
+};
 
-#[cfg(any(
-    target_arch = "x86_64",
-    target_arch = "x86",
-    target_arch = "aarch64",
-    target_arch = "arm",
-    target_arch = "riscv64"
-))]
 fn so_peergroups(socket: BorrowedFd<'_>) -> std::io::Result<Vec<u32>> {
+    let Some(option) = SO_PEERGROUPS else {
+        return Err(std::io::ErrorKind::Unsupported.into());
+    };
     let size = std::mem::size_of::<libc::gid_t>();
     let mut groups: Vec<libc::gid_t> = vec![0; 32];
     loop {
@@ -62,7 +62,7 @@ fn so_peergroups(socket: BorrowedFd<'_>) -> std::io::Result<Vec<u32>> {
             libc::getsockopt(
                 socket.as_raw_fd(),
                 libc::SOL_SOCKET,
-                SO_PEERGROUPS,
+                option,
                 groups.as_mut_ptr().cast(),
                 &mut len,
             )
@@ -79,17 +79,6 @@ fn so_peergroups(socket: BorrowedFd<'_>) -> std::io::Result<Vec<u32>> {
         }
         return Err(e);
     }
-}
-
-#[cfg(not(any(
-    target_arch = "x86_64",
-    target_arch = "x86",
-    target_arch = "aarch64",
-    target_arch = "arm",
-    target_arch = "riscv64"
-)))]
-fn so_peergroups(_socket: BorrowedFd<'_>) -> std::io::Result<Vec<u32>> {
-    Err(std::io::ErrorKind::Unsupported.into())
 }
 
 /// The groups of the user behind `uid` as the system's user database lists them.

@@ -383,6 +383,33 @@ mod tests {
         conn
     }
 
+    /// Rows in `items`, hidden ones included.
+    fn item_rows(conn: &Connection) -> i64 {
+        conn.query_row("SELECT count(*) FROM items", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    /// The id of `item`'s operation doing `action`.
+    fn op_of(conn: &Connection, item: &str, action: &str) -> String {
+        conn.query_row(
+            "SELECT op_id FROM outbox WHERE item_id = ?1 AND action = ?2",
+            [item, action],
+            |r| r.get(0),
+        )
+        .unwrap()
+    }
+
+    /// A record with a photo attached, whose bytes are named by `hex` repeated.
+    fn record_with_photo(conn: &Connection, hex: &str) -> (Item, Item) {
+        let record = add_record(conn, "WO-1", &note("a")).unwrap();
+        let photo = StoredPhoto {
+            sha256: hex.repeat(32),
+            size: 3,
+        };
+        let p = attach_photo(conn, &record.id, &photo, None, None).unwrap();
+        (record, p)
+    }
+
     fn note(t: &str) -> RecordBody {
         RecordBody::Note { text: t.into() }
     }
@@ -566,25 +593,16 @@ mod tests {
                 .op_id
                 .clone()
         };
-        let rows = |conn: &Connection| -> i64 {
-            conn.query_row("SELECT count(*) FROM items", [], |r| r.get(0))
-                .unwrap()
-        };
         outbox::acknowledge(&conn, &[id_of("delete")]).unwrap();
-        assert_eq!(rows(&conn), 1);
+        assert_eq!(item_rows(&conn), 1);
         outbox::acknowledge(&conn, &[id_of("create")]).unwrap();
-        assert_eq!(rows(&conn), 0);
+        assert_eq!(item_rows(&conn), 0);
     }
 
     #[test]
     fn a_deleted_record_waits_for_its_refused_photo_and_goes_with_it() {
         let conn = conn_with_work_order();
-        let record = add_record(&conn, "WO-1", &note("a")).unwrap();
-        let photo = StoredPhoto {
-            sha256: "cd".repeat(32),
-            size: 3,
-        };
-        let p = attach_photo(&conn, &record.id, &photo, None, None).unwrap();
+        let (record, p) = record_with_photo(&conn, "cd");
         // Both creations went out; then the inspector deleted the record (and with it
         // the photo), and the deletions went out too.
         conn.execute("UPDATE outbox SET state = 'in_progress', attempts = 1", [])
@@ -595,48 +613,25 @@ mod tests {
             [],
         )
         .unwrap();
-        let ops = outbox::list(&conn, None).unwrap();
-        let id = |item: &str, action: &str| {
-            ops.iter()
-                .find(|o| o.item_id == item && o.action == action)
-                .unwrap()
-                .op_id
-                .clone()
-        };
-        let rows = |conn: &Connection| -> i64 {
-            conn.query_row("SELECT count(*) FROM items", [], |r| r.get(0))
-                .unwrap()
-        };
+        let id = |item: &str, action: &str| op_of(&conn, item, action);
         // The record's acknowledgements come first: its row cannot go while the
         // photo's, which names it, stays.
         outbox::acknowledge(&conn, &[id(&record.id, "create"), id(&record.id, "delete")])
             .expect("acknowledged");
-        assert_eq!(rows(&conn), 2);
+        assert_eq!(item_rows(&conn), 2);
         // Then the photo's: both go.
         outbox::acknowledge(&conn, &[id(&p.id, "create"), id(&p.id, "delete")]).unwrap();
-        assert_eq!(rows(&conn), 0);
+        assert_eq!(item_rows(&conn), 0);
     }
 
     #[test]
     fn a_refused_change_of_a_deleted_item_is_dropped_not_held() {
         let conn = conn_with_work_order();
-        let record = add_record(&conn, "WO-1", &note("a")).unwrap();
-        let photo = StoredPhoto {
-            sha256: "ef".repeat(32),
-            size: 3,
-        };
-        let p = attach_photo(&conn, &record.id, &photo, None, None).unwrap();
+        let (record, p) = record_with_photo(&conn, "ef");
         conn.execute("UPDATE outbox SET state = 'in_progress', attempts = 1", [])
             .unwrap();
         delete_item(&conn, &record.id).unwrap();
-        let ops = outbox::list(&conn, None).unwrap();
-        let id = |item: &str, action: &str| {
-            ops.iter()
-                .find(|o| o.item_id == item && o.action == action)
-                .unwrap()
-                .op_id
-                .clone()
-        };
+        let id = |item: &str, action: &str| op_of(&conn, item, action);
         // The back office refuses the photo and acknowledges the rest, the deletion of
         // the photo it never applied included.
         assert_eq!(
@@ -874,12 +869,7 @@ pub fn discard(conn: &Connection, item_id: &str) -> Result<Discarded, DomainErro
         conn.execute("DELETE FROM items WHERE id = ?1", [item_id])?;
         // A deleted record that stayed hidden only for this photo goes with it.
         if let Some(record_id) = &item.record_id {
-            conn.execute(
-                "DELETE FROM items WHERE id = ?1 AND deleted = 1
-                   AND NOT EXISTS (SELECT 1 FROM outbox WHERE item_id = ?1)
-                   AND NOT EXISTS (SELECT 1 FROM items WHERE record_id = ?1)",
-                [record_id],
-            )?;
+            outbox::forget_deleted(conn, &outbox::id_array([record_id]))?;
         }
         return Ok(Discarded {
             item: None,

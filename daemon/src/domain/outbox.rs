@@ -323,30 +323,8 @@ pub fn acknowledge(
     // acknowledged item is looked at, not only those whose deletion this is: the
     // deletion's acknowledgement may come before that of an earlier change (one sent
     // again after a cut).
-    // A record whose photo stays (refused, waiting for the inspector) stays hidden with
-    // it: the photo's row names it. Photos going in the same statement do not hold it.
     let items = id_array(known.iter().map(|k| &k.2));
-    let parents = conn
-        .prepare_cached(
-            "DELETE FROM items WHERE id IN rarray(?1) AND deleted = 1
-           AND NOT EXISTS (SELECT 1 FROM outbox WHERE item_id = items.id)
-           AND NOT EXISTS (SELECT 1 FROM items c WHERE c.record_id = items.id
-                             AND NOT (c.id IN rarray(?1) AND c.deleted = 1
-                                      AND NOT EXISTS (SELECT 1 FROM outbox WHERE item_id = c.id)))
-         RETURNING record_id",
-        )?
-        .query_map([&items], |r| r.get::<_, Option<String>>(0))?
-        .filter_map(|r| r.transpose())
-        .collect::<Result<Vec<String>, _>>()?;
-    // And one that waited for its last photo goes once that photo has.
-    if !parents.is_empty() {
-        conn.prepare_cached(
-            "DELETE FROM items WHERE id IN rarray(?1) AND deleted = 1
-               AND NOT EXISTS (SELECT 1 FROM outbox WHERE item_id = items.id)
-               AND NOT EXISTS (SELECT 1 FROM items c WHERE c.record_id = items.id)",
-        )?
-        .execute([&id_array(parents.iter())])?;
-    }
+    forget_deleted(conn, &items)?;
     // What is left in the outbox of these items, in one statement for the whole
     // message: the latest operation of each item gives its state. An item with nothing
     // left reads as delivered (items::ITEM_COLUMNS): its row is not rewritten here.
@@ -392,8 +370,36 @@ pub fn acknowledge(
     Ok((changes, unknown))
 }
 
+/// Removes the items among `ids` that were deleted and have nothing left to deliver. A
+/// record whose photo stays (refused, waiting for the inspector) stays hidden with it, as
+/// the photo's row names it; photos going in the same statement do not hold it, and a
+/// record that waited only for the photos that went here goes after them.
+pub fn forget_deleted(
+    conn: &Connection,
+    ids: &rusqlite::vtab::array::Array,
+) -> Result<(), DomainError> {
+    let parents = conn
+        .prepare_cached(
+            "DELETE FROM items WHERE id IN rarray(?1) AND deleted = 1
+               AND NOT EXISTS (SELECT 1 FROM outbox WHERE item_id = items.id)
+               AND NOT EXISTS (SELECT 1 FROM items c WHERE c.record_id = items.id
+                                 AND NOT (c.id IN rarray(?1) AND c.deleted = 1
+                                          AND NOT EXISTS (SELECT 1 FROM outbox WHERE item_id = c.id)))
+             RETURNING record_id",
+        )?
+        .query_map([ids], |r| r.get::<_, Option<String>>(0))?
+        .filter_map(|r| r.transpose())
+        .collect::<Result<Vec<String>, _>>()?;
+    if !parents.is_empty() {
+        forget_deleted(conn, &id_array(parents.iter()))?;
+    }
+    Ok(())
+}
+
 /// A list of ids bound as one parameter (`rarray`), so a whole message is one statement.
-fn id_array<'a>(ids: impl IntoIterator<Item = &'a String>) -> rusqlite::vtab::array::Array {
+pub(crate) fn id_array<'a>(
+    ids: impl IntoIterator<Item = &'a String>,
+) -> rusqlite::vtab::array::Array {
     std::rc::Rc::new(
         ids.into_iter()
             .map(|s| rusqlite::types::Value::Text(s.clone()))
@@ -424,12 +430,7 @@ pub fn refuse(
         // less to undo, not one to fix. Turned red, it would hold back its work order
         // behind an item nobody can see.
         conn.execute("DELETE FROM outbox WHERE op_id = ?1", [op_id])?;
-        conn.execute(
-            "DELETE FROM items WHERE id = ?1 AND deleted = 1
-               AND NOT EXISTS (SELECT 1 FROM outbox WHERE item_id = ?1)
-               AND NOT EXISTS (SELECT 1 FROM items WHERE record_id = ?1)",
-            [&item_id],
-        )?;
+        forget_deleted(conn, &id_array([&item_id]))?;
         return Ok(None);
     }
     conn.execute(
