@@ -34,6 +34,29 @@ impl LogLevel {
     }
 }
 
+/// Whether stderr is the journal stream systemd set up. `JOURNAL_STREAM` is inherited by
+/// children and survives a redirection (`fieldsyncd 2>file` from a unit's shell), so the
+/// variable alone does not say it; its device and inode must be stderr's own.
+fn stderr_is_journal() -> bool {
+    let Some(value) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    journal_stream_matches(
+        value.to_str(),
+        nix::sys::stat::fstat(std::io::stderr()).ok(),
+    )
+}
+
+// `st_dev` and `st_ino` are narrower than u64 on some 32-bit targets.
+#[allow(clippy::unnecessary_cast)]
+fn journal_stream_matches(value: Option<&str>, stderr: Option<nix::sys::stat::FileStat>) -> bool {
+    let (Some((dev, ino)), Some(stat)) = (value.and_then(|v| v.split_once(':')), stderr) else {
+        return false;
+    };
+    dev.parse::<u64>().ok() == Some(stat.st_dev as u64)
+        && ino.parse::<u64>().ok() == Some(stat.st_ino as u64)
+}
+
 /// Installs the global subscriber. `RUST_LOG`, when set, overrides the configured level.
 pub fn init(level: &str, format: LogFormat) -> LogLevel {
     let filter = EnvFilter::try_from_default_env()
@@ -46,7 +69,7 @@ pub fn init(level: &str, format: LogFormat) -> LogLevel {
     let want_journal = match format {
         LogFormat::Journald => true,
         LogFormat::Text => false,
-        LogFormat::Auto => std::env::var_os("JOURNAL_STREAM").is_some(),
+        LogFormat::Auto => stderr_is_journal(),
     };
     let registry = tracing_subscriber::registry().with(filter);
     if want_journal {
@@ -68,4 +91,22 @@ pub fn init(level: &str, format: LogFormat) -> LogLevel {
         )
         .try_init();
     level
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_journal_stream_counts_only_when_it_names_stderr() {
+        let file = std::fs::File::open("/").unwrap();
+        let stat = nix::sys::stat::fstat(&file).unwrap();
+        let own = format!("{}:{}", stat.st_dev, stat.st_ino);
+        assert!(journal_stream_matches(Some(&own), Some(stat)));
+        let other = format!("{}:{}", stat.st_dev, stat.st_ino + 1);
+        assert!(!journal_stream_matches(Some(&other), Some(stat)));
+        assert!(!journal_stream_matches(Some("garbage"), Some(stat)));
+        assert!(!journal_stream_matches(Some(&own), None));
+        assert!(!journal_stream_matches(None, Some(stat)));
+    }
 }

@@ -101,6 +101,9 @@ pub struct Options {
     pub sync: String,
     /// Extra environment for the daemon (`DBUS_SYSTEM_BUS_ADDRESS` of a test bus).
     pub env: Vec<(String, String)>,
+    /// Runs the daemon under a systemd-like watchdog of this period: `WATCHDOG_USEC`, and
+    /// `WATCHDOG_PID` naming the daemon itself (a shell exports its own pid, then execs).
+    pub watchdog_usec: Option<u64>,
 }
 
 impl Default for Options {
@@ -112,6 +115,7 @@ impl Default for Options {
             uplink: String::new(),
             sync: "network_manager = false\n".into(),
             env: Vec::new(),
+            watchdog_usec: None,
         }
     }
 }
@@ -123,6 +127,7 @@ pub struct Daemon {
     pub socket: PathBuf,
     pub config: PathBuf,
     env: Vec<(String, String)>,
+    watchdog_usec: Option<u64>,
     child: Option<Child>,
 }
 
@@ -155,6 +160,7 @@ impl Daemon {
             socket,
             config,
             env: options.env,
+            watchdog_usec: options.watchdog_usec,
             child: None,
         };
         d.spawn();
@@ -200,7 +206,23 @@ impl Daemon {
             .append(true)
             .open(self.log_path())
             .expect("log file");
-        let child = Command::new(fieldsyncd_bin())
+        let mut command = match self.watchdog_usec {
+            None => Command::new(fieldsyncd_bin()),
+            Some(usec) => {
+                let mut sh = Command::new("sh");
+                sh.arg("-c")
+                    .arg("export WATCHDOG_PID=$$; exec \"$0\" \"$@\"")
+                    .arg(fieldsyncd_bin())
+                    .env("WATCHDOG_USEC", usec.to_string());
+                sh
+            }
+        };
+        if self.watchdog_usec.is_none() {
+            command
+                .env_remove("WATCHDOG_USEC")
+                .env_remove("WATCHDOG_PID");
+        }
+        let child = command
             .arg("--config")
             .arg(&self.config)
             .env_remove("RUST_LOG")

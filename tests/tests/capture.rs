@@ -3,6 +3,7 @@
 //! unsent count, and events.
 
 use std::fs::File;
+use std::time::Duration;
 
 use fieldsync_tests::{photo_file, sha256_hex, Daemon};
 use ui_bridge::{
@@ -350,4 +351,79 @@ async fn the_start_asks_systemd_for_time_then_says_ready() {
     let extend = said.iter().position(|m| m.contains("EXTEND_TIMEOUT_USEC="));
     let ready = said.iter().position(|m| m.contains("READY=1"));
     assert!(extend.is_some() && extend < ready, "{said:?}");
+}
+
+/// Reads what the daemon tells systemd on `sock` for `period`.
+fn notifications(sock: &std::os::unix::net::UnixDatagram, period: Duration) -> Vec<String> {
+    let mut said = Vec::new();
+    let mut buf = [0u8; 4096];
+    let until = std::time::Instant::now() + period;
+    while let Some(left) = until.checked_duration_since(std::time::Instant::now()) {
+        sock.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        match sock.recv(&mut buf) {
+            Ok(n) => said.push(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            Err(_) => break,
+        }
+    }
+    said
+}
+
+/// Under a watchdog of 2 s the daemon feeds it every second while its store's writer
+/// answers, and stops while the writer is stuck (here another process holds the
+/// database's write lock), so that systemd restarts a wedged daemon; it starts again once
+/// the writer is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watchdog_is_fed_while_the_store_writes_and_only_then() {
+    let dir = tempfile::tempdir().unwrap();
+    let notify = dir.path().join("notify");
+    let sock = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    let d = Daemon::start_with(fieldsync_tests::Options {
+        env: vec![("NOTIFY_SOCKET".into(), notify.display().to_string())],
+        watchdog_usec: Some(2_000_000),
+        ..fieldsync_tests::Options::default()
+    });
+    let feeds = |said: &[String]| said.iter().filter(|m| m.contains("WATCHDOG=1")).count();
+    let healthy = notifications(&sock, Duration::from_millis(3500));
+    assert!(feeds(&healthy) >= 3, "{healthy:?}\n{}", d.log());
+
+    let lock = rusqlite::Connection::open(d.state_dir.join("fieldsync.db")).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    // A probe already answered may still be fed; none after it.
+    notifications(&sock, Duration::from_millis(600));
+    let stuck = notifications(&sock, Duration::from_millis(3000));
+    lock.execute_batch("ROLLBACK").unwrap();
+    assert_eq!(feeds(&stuck), 0, "{stuck:?}\n{}", d.log());
+
+    let again = notifications(&sock, Duration::from_millis(7000));
+    assert!(feeds(&again) >= 1, "{again:?}\n{}", d.log());
+}
+
+/// `JOURNAL_STREAM` is inherited through a shell that sends stderr elsewhere; with
+/// `log.format = "auto"` the daemon logs to the journal only when its stderr is that
+/// stream, so a log redirected to a file keeps its lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_stream_that_is_not_stderr_leaves_the_log_on_stderr() {
+    let mut d = Daemon::start_with(fieldsync_tests::Options {
+        env: vec![("JOURNAL_STREAM".into(), "8:12345".into())],
+        ..fieldsync_tests::Options::default()
+    });
+    d.stop();
+    std::fs::create_dir_all(d.dir.path().join("config.d")).unwrap();
+    std::fs::write(
+        d.dir.path().join("config.d/log.toml"),
+        "[log]\nformat = \"auto\"\n",
+    )
+    .unwrap();
+    d.spawn();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while d.log().matches("fieldsyncd ready").count() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second start logs to stderr:\n{}",
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!d.log().contains("journald unavailable"), "{}", d.log());
 }
