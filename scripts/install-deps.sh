@@ -14,7 +14,20 @@ case "${1:-}" in
 esac
 
 as_root() {
-    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo -n "$@"; fi
+    if [ "$(id -u)" -eq 0 ]; then
+        "$@"
+    elif ! command -v sudo >/dev/null 2>&1; then
+        echo "install-deps: installing packages needs root, and sudo is not installed: run this as root once (apt-get install sudo, or su -c \"$0\")" >&2
+        exit 1
+    elif [ -t 0 ]; then
+        # At a terminal sudo may ask for the password.
+        sudo "$@"
+    else
+        sudo -n "$@" || {
+            echo "install-deps: sudo needs a password and there is no terminal to ask on: run this once at a terminal, or as root" >&2
+            exit 1
+        }
+    fi
 }
 
 missing=()
@@ -22,10 +35,21 @@ need() { # need <command> <debian package>
     command -v "$1" >/dev/null 2>&1 || missing+=("$2")
 }
 
-# A Rust toolchain: rustup's when present, else Debian's rustc-web/cargo-web (1.85+ is
-# needed; bookworm-security carries a recent one).
-need cargo cargo-web
-need rustc rustc-web
+# A Rust toolchain: rustup's when present, else Debian's rustc-web/cargo-web (1.89+ is
+# needed; bookworm-security carries a recent one). The checks run rustfmt and clippy.
+if command -v rustup >/dev/null 2>&1; then
+    for component in rustfmt clippy; do
+        rustup component list --installed 2>/dev/null | grep -q "^$component" ||
+            rustup component add "$component"
+    done
+else
+    need cargo cargo-web
+    need rustc rustc-web
+    need rustfmt rustfmt-web
+    need cargo-clippy rust-web-clippy
+fi
+# crates.io is reached over TLS; minimal images ship without the CA bundle.
+[ -s /etc/ssl/certs/ca-certificates.crt ] || missing+=(ca-certificates)
 need cc gcc
 need pkg-config pkg-config
 # The uplink's tests and the demo run a real broker.
@@ -55,6 +79,21 @@ if [ "${#missing[@]}" -gt 0 ]; then
     # A mirror index briefly out of step with its files fails the first update.
     as_root apt-get update -q || { sleep 5; as_root apt-get update -q; }
     as_root apt-get install -y -q --no-install-recommends "${missing[@]}"
+    # Debian starts a system-wide broker on port 1883 with the package; the tests and
+    # the demo run their own on free ports, so the one installed here is stopped again.
+    if [[ " ${missing[*]} " == *" mosquitto "* ]] && [ -d /run/systemd/system ]; then
+        echo "install-deps: disabling the system-wide mosquitto.service the package started (fieldsync runs its own brokers)" >&2
+        as_root systemctl disable --now mosquitto.service || true
+    fi
+fi
+
+# Debian's Rust may be older than the lock file needs (bookworm without its security
+# updates has 1.85).
+if rustc_version=$(rustc --version 2>/dev/null | awk '{print $2}'); then
+    if [ "$(printf '%s\n' 1.89.0 "$rustc_version" | sort -V | head -n1)" != 1.89.0 ]; then
+        echo "install-deps: rustc $rustc_version is too old, 1.89 or later is needed: enable bookworm-security (for rustc-web) or install rustup" >&2
+        exit 1
+    fi
 fi
 
 # Aedes at the versions tests/aedes/package-lock.json pins, installed again only when

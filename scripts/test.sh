@@ -9,6 +9,13 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
+# Three tests switch users (the socket's peer-credential check) or mount a small tmpfs
+# (a full disk). Said now rather than after a twenty-minute build.
+if [ "$(id -u)" -ne 0 ]; then
+    echo "test.sh: the suite needs root (three tests switch users or mount a tmpfs): run it as root, or with sudo -E env PATH=\"\$PATH\" scripts/test.sh to keep your Rust toolchain" >&2
+    exit 1
+fi
+
 scripts/install-deps.sh
 
 step() { printf '\n== %s\n' "$*"; }

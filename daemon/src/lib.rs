@@ -89,6 +89,8 @@ pub async fn run(settings: Settings, reload: Reload) -> Result<(), RunError> {
         let changed = service.seed_work_orders(seed).await?;
         tracing::info!(path = %seed.display(), changed, "seed work orders loaded");
     }
+    // Notes a crash left between a row's removal and its photo file's.
+    service.remove_gone_photos().await;
     if let Err(e) = service.sweep_attachments().await {
         tracing::warn!(error = %e, "cannot sweep attachment files");
     }

@@ -1428,3 +1428,61 @@ async fn a_photo_chunk_lost_by_the_back_office_is_sent_again() {
         d.log()
     );
 }
+
+/// Waits for a photo's file to leave the device's state folder.
+async fn wait_file_gone(d: &Daemon, sha: &str, why: &str) {
+    let path = d.state_dir.join("photos").join(&sha[..2]).join(sha);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while path.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{why}: {} stays\n{}",
+            path.display(),
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A photo's file leaves the device once no row names it, however the last row went:
+/// the inspector discarded the photo after the back office refused it, or the
+/// dispatcher took the work order off the device. Kept, every such photo would stay on
+/// the flash until captures are refused for want of room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn photo_files_leave_the_device_with_their_last_row() {
+    let broker = Broker::start();
+    let bo = BackOffice::start(broker.port).await;
+    bo.set_refuse(Some(Box::new(|a| {
+        (a.kind == "photo" && a.wo == "WO-1").then(|| ("validation".into(), "blurred".into()))
+    })));
+    let d = Daemon::start_with(uplink_options(&broker));
+    let mut c = d.client().await;
+    let mut shas = Vec::new();
+    let mut photos = Vec::new();
+    for (wo, name, state) in [
+        ("WO-1", "refused.jpg", SyncState::Refused),
+        ("WO-2", "removed.jpg", SyncState::Delivered),
+    ] {
+        let (path, bytes) = fieldsync_tests::photo_file(d.dir.path(), name, 40 * 1024);
+        let record = c.add_record(wo, note("with a photo".into())).await.unwrap();
+        let photo = c
+            .attach_photo(&record.id, &std::fs::File::open(&path).unwrap(), None, None)
+            .await
+            .unwrap();
+        wait_state(&mut c, wo, &photo.id, state).await;
+        shas.push(fieldsync_tests::sha256_hex(&bytes));
+        photos.push(photo);
+    }
+
+    // Refused and discarded: the photo is gone from the device, its file too.
+    c.discard(&photos[0].id).await.unwrap();
+    wait_file_gone(&d, &shas[0], "the refused photo was discarded").await;
+
+    // Taken off the device by the dispatcher with nothing left to send.
+    let removal =
+        serde_json::json!({"v": 1, "type": "remove", "ids": ["WO-2"], "reason": "reassigned"});
+    bo.publish_down(DEVICE, "work-orders", serde_json::to_vec(&removal).unwrap())
+        .await;
+    wait_file_gone(&d, &shas[1], "its work order was removed").await;
+    assert!(c.work_order("WO-2").await.is_err(), "{}", d.log());
+}

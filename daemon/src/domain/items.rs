@@ -225,8 +225,6 @@ pub struct Deleted {
     pub sent_nothing: bool,
     /// Items removed with it (the photos of a deleted record).
     pub also_removed: Vec<Item>,
-    /// Photo hashes no longer named by any item: their files can go after the commit.
-    pub orphaned_photos: Vec<String>,
 }
 
 pub fn delete_item(conn: &Connection, item_id: &str) -> Result<Deleted, DomainError> {
@@ -253,24 +251,10 @@ pub fn delete_item(conn: &Connection, item_id: &str) -> Result<Deleted, DomainEr
         }
     }
     let sent_nothing = forget_or_send_delete(conn, &item)?;
-    let mut orphaned_photos = Vec::new();
-    for i in std::iter::once(&item).chain(also_removed.iter()) {
-        if let Some(sha) = i.body.get("sha256").and_then(|s| s.as_str()) {
-            let named: bool = conn.query_row(
-                "SELECT EXISTS(SELECT 1 FROM items WHERE photo_sha256 = ?1)",
-                [sha],
-                |r| r.get(0),
-            )?;
-            if !named {
-                orphaned_photos.push(sha.to_owned());
-            }
-        }
-    }
     Ok(Deleted {
         item,
         sent_nothing,
         also_removed,
-        orphaned_photos,
     })
 }
 
@@ -561,8 +545,42 @@ mod tests {
         let d = delete_item(&conn, &item.id).unwrap();
         assert!(d.sent_nothing);
         assert_eq!(d.also_removed.len(), 1);
-        assert_eq!(d.orphaned_photos, vec!["ab".repeat(32)]);
+        let gone: String = conn
+            .query_row("SELECT sha256 FROM photos_gone", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(gone, "ab".repeat(32));
         assert_eq!(outbox::unsent_count(&conn).unwrap(), 0);
+    }
+
+    /// The last row naming a photo notes its file for removal and drops its upload
+    /// progress; a photo still named elsewhere, or attached again, is not noted.
+    #[test]
+    fn a_photo_is_noted_gone_with_its_last_row_only() {
+        let conn = conn_with_work_order();
+        let gone = |conn: &Connection| -> Vec<String> {
+            let mut stmt = conn.prepare("SELECT sha256 FROM photos_gone").unwrap();
+            stmt.query_map([], |r| r.get(0))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        };
+        let (first, _) = record_with_photo(&conn, "cd");
+        let (twin, _) = record_with_photo(&conn, "cd");
+        conn.execute(
+            "INSERT INTO photo_uploads (sha256, size, acked, complete) VALUES (?1, 3, 3, 1)",
+            ["cd".repeat(32)],
+        )
+        .unwrap();
+        delete_item(&conn, &first.id).unwrap();
+        assert!(gone(&conn).is_empty(), "its twin still names it");
+        delete_item(&conn, &twin.id).unwrap();
+        assert_eq!(gone(&conn), vec!["cd".repeat(32)]);
+        let uploads: i64 = conn
+            .query_row("SELECT count(*) FROM photo_uploads", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(uploads, 0, "a later attach uploads the bytes again");
+        record_with_photo(&conn, "cd");
+        assert!(gone(&conn).is_empty(), "attached again, it stays");
     }
 
     #[test]
@@ -653,6 +671,66 @@ mod tests {
         assert_eq!(left, 0);
         // Nothing refused is left to hold the work order back.
         assert_eq!(outbox::unsent_count(&conn).unwrap(), 0);
+    }
+
+    /// What a taken batch carries under an operation's id is what the device keeps for
+    /// that id, whatever is edited or deleted once it is taken.
+    #[test]
+    fn a_taken_batch_is_what_its_ids_carry_from_then_on() {
+        let conn = conn_with_work_order();
+        let kept = add_record(&conn, "WO-1", &note("first")).unwrap();
+        let gone = add_record(&conn, "WO-1", &note("to delete")).unwrap();
+        let batch = outbox::take_batch(&conn, 10, 1 << 20).unwrap();
+        assert_eq!(batch.len(), 2);
+        edit_record(&conn, &kept.id, &note("second")).unwrap();
+        let deleted = delete_item(&conn, &gone.id).unwrap();
+        assert!(!deleted.sent_nothing, "its creation is in a message");
+        let now = ops(&conn);
+        assert_eq!(
+            now[0].2, batch[0].payload,
+            "the creation keeps what was sent"
+        );
+        assert_eq!(now[1].2, batch[1].payload);
+        assert!(
+            now.iter()
+                .any(|(a, _, p)| a == "update" && p.contains("second")),
+            "{now:?}"
+        );
+        assert!(now.iter().any(|(a, _, _)| a == "delete"), "{now:?}");
+    }
+
+    /// Taken and cut from the message, an operation is open to edits again.
+    #[test]
+    fn an_operation_put_back_takes_edits_again() {
+        let conn = conn_with_work_order();
+        let item = add_record(&conn, "WO-1", &note("first")).unwrap();
+        let batch = outbox::take_batch(&conn, 10, 1 << 20).unwrap();
+        outbox::put_back(&conn, &[batch[0].seq]).unwrap();
+        edit_record(&conn, &item.id, &note("second")).unwrap();
+        let now = ops(&conn);
+        assert_eq!(now.len(), 1, "{now:?}");
+        assert_eq!(now[0].1, "waiting");
+        assert!(now[0].2.contains("second"));
+    }
+
+    /// The creation is refused and the update behind it, out with a body an edit froze,
+    /// is held: the update follows the fix with the fixed content, not the frozen one.
+    #[test]
+    fn a_held_update_frozen_while_out_follows_the_fix() {
+        let conn = conn_with_work_order();
+        let item = add_record(&conn, "WO-1", &note("first")).unwrap();
+        send_all(&conn);
+        edit_record(&conn, &item.id, &note("second")).unwrap();
+        send_all(&conn);
+        let all = outbox::list(&conn, None).unwrap();
+        let (create, update) = (all[0].op_id.clone(), all[1].op_id.clone());
+        outbox::refuse(&conn, &create, "validation: no").unwrap();
+        // Fixed before the update's answer comes: its body is frozen as sent.
+        edit_record(&conn, &item.id, &note("fixed")).unwrap();
+        outbox::requeue_op(&conn, &update).unwrap();
+        let batch = outbox::next_batch(&conn, 10, 1 << 20).unwrap();
+        let payloads: Vec<&str> = batch.iter().map(|o| o.payload.as_str()).collect();
+        assert!(payloads.iter().all(|p| p.contains("fixed")), "{payloads:?}");
     }
 
     #[test]

@@ -260,6 +260,39 @@ pub fn mark_sent(conn: &Connection, seqs: &[i64]) -> Result<(), DomainError> {
     Ok(())
 }
 
+/// Takes the next batch ([`next_batch`]) and marks it as leaving the device
+/// ([`mark_sent`]) in one transaction. Read apart from the marking, an edit or a delete
+/// committed between the two would change an operation the message already holds: the
+/// old content would go out under an id the edit then claims, or a creation the device
+/// forgot would reach the back office.
+pub fn take_batch(
+    conn: &Connection,
+    max_ops: usize,
+    max_bytes: usize,
+) -> Result<Vec<PendingOp>, DomainError> {
+    let batch = next_batch(conn, max_ops, max_bytes)?;
+    let seqs: Vec<i64> = batch.iter().map(|o| o.seq).collect();
+    mark_sent(conn, &seqs)?;
+    Ok(batch)
+}
+
+/// Puts back operations [`take_batch`] took that were not published after all (cut from
+/// the message): waiting again, and open to edits again unless an earlier connection
+/// sent them.
+pub fn put_back(conn: &Connection, seqs: &[i64]) -> Result<(), DomainError> {
+    let seqs: rusqlite::vtab::array::Array = std::rc::Rc::new(
+        seqs.iter()
+            .map(|s| rusqlite::types::Value::Integer(*s))
+            .collect(),
+    );
+    conn.prepare_cached(
+        "UPDATE outbox SET state = 'waiting', attempts = max(attempts - 1, 0)
+         WHERE seq IN rarray(?1) AND state = 'in_progress'",
+    )?
+    .execute([&seqs])?;
+    Ok(())
+}
+
 /// Operations sent on an earlier connection go again, in order, on the next one (the
 /// back office treats a repeated id as already applied).
 pub fn requeue_in_flight(conn: &Connection) -> Result<usize, DomainError> {
@@ -464,9 +497,12 @@ pub fn requeue_op(conn: &Connection, op_id: &str) -> Result<Option<StateChange>,
     };
     // Held is the one answer that says the back office did not apply it and did not
     // keep its id: as far as anyone knows it was never sent, so an edit folds into it
-    // (rather than a fix going out first and this older content after it).
+    // (rather than a fix going out first and this older content after it). A body an
+    // edit froze while it was out goes too: it would follow the fix with the old content.
     conn.execute(
-        "UPDATE outbox SET state = 'waiting', attempts = 0
+        "UPDATE outbox SET state = 'waiting', attempts = 0,
+                payload = CASE WHEN action != 'delete' AND item_kind != 'photo' THEN NULL
+                               ELSE payload END
          WHERE op_id = ?1 AND state = 'in_progress'",
         [op_id],
     )?;

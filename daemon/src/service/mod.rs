@@ -322,6 +322,52 @@ impl Service {
         });
     }
 
+    /// Removes the files of photos no row names any more, which the store notes in
+    /// `photos_gone` whatever removed the last row (schema migration 6). The notes are
+    /// taken in a durable commit first: a note may come from a lazy commit (an
+    /// acknowledgement), which a power cut could still undo, bringing the row back
+    /// without its file. A crash after the commit and before the files go leaves them to
+    /// the sweep of the next start, which follows every unclean stop.
+    pub async fn remove_gone_photos(&self) {
+        let files = self.inner.photo_files.lock().await;
+        self.remove_gone_photos_held(&files).await;
+    }
+
+    async fn remove_gone_photos_held(&self, _files: &tokio::sync::MutexGuard<'_, ()>) {
+        let store = &self.inner.store;
+        let any = store
+            .read(|c| {
+                c.query_row("SELECT EXISTS(SELECT 1 FROM photos_gone)", [], |r| r.get(0))
+                    .map_err(crate::store::StoreError::from)
+            })
+            .await;
+        match any {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read which photo files have no row left");
+                return;
+            }
+        }
+        let gone = store
+            .write(|c| {
+                c.prepare("DELETE FROM photos_gone RETURNING sha256")?
+                    .query_map([], |r| r.get::<_, String>(0))?
+                    .collect::<rusqlite::Result<Vec<String>>>()
+                    .map_err(crate::store::StoreError::from)
+            })
+            .await;
+        match gone {
+            Ok(gone) => {
+                for sha in &gone {
+                    store.photos().remove(sha);
+                }
+                tracing::info!(count = gone.len(), "photo files no row names removed");
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot take the list of photo files to remove"),
+        }
+    }
+
     /// Answers one request. `fd` is the descriptor that came with the frame, if any.
     pub async fn handle(
         &self,
@@ -390,9 +436,7 @@ impl Service {
                     })
                     .await?;
                 // The rows are gone for good now; their files may follow.
-                for sha in &deleted.orphaned_photos {
-                    store.photos().remove(sha);
-                }
+                self.remove_gone_photos_held(&_files).await;
                 tracing::info!(item_id = %deleted.item.id, sent_nothing = deleted.sent_nothing, "item deleted");
                 for item in std::iter::once(&deleted.item).chain(&deleted.also_removed) {
                     self.emit_item(item, true);
@@ -474,6 +518,7 @@ impl Service {
                 for photo in &d.also_removed {
                     self.emit_item(photo, true);
                 }
+                self.remove_gone_photos().await;
                 if d.stage_reverted {
                     self.emit(Event::WorkOrder {
                         work_order_id: d.work_order_id.clone(),

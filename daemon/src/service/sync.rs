@@ -410,8 +410,9 @@ impl Service {
         self.change(outbox::requeue_in_flight).await
     }
 
-    /// The next batch of operations to send.
-    pub async fn next_batch(
+    /// The next batch of operations to send, already marked as leaving the device,
+    /// durably, before it is published (see [`outbox::take_batch`]).
+    pub async fn take_batch(
         &self,
         settings: &UplinkSettings,
     ) -> Result<Vec<PendingOp>, DomainError> {
@@ -422,15 +423,20 @@ impl Service {
         self.fold().await?;
         self.inner
             .store
-            .read(move |c| outbox::next_batch(c, max_ops, max_bytes))
+            .write(move |c| outbox::take_batch(c, max_ops, max_bytes))
             .await
     }
 
-    /// Marks a batch as leaving the device, durably, before it is published.
-    pub async fn mark_sent(&self, seqs: Vec<i64>) -> Result<(), DomainError> {
+    /// Puts back what [`Service::take_batch`] took and the uplink did not publish. Need
+    /// not be durable: lost in a crash, they are sent again like any unacknowledged
+    /// operation.
+    pub async fn put_back(&self, seqs: Vec<i64>) -> Result<(), DomainError> {
+        if seqs.is_empty() {
+            return Ok(());
+        }
         self.inner
             .store
-            .write(move |c| outbox::mark_sent(c, &seqs))
+            .write_lazy(move |c| outbox::put_back(c, &seqs))
             .await
     }
 
@@ -551,6 +557,8 @@ impl Service {
                 change,
             });
         }
+        // An acknowledged deletion may have taken a photo's last row.
+        self.remove_gone_photos().await;
         self.emit(Event::Unsent { count: unsent });
         if acked > 0 {
             self.update_sync(|s| s.last_upload_ms = Some(now_ms()));
@@ -625,6 +633,13 @@ impl Service {
             });
         }
         self.update_sync(|s| s.last_download_ms = Some(now_ms()));
+        if changes
+            .iter()
+            .any(|(_, ch)| *ch == WorkOrderChange::Removed)
+        {
+            // Its photos went with it.
+            self.remove_gone_photos().await;
+        }
         if !changes.is_empty() {
             // A changed or removed work order may have let go of attachments.
             if let Err(e) = self.sweep_attachments().await {

@@ -150,6 +150,30 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX outbox_refused ON outbox(work_order_id) WHERE state = 'refused';
     CREATE INDEX outbox_photos ON outbox(seq) WHERE item_kind = 'photo' AND action = 'create';
     ",
+    // 6: a photo's file goes when the last row naming it does, whatever removed the row
+    // (a delete, the acknowledgement of one, a discard, a work order taken off the
+    // device). The trigger notes the photo in the same transaction, with its upload
+    // progress gone; the daemon removes the file after the commit, then the note
+    // (Service::remove_gone_photos), so a crash in between leaves the note for the next
+    // start, never a row without its file. Photos attached again are struck off.
+    "
+    CREATE TABLE photos_gone (sha256 TEXT PRIMARY KEY) WITHOUT ROWID;
+    CREATE TRIGGER items_photo_gone AFTER DELETE ON items
+        WHEN OLD.photo_sha256 IS NOT NULL
+         AND NOT EXISTS (SELECT 1 FROM items WHERE photo_sha256 = OLD.photo_sha256)
+        BEGIN
+            INSERT OR IGNORE INTO photos_gone VALUES (OLD.photo_sha256);
+            DELETE FROM photo_uploads WHERE sha256 = OLD.photo_sha256;
+        END;
+    CREATE TRIGGER items_photo_back AFTER INSERT ON items
+        WHEN NEW.photo_sha256 IS NOT NULL
+        BEGIN DELETE FROM photos_gone WHERE sha256 = NEW.photo_sha256; END;
+    -- Rows removed before this version left their files and upload progress behind.
+    INSERT OR IGNORE INTO photos_gone
+        SELECT sha256 FROM photo_uploads
+        WHERE sha256 NOT IN (SELECT photo_sha256 FROM items WHERE photo_sha256 IS NOT NULL);
+    DELETE FROM photo_uploads WHERE sha256 IN (SELECT sha256 FROM photos_gone);
+    ",
 ];
 
 /// Brings the database to the newest schema; returns the version it is at.

@@ -468,7 +468,7 @@ impl Uplink {
                     // Batches go out back to back: each operation names its predecessor
                     // in its work order, so the back office keeps the order even across
                     // cuts.
-                    let batch = match self.service.next_batch(&self.settings).await {
+                    let batch = match self.service.take_batch(&self.settings).await {
                         Ok(b) => b,
                         Err(e) => return Ended::Lost(format!("store: {e}")),
                     };
@@ -476,6 +476,7 @@ impl Uplink {
                         more = false;
                         break;
                     }
+                    let taken: Vec<i64> = batch.iter().map(|o| o.seq).collect();
                     let (batch, payload) = match self.fit(batch) {
                         Ok(Fitted::Message(batch, payload)) => (batch, payload),
                         Ok(Fitted::TooLarge(op, size)) => {
@@ -489,6 +490,10 @@ impl Uplink {
                                 size.div_ceil(1024),
                                 limit / 1024
                             );
+                            // All back, this one to be refused at once.
+                            if let Err(e) = self.service.put_back(taken).await {
+                                return Ended::Lost(format!("store: {e}"));
+                            }
                             if let Err(e) = self
                                 .service
                                 .refuse_on_device(op.op_id, TOO_LARGE, reason)
@@ -505,6 +510,9 @@ impl Uplink {
                             let reason = format!(
                                 "this change could not be read back from the device's store ({error}): edit it again or discard it"
                             );
+                            if let Err(e) = self.service.put_back(taken).await {
+                                return Ended::Lost(format!("store: {e}"));
+                            }
                             if let Err(e) = self
                                 .service
                                 .refuse_on_device(op_id, UNREADABLE, reason)
@@ -516,12 +524,16 @@ impl Uplink {
                         }
                         Err(e) => {
                             tracing::error!(error = %e, "cannot encode a batch; it stays in the outbox");
+                            if let Err(e) = self.service.put_back(taken).await {
+                                return Ended::Lost(format!("store: {e}"));
+                            }
                             more = false;
                             break;
                         }
                     };
-                    let seqs: Vec<i64> = batch.iter().map(|o| o.seq).collect();
-                    if let Err(e) = self.service.mark_sent(seqs).await {
+                    // What the message does not carry (a prefix of the batch is kept)
+                    // goes back to waiting for the next.
+                    if let Err(e) = self.service.put_back(taken[batch.len()..].to_vec()).await {
                         return Ended::Lost(format!("store: {e}"));
                     }
                     if let Err(e) =

@@ -8,11 +8,12 @@ DESCRIPTION = "fieldsyncd keeps an inspector's work orders, records and photos o
 HOMEPAGE = "https://example.invalid/fieldsync"
 BUGTRACKER = "https://example.invalid/fieldsync/issues"
 SECTION = "network"
-LICENSE = "Apache-2.0"
-# The repository carries no licence text of its own yet (Cargo.toml declares Apache-2.0),
-# so the checksum is of the common licence text.
-# nooelint: oelint.var.licenseremotefile
-LIC_FILES_CHKSUM = "file://${COMMON_LICENSE_DIR}/Apache-2.0;md5=89aea4e17d99a7cacdbeed46a0096b10"
+# fieldsync itself is Apache-2.0 (LICENSE). The binaries link the crates of Cargo.lock in
+# statically, so the package carries their licences too: where a crate offers a choice,
+# one listed here; SQLite, bundled by rusqlite, is public domain. Check again after a
+# dependency change: cargo tree -p fieldsyncd -e normal --prefix none -f "{l}" | sort -u
+LICENSE = "Apache-2.0 & MIT & ISC & BSD-2-Clause & BSD-3-Clause & Zlib & Unicode-3.0 & PD"
+LIC_FILES_CHKSUM = "file://LICENSE;md5=3b83ef96387f14655fc854ddc3c6bd57"
 CVE_PRODUCT = "fieldsync"
 
 PV = "0.1.0+git"
