@@ -1486,3 +1486,49 @@ async fn photo_files_leave_the_device_with_their_last_row() {
     wait_file_gone(&d, &shas[1], "its work order was removed").await;
     assert!(c.work_order("WO-2").await.is_err(), "{}", d.log());
 }
+
+/// The dispatcher removes a work order while a change of it waits (here refused and
+/// red): the device keeps it, marked withdrawn, and drops it by itself once nothing of
+/// it waits any more (here the inspector discards the change), with no second removal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_work_order_removed_with_changes_waiting_goes_once_they_are_settled() {
+    let broker = Broker::start();
+    let bo = BackOffice::start(broker.port).await;
+    bo.set_refuse(Some(Box::new(|a| {
+        (a.wo == "WO-2").then(|| ("conflict".into(), "closed in the office".into()))
+    })));
+    let d = Daemon::start_with(uplink_options(&broker));
+    let mut c = d.client().await;
+    let record = c.add_record("WO-2", note("on site".into())).await.unwrap();
+    wait_state(&mut c, "WO-2", &record.id, SyncState::Refused).await;
+
+    let removal =
+        serde_json::json!({"v": 1, "type": "remove", "ids": ["WO-2"], "reason": "reassigned"});
+    bo.publish_down(DEVICE, "work-orders", serde_json::to_vec(&removal).unwrap())
+        .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let wo = c
+            .work_order("WO-2")
+            .await
+            .expect("kept while its change waits");
+        if wo.summary.withdrawn {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never withdrawn\n{}",
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    c.discard(&record.id).await.unwrap();
+    assert!(
+        c.work_order("WO-2").await.is_err(),
+        "gone with its last change\n{}",
+        d.log()
+    );
+    let list = c.work_orders().await.unwrap();
+    assert!(list.iter().all(|w| w.id != "WO-2"), "{list:?}");
+}

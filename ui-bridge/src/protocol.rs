@@ -396,6 +396,11 @@ pub struct WorkOrderSummary {
     pub scheduled_for: Option<String>,
     /// Operations of this work order still waiting for delivery.
     pub unsent: u64,
+    /// The dispatcher took the work order off the device (cancelled or reassigned)
+    /// while changes of it were still waiting: it goes once they are delivered or
+    /// discarded, unless the dispatcher sends it again.
+    #[serde(default)]
+    pub withdrawn: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -510,6 +515,9 @@ pub enum Event {
 pub enum WorkOrderChange {
     Added,
     Changed,
+    /// Taken off the device by the dispatcher, but kept until its waiting changes are
+    /// delivered or discarded (`withdrawn` in its summary).
+    Withdrawn,
     Removed,
 }
 

@@ -109,11 +109,11 @@ pub fn upsert(
     doc: &WorkOrderDoc,
 ) -> Result<Option<WorkOrderChange>, DomainError> {
     doc.validate()?;
-    let existing: Option<(i64, String)> = conn
+    let existing: Option<(i64, String, bool)> = conn
         .query_row(
-            "SELECT version, stage FROM work_orders WHERE id = ?1",
+            "SELECT version, stage, withdrawn FROM work_orders WHERE id = ?1",
             [&doc.id],
-            |r| Ok((r.get(0)?, r.get(1)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .optional()?;
     let doc_json =
@@ -129,8 +129,16 @@ pub fn upsert(
             )?;
             Ok(Some(WorkOrderChange::Added))
         }
-        Some((version, _)) if version >= doc.version => Ok(None),
-        Some((_, local_stage)) => {
+        // Sent again after a removal (assigned back): no longer withdrawn.
+        Some((version, _, true)) if version >= doc.version => {
+            conn.execute(
+                "UPDATE work_orders SET withdrawn = 0 WHERE id = ?1",
+                [&doc.id],
+            )?;
+            Ok(Some(WorkOrderChange::Changed))
+        }
+        Some((version, _, _)) if version >= doc.version => Ok(None),
+        Some((_, local_stage, _)) => {
             // A stage move made offline and not yet delivered stays ahead of the back
             // office's view until it is delivered or refused.
             let pending_stage_move: bool = conn.query_row(
@@ -147,7 +155,8 @@ pub fn upsert(
             };
             conn.execute(
                 "UPDATE work_orders SET version = ?2, title = ?3, stage = ?4, workflow = ?5,
-                        scheduled_for = ?6, doc = ?7, received_ms = ?8 WHERE id = ?1",
+                        scheduled_for = ?6, doc = ?7, received_ms = ?8, withdrawn = 0
+                 WHERE id = ?1",
                 params![
                     doc.id,
                     doc.version,
@@ -176,6 +185,7 @@ struct Row {
     workflow: Vec<String>,
     scheduled_for: Option<String>,
     doc: String,
+    withdrawn: bool,
 }
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
@@ -188,10 +198,11 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
         workflow: serde_json::from_str(&workflow).unwrap_or_default(),
         scheduled_for: r.get(5)?,
         doc: r.get(6)?,
+        withdrawn: r.get(7)?,
     })
 }
 
-const COLUMNS: &str = "id, version, title, stage, workflow, scheduled_for, doc";
+const COLUMNS: &str = "id, version, title, stage, workflow, scheduled_for, doc, withdrawn";
 
 fn summary(conn: &Connection, row: &Row) -> Result<WorkOrderSummary, DomainError> {
     let unsent: i64 = conn.query_row(
@@ -207,6 +218,7 @@ fn summary(conn: &Connection, row: &Row) -> Result<WorkOrderSummary, DomainError
         next_stage: next_stage(&row.workflow, &row.stage).map(String::from),
         scheduled_for: row.scheduled_for.clone(),
         unsent: unsent as u64,
+        withdrawn: row.withdrawn,
     })
 }
 
@@ -319,11 +331,30 @@ pub fn ids(conn: &Connection) -> Result<Vec<String>, DomainError> {
     Ok(ids)
 }
 
-/// Takes a work order off the device (cancelled or reassigned by the dispatcher), with
-/// what was captured for it and delivered. One with changes still waiting stays: what
-/// the inspector captured is never dropped; it goes once everything is delivered and the
-/// dispatcher removes it again. Returns whether it was removed.
-pub fn remove(conn: &Connection, id: &str) -> Result<bool, DomainError> {
+/// What became of a work order the dispatcher removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    /// Gone from the device, with what was captured for it and delivered.
+    Removed,
+    /// Changes of it still wait: kept, marked withdrawn, until they are delivered or
+    /// discarded ([`remove_settled`]). What the inspector captured is never dropped.
+    Withdrawn,
+    /// Withdrawn already, or not on the device: nothing changed.
+    Unchanged,
+}
+
+/// Takes a work order off the device (cancelled or reassigned by the dispatcher).
+pub fn remove(conn: &Connection, id: &str) -> Result<Removal, DomainError> {
+    let Some(withdrawn) = conn
+        .query_row(
+            "SELECT withdrawn FROM work_orders WHERE id = ?1",
+            [id],
+            |r| r.get::<_, bool>(0),
+        )
+        .optional()?
+    else {
+        return Ok(Removal::Unchanged);
+    };
     let pending: bool = conn.query_row(
         "SELECT EXISTS(SELECT 1 FROM outbox WHERE work_order_id = ?1)
              OR EXISTS(SELECT 1 FROM captures WHERE work_order_id = ?1)",
@@ -331,11 +362,32 @@ pub fn remove(conn: &Connection, id: &str) -> Result<bool, DomainError> {
         |r| r.get(0),
     )?;
     if pending {
+        if withdrawn {
+            return Ok(Removal::Unchanged);
+        }
         tracing::warn!(work_order_id = %id, "work order removed by the dispatcher still has unsent changes; kept until they are delivered");
-        return Ok(false);
+        conn.execute("UPDATE work_orders SET withdrawn = 1 WHERE id = ?1", [id])?;
+        return Ok(Removal::Withdrawn);
     }
     conn.execute("DELETE FROM items WHERE work_order_id = ?1", [id])?;
-    Ok(conn.execute("DELETE FROM work_orders WHERE id = ?1", [id])? > 0)
+    conn.execute("DELETE FROM work_orders WHERE id = ?1", [id])?;
+    Ok(Removal::Removed)
+}
+
+/// Removes the withdrawn work orders whose last waiting change has just been delivered
+/// or discarded; returns their ids.
+pub fn remove_settled(conn: &Connection) -> Result<Vec<String>, DomainError> {
+    let withdrawn: Vec<String> = conn
+        .prepare_cached("SELECT id FROM work_orders WHERE withdrawn = 1")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let mut removed = Vec::new();
+    for id in withdrawn {
+        if remove(conn, &id)? == Removal::Removed {
+            removed.push(id);
+        }
+    }
+    Ok(removed)
 }
 
 #[cfg(test)]

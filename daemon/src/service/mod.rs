@@ -312,6 +312,17 @@ impl Service {
         let _ = self.inner.events.send(event);
     }
 
+    /// Withdrawn work orders that went with the change just made.
+    fn emit_removed(&self, removed: Vec<String>) {
+        for work_order_id in removed {
+            tracing::info!(work_order_id = %work_order_id, "withdrawn work order removed: nothing of it waits any more");
+            self.emit(Event::WorkOrder {
+                work_order_id,
+                change: WorkOrderChange::Removed,
+            });
+        }
+    }
+
     fn emit_item(&self, item: &Item, gone: bool) {
         self.emit(Event::ItemState {
             item_id: item.id.clone(),
@@ -432,15 +443,19 @@ impl Service {
                 let (deleted, unsent) = self
                     .change(move |c| {
                         let d = items::delete_item(c, &item_id)?;
-                        Ok((d, journal::unsent(c)?))
+                        // Its last waiting change may have been this one.
+                        let removed = work_orders::remove_settled(c)?;
+                        Ok(((d, removed), journal::unsent(c)?))
                     })
                     .await?;
+                let (deleted, removed) = deleted;
                 // The rows are gone for good now; their files may follow.
                 self.remove_gone_photos_held(&_files).await;
                 tracing::info!(item_id = %deleted.item.id, sent_nothing = deleted.sent_nothing, "item deleted");
                 for item in std::iter::once(&deleted.item).chain(&deleted.also_removed) {
                     self.emit_item(item, true);
                 }
+                self.emit_removed(removed);
                 self.emit(Event::Unsent { count: unsent });
                 self.inner.triggers.fire(Trigger::Capture);
                 Ok(Response::Deleted {
@@ -501,9 +516,11 @@ impl Service {
                 let (d, unsent) = self
                     .change(move |c| {
                         let d = items::discard(c, &id)?;
-                        Ok((d, journal::unsent(c)?))
+                        let removed = work_orders::remove_settled(c)?;
+                        Ok(((d, removed), journal::unsent(c)?))
                     })
                     .await?;
+                let (d, removed) = d;
                 tracing::info!(item_id = %item_id, "refused change discarded");
                 match &d.item {
                     Some(item) => self.emit_item(item, false),
@@ -525,6 +542,7 @@ impl Service {
                         change: WorkOrderChange::Changed,
                     });
                 }
+                self.emit_removed(removed);
                 self.emit(Event::Unsent { count: unsent });
                 // Later changes of the work order were waiting behind this one.
                 self.inner.triggers.fire(Trigger::Capture);

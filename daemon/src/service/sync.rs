@@ -530,6 +530,10 @@ impl Service {
                         }
                     }
                 }
+                // A withdrawn work order whose last change this was goes now.
+                for id in work_orders::remove_settled(c)? {
+                    wo_changes.push((id, WorkOrderChange::Removed));
+                }
                 Ok::<_, DomainError>((
                     changes,
                     unknown,
@@ -618,8 +622,14 @@ impl Service {
                     );
                 }
                 for id in gone {
-                    if work_orders::remove(c, &id)? {
-                        changes.push((id, WorkOrderChange::Removed));
+                    match work_orders::remove(c, &id)? {
+                        work_orders::Removal::Removed => {
+                            changes.push((id, WorkOrderChange::Removed))
+                        }
+                        work_orders::Removal::Withdrawn => {
+                            changes.push((id, WorkOrderChange::Withdrawn))
+                        }
+                        work_orders::Removal::Unchanged => {}
                     }
                 }
                 Ok(changes)
@@ -899,5 +909,120 @@ mod tests {
             })
             .unwrap();
         assert_eq!(title, "second");
+    }
+
+    /// Removed by the dispatcher while a change of it waits, a work order stays,
+    /// withdrawn, and goes when that change is acknowledged; sent again before then, it
+    /// stays for good.
+    #[tokio::test]
+    async fn a_withdrawn_work_order_goes_with_its_last_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, service) = crate::service::tests::with_work_order_w(dir.path()).await;
+        let mut events = service.subscribe();
+        let capture = ui_bridge::Request::AddRecord {
+            work_order_id: "W".into(),
+            record: ui_bridge::RecordBody::Note { text: "n".into() },
+        };
+        service.handle(capture, None).await.unwrap();
+        service.fold().await.unwrap();
+        let remove = || WorkOrderPush::Remove {
+            v: WIRE_VERSION,
+            ids: vec!["W".into()],
+            reason: Some("reassigned".into()),
+        };
+        service.apply_push(remove()).await.unwrap();
+        let summary = |store: &crate::store::Store| store.read_blocking(work_orders::list).unwrap();
+        assert!(summary(&store)[0].withdrawn, "kept, withdrawn");
+        let mut seen = Vec::new();
+        while let Ok(e) = events.try_recv() {
+            seen.push(e);
+        }
+        assert!(
+            seen.iter().any(|e| matches!(
+                e,
+                Event::WorkOrder {
+                    change: WorkOrderChange::Withdrawn,
+                    ..
+                }
+            )),
+            "{seen:?}"
+        );
+
+        let ops = store
+            .read_blocking(|c| outbox::next_batch(c, 10, 1 << 20))
+            .unwrap();
+        service
+            .apply_acks(Acks {
+                v: 1,
+                acks: vec![ops[0].op_id.clone()],
+                refused: Vec::new(),
+                unreadable: Vec::new(),
+            })
+            .await
+            .unwrap();
+        assert!(summary(&store).is_empty(), "gone with its last change");
+        let mut seen = Vec::new();
+        while let Ok(e) = events.try_recv() {
+            seen.push(e);
+        }
+        assert!(
+            seen.iter().any(|e| matches!(
+                e,
+                Event::WorkOrder {
+                    change: WorkOrderChange::Removed,
+                    ..
+                }
+            )),
+            "{seen:?}"
+        );
+    }
+
+    /// The dispatcher sends a withdrawn work order again (assigned back): it stays once
+    /// its changes are delivered.
+    #[tokio::test]
+    async fn a_withdrawn_work_order_sent_again_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, service) = crate::service::tests::with_work_order_w(dir.path()).await;
+        let capture = ui_bridge::Request::AddRecord {
+            work_order_id: "W".into(),
+            record: ui_bridge::RecordBody::Note { text: "n".into() },
+        };
+        service.handle(capture, None).await.unwrap();
+        service.fold().await.unwrap();
+        service
+            .apply_push(WorkOrderPush::Remove {
+                v: WIRE_VERSION,
+                ids: vec!["W".into()],
+                reason: None,
+            })
+            .await
+            .unwrap();
+        // The same version as the device has (the row made by `with_work_order_w`).
+        let again: WorkOrderDoc = serde_json::from_value(serde_json::json!({
+            "id": "W", "version": 1, "title": "t", "stage": "new", "workflow": ["new"]
+        }))
+        .unwrap();
+        service
+            .apply_push(WorkOrderPush::Upsert {
+                v: WIRE_VERSION,
+                work_orders: vec![again],
+            })
+            .await
+            .unwrap();
+        let ops = store
+            .read_blocking(|c| outbox::next_batch(c, 10, 1 << 20))
+            .unwrap();
+        service
+            .apply_acks(Acks {
+                v: 1,
+                acks: vec![ops[0].op_id.clone()],
+                refused: Vec::new(),
+                unreadable: Vec::new(),
+            })
+            .await
+            .unwrap();
+        let list = store.read_blocking(work_orders::list).unwrap();
+        assert_eq!(list.len(), 1);
+        assert!(!list[0].withdrawn);
     }
 }

@@ -145,7 +145,9 @@ fn fingerprint(db: &Path) -> Option<String> {
 }
 
 type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
-type RunFn = Box<dyn FnOnce(&Connection) -> (bool, Reply) + Send>;
+/// Runs the job on the connection, or, given none, only prepares its answer: a job that
+/// cannot run (its group could not begin) must not touch the database at all.
+type RunFn = Box<dyn FnOnce(Option<&Connection>) -> (bool, Reply) + Send>;
 
 /// One unit of work for the writer thread.
 struct Job {
@@ -341,12 +343,14 @@ impl Store {
     {
         let (tx, rx) = oneshot::channel::<Result<T, E>>();
         let run: RunFn = Box::new(move |conn| {
-            let result = f(conn);
-            let ok = result.is_ok();
+            let result = conn.map(f);
+            let ok = result.as_ref().is_some_and(|r| r.is_ok());
             let reply: Reply = Box::new(move |commit| {
-                let _ = tx.send(match commit {
-                    Ok(()) => result,
-                    Err(e) => Err(e.into()),
+                let _ = tx.send(match (commit, result) {
+                    (Ok(()), Some(result)) => result,
+                    (Err(e), _) => Err(e.into()),
+                    // Never ran, and said to be fine: cannot be, but no answer is wrong.
+                    (Ok(()), None) => Err(StoreError::Closed.into()),
                 });
             });
             (ok, reply)
@@ -545,7 +549,7 @@ impl Writer {
         if durable && !self.full_sync {
             // Never commit a durable job without FULL: fail the group rather than lie.
             for job in batch {
-                let (_, reply) = fail_job(job, conn);
+                let (_, reply) = fail_job(job);
                 reply(Err(StoreError::SyncMode));
             }
             return;
@@ -711,7 +715,7 @@ fn run_group(conn: &Connection, batch: Vec<Job>) {
         let msg = cause(&e);
         for job in batch {
             // The job still has to answer; run nothing and fail it.
-            let (_, reply) = fail_job(job, conn);
+            let (_, reply) = fail_job(job);
             reply(Err(same_kind(&e, &msg)));
         }
         return;
@@ -723,7 +727,7 @@ fn run_group(conn: &Connection, batch: Vec<Job>) {
     let mut jobs = batch.into_iter();
     while let Some(job) = jobs.next() {
         if alone {
-            let (ok, reply) = (job.run)(conn);
+            let (ok, reply) = (job.run)(Some(conn));
             if !ok {
                 if let Err(e) = exec(conn, "ROLLBACK") {
                     tracing::error!(error = %e, "rollback failed");
@@ -736,11 +740,11 @@ fn run_group(conn: &Connection, batch: Vec<Job>) {
             continue;
         }
         if exec(conn, "SAVEPOINT job").is_err() {
-            let (_, reply) = fail_job(job, conn);
+            let (_, reply) = fail_job(job);
             replies.push((false, reply));
             continue;
         }
-        let (ok, reply) = (job.run)(conn);
+        let (ok, reply) = (job.run)(Some(conn));
         let end = if ok {
             exec(conn, "RELEASE job")
         } else {
@@ -796,14 +800,9 @@ fn run_group(conn: &Connection, batch: Vec<Job>) {
     }
 }
 
-/// A job that cannot run still owns its reply channel; running it against a connection
-/// with no transaction would write outside the group, so it runs inside a savepoint that
-/// is rolled back.
-fn fail_job(job: Job, conn: &Connection) -> (bool, Reply) {
-    let _ = conn.execute_batch("SAVEPOINT doomed");
-    let out = (job.run)(conn);
-    let _ = conn.execute_batch("ROLLBACK TO doomed; RELEASE doomed");
-    out
+/// A job that cannot run: its answer, without running it.
+fn fail_job(job: Job) -> (bool, Reply) {
+    (job.run)(None)
 }
 
 /// A copy of a group's failure for each of its jobs (rusqlite's errors are not `Clone`),
@@ -935,6 +934,33 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(stored, ok, "stored exactly what was answered ok");
+        store.close();
+    }
+
+    /// A group that cannot begin (another process holds the write lock past the busy
+    /// timeout) answers its jobs without running them: run outside a transaction, a job
+    /// would wait out the timeout again on its first write, or commit on its own what
+    /// its caller is told failed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_group_that_cannot_begin_runs_none_of_its_jobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        let lock = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = ran.clone();
+        let failed = store
+            .write(move |_| {
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                Ok::<_, StoreError>(())
+            })
+            .await;
+        lock.execute_batch("ROLLBACK").unwrap();
+        assert!(failed.is_err());
+        assert!(
+            !ran.load(std::sync::atomic::Ordering::SeqCst),
+            "the job ran"
+        );
         store.close();
     }
 

@@ -59,6 +59,13 @@ impl PhotoDir {
             path: tmp.clone(),
             source,
         })?;
+        // photos/ and tmp/ themselves made durable in their parents.
+        for dir in [root, root.parent().unwrap_or(root)] {
+            fsync_dir(dir).map_err(|source| PhotoError::Io {
+                path: dir.to_owned(),
+                source,
+            })?;
+        }
         if let Ok(entries) = std::fs::read_dir(&tmp) {
             for entry in entries.flatten() {
                 let _ = std::fs::remove_file(entry.path());
@@ -147,10 +154,11 @@ impl PhotoDir {
             path: dir.clone(),
             source,
         };
-        if !dir.exists() {
-            std::fs::create_dir_all(&dir).map_err(dir_io)?;
-            fsync_dir(&self.root).map_err(dir_io)?;
-        }
+        // The folder's own entry is synced every time, not only when this call made
+        // it: one made by a call whose sync failed (or was cut short) would otherwise
+        // never be, and a power cut could take every photo renamed into it since.
+        std::fs::create_dir_all(&dir).map_err(dir_io)?;
+        fsync_dir(&self.root).map_err(dir_io)?;
         // Same content already stored: keep the existing file, unless it no longer
         // holds that content (a damaged one is how an inspector ends up attaching the
         // same photo again).

@@ -174,6 +174,11 @@ const MIGRATIONS: &[&str] = &[
         WHERE sha256 NOT IN (SELECT photo_sha256 FROM items WHERE photo_sha256 IS NOT NULL);
     DELETE FROM photo_uploads WHERE sha256 IN (SELECT sha256 FROM photos_gone);
     ",
+    // 7: a work order the dispatcher took off the device while changes of it still
+    // waited is remembered as withdrawn, and goes once they are delivered or discarded.
+    "
+    ALTER TABLE work_orders ADD COLUMN withdrawn INTEGER NOT NULL DEFAULT 0;
+    ",
 ];
 
 /// Brings the database to the newest schema; returns the version it is at.

@@ -708,6 +708,17 @@ impl Uplink {
                                 }
                             }
                         } else if p.topic == self.topics.work_orders() {
+                            // Acknowledgements read before this push are recorded first:
+                            // a back office that acknowledges the last changes of a work
+                            // order and then removes it, or moves its stage, must find
+                            // them delivered, not still pending.
+                            while let Some(recorded) = recording.join_next().await {
+                                match recorded {
+                                    Ok(Ok(())) => more = true,
+                                    Ok(Err(e)) => return Ended::Lost(format!("cannot record acknowledgements: {e}")),
+                                    Err(e) => return Ended::Lost(format!("cannot record acknowledgements: {e}")),
+                                }
+                            }
                             if let Err(why) = self.on_work_orders(&p.payload).await {
                                 // Not a session that worked: the backoff goes on growing.
                                 self.heard = false;

@@ -510,13 +510,18 @@ fn print_status(s: &Status) {
 
 fn print_summary(w: &WorkOrderSummary) {
     println!(
-        "{:<12} {:<10} next: {:<10} unsent: {:<3} {} {}",
+        "{:<12} {:<10} next: {:<10} unsent: {:<3} {} {}{}",
         w.id,
         w.stage,
         w.next_stage.as_deref().unwrap_or("-"),
         w.unsent,
         w.scheduled_for.as_deref().unwrap_or(""),
-        w.title
+        w.title,
+        if w.withdrawn {
+            " (withdrawn by the dispatcher: goes once its changes are delivered)"
+        } else {
+            ""
+        }
     );
 }
 
