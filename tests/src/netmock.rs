@@ -67,6 +67,7 @@ pub const MM_MODEM_STATE_SEARCHING: i32 = 7;
 pub const MM_MODEM_STATE_CONNECTED: i32 = 11;
 pub const MM_ACCESS_TECHNOLOGY_UNKNOWN: u32 = 0;
 pub const MM_ACCESS_TECHNOLOGY_EDGE: u32 = 1 << 4;
+pub const MM_ACCESS_TECHNOLOGY_HSPA: u32 = 1 << 8;
 pub const MM_ACCESS_TECHNOLOGY_LTE: u32 = 1 << 14;
 
 const MOCK_IFACE: &str = "org.freedesktop.DBus.Mock";
@@ -81,16 +82,18 @@ const DEADLINE: Duration = Duration::from_secs(20);
 /// | `Offline` | 20 / 1 | `""` (`PrimaryConnection` `/`) | 0 unknown | 7 searching, 0 |
 /// | `Edge` | 70 / 4 | `gsm` on [`MODEM_DEVICE`] | 1 yes | 11 connected, EDGE (16) |
 /// | `Lte` | 70 / 4 | `gsm` on [`MODEM_DEVICE`] | 1 yes | 11 connected, LTE (16384) |
+/// | `Hspa` | 70 / 4 | `gsm` on [`MODEM_DEVICE`] | 1 yes | 11 connected, HSPA (256) |
 /// | `Wifi` | 70 / 4 | `802-11-wireless` on [`WIFI_DEVICE`] | 3 guess-yes if metered, else 4 guess-no | 6 enabled, 0 |
 /// | `Ethernet` | 70 / 4 | `802-3-ethernet` on [`ETHERNET_DEVICE`] | 2 no | 6 enabled, 0 |
 ///
-/// Moving between links of the same kind (`Edge` and `Lte`, or the two `Wifi`) keeps the
+/// Moving between links of the same kind (`Edge`, `Lte`, `Hspa`, or the two `Wifi`) keeps the
 /// active connection, as NetworkManager does: `Edge` to `Lte` changes only the modem.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MockLink {
     Offline,
     Edge,
     Lte,
+    Hspa,
     Wifi { metered: bool },
     Ethernet,
 }
@@ -125,7 +128,7 @@ impl MockLink {
     fn kind(self) -> Option<Kind> {
         match self {
             MockLink::Offline => None,
-            MockLink::Edge | MockLink::Lte => Some(Kind::Gsm),
+            MockLink::Edge | MockLink::Lte | MockLink::Hspa => Some(Kind::Gsm),
             MockLink::Wifi { .. } => Some(Kind::Wifi),
             MockLink::Ethernet => Some(Kind::Ethernet),
         }
@@ -134,7 +137,7 @@ impl MockLink {
     fn metered(self) -> u32 {
         match self {
             MockLink::Offline => NM_METERED_UNKNOWN,
-            MockLink::Edge | MockLink::Lte => NM_METERED_YES,
+            MockLink::Edge | MockLink::Lte | MockLink::Hspa => NM_METERED_YES,
             // NetworkManager's guesses (from the access point), so a watcher must treat a
             // guessed yes as yes.
             MockLink::Wifi { metered: true } => NM_METERED_GUESS_YES,
@@ -216,6 +219,7 @@ fn modem_props(link: MockLink) -> Props {
         MockLink::Offline => (MM_MODEM_STATE_SEARCHING, MM_ACCESS_TECHNOLOGY_UNKNOWN, 0u32),
         MockLink::Edge => (MM_MODEM_STATE_CONNECTED, MM_ACCESS_TECHNOLOGY_EDGE, 40),
         MockLink::Lte => (MM_MODEM_STATE_CONNECTED, MM_ACCESS_TECHNOLOGY_LTE, 70),
+        MockLink::Hspa => (MM_MODEM_STATE_CONNECTED, MM_ACCESS_TECHNOLOGY_HSPA, 55),
         MockLink::Wifi { .. } | MockLink::Ethernet => {
             (MM_MODEM_STATE_ENABLED, MM_ACCESS_TECHNOLOGY_UNKNOWN, 0)
         }

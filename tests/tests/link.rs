@@ -442,3 +442,66 @@ async fn the_timer_syncs_by_itself_with_no_app_connected() {
     let s = c.status().await.unwrap();
     assert!(s.last_sync_ms > first, "no sync from the timer: {s:?}");
 }
+
+/// With the broker down, a modem stepping between LTE and HSPA (the same cellular link,
+/// another detail) does not start the reconnect backoff over: only a new link class or
+/// connection is a new chance. Before, every such step called the broker again at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_that_only_changes_its_detail_keeps_the_backoff() {
+    let bus = NetMock::start();
+    let mut broker = Broker::start();
+    bus.set_link(MockLink::Lte);
+    let d = Daemon::start_with(options(&broker, &bus, "dev-flap", ""));
+    broker.kill();
+    let lost = |d: &Daemon| d.log().matches("broker connection lost").count();
+    // The backoff grows to its 1 s ceiling.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = lost(&d);
+    let mut c = d.client().await;
+    for i in 0..24 {
+        bus.set_link(if i % 2 == 0 {
+            MockLink::Hspa
+        } else {
+            MockLink::Lte
+        });
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let tries = lost(&d) - before;
+    let s = c.status().await.unwrap();
+    assert_eq!(s.link, "cellular", "{s:?}");
+    // About 3.6 s at a 1 s ceiling with jitter: a handful, not one per step.
+    assert!(
+        tries <= 10,
+        "{tries} connection attempts in 3.6 s\n{}",
+        d.log()
+    );
+}
+
+/// NetworkManager stops (a restart, a crash) while the device is on EDGE: photos stay
+/// back, as the link they would go on is still EDGE, until NetworkManager names
+/// another. Records go all along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn photos_stay_back_on_edge_while_network_manager_is_away() {
+    let mut bus = NetMock::start();
+    let broker = Broker::start();
+    let bo = BackOffice::start(broker.port).await;
+    bus.set_link(MockLink::Edge);
+    let d = Daemon::start_with(options(&broker, &bus, "dev-nm-away", ""));
+    let mut c = d.client().await;
+    wait_status(&mut c, "EDGE", |s| s.link == "2g" && s.broker == "up").await;
+
+    bus.stop_network_manager();
+    let s = wait_status(&mut c, "NetworkManager gone", |s| {
+        s.link_detail.contains("as last seen")
+    })
+    .await;
+    assert_eq!(s.link, "2g", "{s:?}");
+    let (record, photo, sha) = capture_with_photo(&d, &mut c, "while-nm-away").await;
+    wait_delivered(&mut c, &record).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(photo_bytes(&bo, &sha), 0, "a photo went on EDGE");
+
+    bus.set_link(MockLink::Wifi { metered: false });
+    bus.start_network_manager();
+    wait_delivered(&mut c, &photo).await;
+}

@@ -120,6 +120,13 @@ async fn assert_shows(conn: &Connection, link: MockLink) -> String {
             NM_DEVICE_TYPE_MODEM,
             MM_ACCESS_TECHNOLOGY_LTE,
         ),
+        MockLink::Hspa => (
+            "gsm",
+            NM_METERED_YES,
+            MODEM_DEVICE,
+            NM_DEVICE_TYPE_MODEM,
+            MM_ACCESS_TECHNOLOGY_HSPA,
+        ),
         MockLink::Wifi { metered } => (
             "802-11-wireless",
             if metered {
@@ -216,6 +223,7 @@ async fn every_link_reads_back_and_old_connections_go() {
     for link in [
         MockLink::Edge,
         MockLink::Lte,
+        MockLink::Hspa,
         MockLink::Wifi { metered: true },
         MockLink::Wifi { metered: false },
         MockLink::Ethernet,
@@ -247,7 +255,7 @@ async fn every_link_reads_back_and_old_connections_go() {
 fn connection_kind(link: MockLink) -> u8 {
     match link {
         MockLink::Offline => 0,
-        MockLink::Edge | MockLink::Lte => 1,
+        MockLink::Edge | MockLink::Lte | MockLink::Hspa => 1,
         MockLink::Wifi { .. } => 2,
         MockLink::Ethernet => 3,
     }

@@ -26,7 +26,8 @@ pub enum LinkClass {
     Metered,
     Wifi,
     Ethernet,
-    /// Nothing on the bus can say: the broker is tried and records go.
+    /// Nothing on the bus can say: the broker is tried, records go, and files too unless
+    /// "Wi-Fi only for files" is on.
     Unknown,
 }
 

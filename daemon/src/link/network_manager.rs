@@ -61,11 +61,13 @@ const MM_KEYS: [&str; 1] = ["AccessTechnologies"];
 
 // NetworkManager's NMState, NMConnectivityState, NMMetered and NMDeviceType values.
 const NM_STATE_DISCONNECTED: u32 = 20;
+const NM_STATE_CONNECTING: u32 = 40;
 const NM_STATE_CONNECTED_LOCAL: u32 = 50;
 const NM_STATE_CONNECTED_SITE: u32 = 60;
 const NM_CONNECTIVITY_NONE: u32 = 1;
 const NM_CONNECTIVITY_PORTAL: u32 = 2;
 const NM_CONNECTIVITY_LIMITED: u32 = 3;
+const NM_ACTIVE_CONNECTION_ACTIVATED: u32 = 2;
 const NM_METERED_YES: u32 = 1;
 const NM_METERED_GUESS_YES: u32 = 3;
 const NM_DEVICE_ETHERNET: u32 = 1;
@@ -100,6 +102,10 @@ pub(super) struct Snapshot {
     pub connectivity: u32,
     /// The primary connection's object path; `None` when NetworkManager names none.
     pub primary: Option<String>,
+    /// The primary connection is activated. NetworkManager's global state says
+    /// "connecting" while any other connection is still coming up, even with this one
+    /// carrying the default route.
+    pub primary_activated: bool,
     /// `PrimaryConnectionType`, or the active connection's `Type` when that is missing.
     pub kind: String,
     pub metered: u32,
@@ -117,6 +123,17 @@ pub(super) fn classify(s: &Snapshot) -> LinkState {
         source: LinkSource::NetworkManager,
         connection: s.primary.clone(),
         detail,
+    };
+    // A connection still activating beside a working one (a slow modem next to depot
+    // Wi-Fi at boot) holds the global state at "connecting"; the working one decides.
+    let global = if s.state == NM_STATE_CONNECTING && s.primary_activated {
+        NM_STATE_CONNECTED_SITE
+    } else {
+        s.state
+    };
+    let s = &Snapshot {
+        state: global,
+        ..s.clone()
     };
     if s.state < NM_STATE_CONNECTED_SITE && s.starting {
         // A restarted NetworkManager owns its name before it has taken its connections
@@ -143,32 +160,23 @@ pub(super) fn classify(s: &Snapshot) -> LinkState {
             format!("NetworkManager state {}", s.state),
         );
     }
-    let mut limited = "";
-    match s.connectivity {
+    // What the connectivity check says only adds to the detail: the class comes from
+    // the medium, so that EDGE stays EDGE for the link policy whatever the check sees.
+    let limited = match s.connectivity {
         // Connected with a default route, yet "none": NetworkManager says so until its
         // first check after a connection comes up has answered, which takes as long as
         // the check's server does, and also for a link without carrier that it has not
         // taken down yet. Nothing tells the two apart: the broker is tried.
-        NM_CONNECTIVITY_NONE => {
-            return state(
-                LinkClass::Unknown,
-                "connected, but NetworkManager sees no connectivity (yet)".into(),
-            );
-        }
+        NM_CONNECTIVITY_NONE => ", no connectivity seen (yet)",
         // NetworkManager says "portal" for any unexpected answer to its check: behind a
         // transparent proxy or a carrier's header injection too, where the broker may
-        // well be reachable. The broker is tried, as on a link nothing can vouch for.
-        NM_CONNECTIVITY_PORTAL => {
-            return state(
-                LinkClass::Unknown,
-                "NetworkManager's check sees a captive portal".into(),
-            );
-        }
+        // well be reachable. The broker is tried.
+        NM_CONNECTIVITY_PORTAL => ", behind a captive portal",
         // The check's server does not answer: a private APN or a depot network may
-        // still reach the broker. The link is what it is; the detail says so.
-        NM_CONNECTIVITY_LIMITED => limited = ", limited connectivity",
-        _ => {}
-    }
+        // still reach the broker.
+        NM_CONNECTIVITY_LIMITED => ", limited connectivity",
+        _ => "",
+    };
     let metered = matches!(s.metered, NM_METERED_YES | NM_METERED_GUESS_YES);
     let metered_words = match s.metered {
         NM_METERED_YES => ", metered",
@@ -303,7 +311,10 @@ impl Fallback {
             self.active = true;
         }
         let state = LinkState::unknown(why);
-        tx.send_if_modified(|s| replace_if_changed(s, state));
+        tx.send_if_modified(|s| {
+            let state = hold_while_away(s, state);
+            replace_if_changed(s, state)
+        });
     }
 
     fn leave(&mut self, state: &LinkState) {
@@ -311,6 +322,34 @@ impl Fallback {
             tracing::info!(link = state.class.as_str(), detail = %state.detail, "following NetworkManager");
             self.active = false;
         }
+    }
+}
+
+/// While NetworkManager is away (restarting, crashed, the bus gone) or starting, the
+/// link it last named is still there: a modem on EDGE does not become a link for photos
+/// because nobody can say so for a moment. A class that holds files back stays until
+/// NetworkManager says otherwise; records go on every class but offline anyway.
+fn hold_while_away(current: &LinkState, new: LinkState) -> LinkState {
+    let restrictive = matches!(
+        current.class,
+        LinkClass::TwoG | LinkClass::Cellular | LinkClass::Metered
+    );
+    if new.class != LinkClass::Unknown
+        || current.source != LinkSource::NetworkManager
+        || !restrictive
+    {
+        return new;
+    }
+    let last = current
+        .detail
+        .split(" (as last seen; ")
+        .next()
+        .unwrap_or(&current.detail);
+    LinkState {
+        class: current.class,
+        source: LinkSource::NetworkManager,
+        connection: current.connection.clone(),
+        detail: format!("{last} (as last seen; {})", new.detail),
     }
 }
 
@@ -367,7 +406,15 @@ async fn watch_bus(
             Ok(Some(snapshot)) => {
                 let state = classify(&snapshot);
                 fallback.leave(&state);
-                tx.send_if_modified(|s| replace_if_changed(s, state));
+                let starting = snapshot.starting;
+                tx.send_if_modified(|s| {
+                    let state = if starting {
+                        hold_while_away(s, state)
+                    } else {
+                        state
+                    };
+                    replace_if_changed(s, state)
+                });
                 false
             }
             Ok(None) => {
@@ -567,6 +614,7 @@ async fn read(conn: &Connection) -> zbus::Result<Option<Snapshot>> {
     if snap.kind.is_empty() {
         snap.kind = prop_str(&active, "Type").unwrap_or_default();
     }
+    snap.primary_activated = prop_u32(&active, "State") == Some(NM_ACTIVE_CONNECTION_ACTIVATED);
     for device in prop_paths(&active, "Devices") {
         let Ok(d) = get_all(conn, NM, &device, NM_DEVICE).await else {
             continue;
@@ -647,11 +695,50 @@ mod tests {
             starting: false,
             connectivity: 4,
             primary: Some("/org/freedesktop/NetworkManager/ActiveConnection/1".into()),
+            primary_activated: true,
             kind: kind.into(),
             metered,
             devices: devices.to_vec(),
             access,
         }
+    }
+
+    /// A restart of NetworkManager on EDGE keeps photos back: the last class it named
+    /// holds until it names another.
+    #[test]
+    fn a_restrictive_class_holds_while_network_manager_is_away() {
+        let edge = classify(&online("gsm", 0, &[8], Some(MM_EDGE)));
+        assert_eq!(edge.class, LinkClass::TwoG);
+        let away = hold_while_away(
+            &edge,
+            LinkState::unknown("NetworkManager is not on the system bus"),
+        );
+        assert_eq!(away.class, LinkClass::TwoG);
+        assert!(
+            away.detail.contains("EDGE") && away.detail.contains("not on the system bus"),
+            "{}",
+            away.detail
+        );
+        let again = hold_while_away(
+            &away,
+            LinkState::unknown("cannot read NetworkManager's state: timeout"),
+        );
+        assert_eq!(
+            again.detail.matches("as last seen").count(),
+            1,
+            "{}",
+            again.detail
+        );
+        let wifi = classify(&online("802-11-wireless", 4, &[2], None));
+        assert_eq!(
+            hold_while_away(&wifi, LinkState::unknown("gone")).class,
+            LinkClass::Unknown
+        );
+        assert_eq!(
+            hold_while_away(&away, wifi.clone()),
+            wifi,
+            "NetworkManager's word replaces it"
+        );
     }
 
     #[test]
@@ -734,8 +821,35 @@ mod tests {
                     connectivity: 2,
                     ..online("802-11-wireless", 4, &[2], None)
                 },
-                Unknown,
+                Wifi,
                 "portal",
+            ),
+            (
+                Snapshot {
+                    connectivity: 2,
+                    ..online("gsm", 0, &[8], Some(MM_EDGE))
+                },
+                TwoG,
+                "a carrier's redirect on EDGE",
+            ),
+            (
+                Snapshot {
+                    state: 40,
+                    connectivity: 3,
+                    ..online("802-11-wireless", 4, &[2], None)
+                },
+                Wifi,
+                "connecting beside a working Wi-Fi",
+            ),
+            (
+                Snapshot {
+                    state: 40,
+                    connectivity: 3,
+                    primary_activated: false,
+                    ..online("802-11-wireless", 4, &[2], None)
+                },
+                Offline,
+                "the primary connection still coming up",
             ),
             (
                 Snapshot {
@@ -752,7 +866,7 @@ mod tests {
                     connectivity: 1,
                     ..online("802-11-wireless", 4, &[2], None)
                 },
-                Unknown,
+                Wifi,
                 "the first check has not answered",
             ),
             (

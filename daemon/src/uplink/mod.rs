@@ -295,6 +295,7 @@ impl Uplink {
             );
             let retry_at = tokio::time::Instant::now() + jittered;
             delay = (delay * 2).min(self.settings.reconnect_max);
+            let failed_on = self.link.borrow().clone();
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -305,6 +306,13 @@ impl Uplink {
                             return;
                         }
                         // A new link is a new chance: no reason to wait out the backoff.
+                        // Not a new detail of the same one (a modem stepping between LTE
+                        // and EDGE in fringe coverage), which would call a broker that
+                        // is down every few seconds.
+                        let now = self.link.borrow_and_update().clone();
+                        if now.class == failed_on.class && now.connection == failed_on.connection {
+                            continue;
+                        }
                         delay = self.settings.reconnect_min;
                         break;
                     }
@@ -621,7 +629,7 @@ impl Uplink {
                     if changed.is_err() {
                         return Ended::Shutdown;
                     }
-                    let new = self.link.borrow_and_update().clone();
+                    let mut new = self.link.borrow_and_update().clone();
                     self.service.set_link(new.clone());
                     if new.class == LinkClass::Offline {
                         return Ended::LinkChanged(format!("the link went away ({})", new.detail));
@@ -641,6 +649,12 @@ impl Uplink {
                             photos_more = true;
                             downloads_more = true;
                         }
+                    }
+                    // A moment naming no connection (between the old one going and the
+                    // new one coming) must not hide that the session's connection is
+                    // gone when the next names another.
+                    if new.connection.is_none() {
+                        new.connection = link.connection.take();
                     }
                     link = new;
                 }
