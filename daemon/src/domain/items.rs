@@ -733,6 +733,74 @@ mod tests {
         assert!(payloads.iter().all(|p| p.contains("fixed")), "{payloads:?}");
     }
 
+    /// A refused stage move discarded takes the moves queued behind it along and puts
+    /// the work order at the back office's stage (here one the refusal brought), so
+    /// the inspector can move on from where the office stands.
+    #[test]
+    fn a_discarded_stage_move_takes_the_later_ones_and_the_office_stage() {
+        let conn = conn_with_work_order();
+        let first = crate::domain::work_orders::advance(&conn, "WO-1", "accepted").unwrap();
+        let second = crate::domain::work_orders::advance(&conn, "WO-1", "done").unwrap();
+        send_all(&conn);
+        outbox::refuse(
+            &conn,
+            &op_of(&conn, &first.id, "create"),
+            "conflict: closed",
+        )
+        .unwrap();
+        // The refusal's version of the work order: the office put it back to "new" at v2.
+        conn.execute(
+            "UPDATE work_orders SET version = 2, doc = json_set(doc, '$.stage', 'new', '$.version', 2)",
+            [],
+        )
+        .unwrap();
+        let d = discard(&conn, &first.id).unwrap();
+        assert!(d.stage_reverted);
+        assert_eq!(
+            d.also_removed
+                .iter()
+                .map(|i| i.id.as_str())
+                .collect::<Vec<_>>(),
+            [second.id.as_str()]
+        );
+        let stage: String = conn
+            .query_row("SELECT stage FROM work_orders WHERE id = 'WO-1'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(stage, "new");
+        assert_eq!(outbox::unsent_count(&conn).unwrap(), 0);
+        assert_eq!(item_rows(&conn), 0);
+    }
+
+    /// The back office refuses a deletion (it keeps the item): the item shows again,
+    /// red, instead of vanishing from the device alone. Sent again, it hides again;
+    /// discarded, it stays as the back office has it.
+    #[test]
+    fn a_refused_deletion_brings_the_item_back_red() {
+        let conn = conn_with_work_order();
+        let item = add_record(&conn, "WO-1", &note("sent")).unwrap();
+        send_all(&conn);
+        delete_item(&conn, &item.id).unwrap();
+        send_all(&conn);
+        let delete = op_of(&conn, &item.id, "delete");
+        outbox::acknowledge(&conn, &[op_of(&conn, &item.id, "create")]).unwrap();
+        outbox::refuse(&conn, &delete, "forbidden: the job is closed").unwrap();
+        let shown = load_item(&conn, &item.id).expect("shown again");
+        assert_eq!(shown.state, SyncState::Refused);
+        let retried = retry(&conn, &item.id).unwrap();
+        assert_eq!(retried.state, SyncState::Waiting);
+        assert!(
+            load_item(&conn, &item.id).is_err(),
+            "hidden while its deletion goes"
+        );
+        send_all(&conn);
+        outbox::refuse(&conn, &delete, "forbidden: still closed").unwrap();
+        let d = discard(&conn, &item.id).unwrap();
+        assert_eq!(d.item.map(|i| i.state), Some(SyncState::Delivered));
+        assert!(load_item(&conn, &item.id).is_ok());
+    }
+
     #[test]
     fn a_fix_after_a_refusal_reaches_the_held_update_too() {
         let conn = conn_with_work_order();
@@ -881,7 +949,11 @@ fn refused_op(conn: &Connection, item: &Item) -> Result<(i64, String), DomainErr
 /// Sends a refused change again as it is (the cause was fixed on the back office's side).
 pub fn retry(conn: &Connection, item_id: &str) -> Result<Item, DomainError> {
     let item = load_item(conn, item_id)?;
-    let (seq, _) = refused_op(conn, &item)?;
+    let (seq, action) = refused_op(conn, &item)?;
+    if action == "delete" {
+        // Hidden again while its deletion goes once more, as after the first delete.
+        conn.execute("UPDATE items SET deleted = 1 WHERE id = ?1", [item_id])?;
+    }
     conn.execute(
         "UPDATE outbox SET state = 'waiting', reason = NULL WHERE seq = ?1",
         [seq],
@@ -890,7 +962,12 @@ pub fn retry(conn: &Connection, item_id: &str) -> Result<Item, DomainError> {
         "UPDATE items SET sync_state = 'waiting', reason = NULL, updated_ms = ?2 WHERE id = ?1",
         params![item_id, now_ms()],
     )?;
-    load_item(conn, item_id)
+    // Hidden or not.
+    Ok(conn.query_row(
+        &format!("SELECT {ITEM_COLUMNS} FROM items WHERE id = ?1"),
+        [item_id],
+        item_row,
+    )?)
 }
 
 /// What discarding a refused change did.
@@ -901,7 +978,8 @@ pub struct Discarded {
     /// What kind of item it was, for the event that says it is gone.
     pub kind: ItemKind,
     pub work_order_id: String,
-    /// Items removed with it (photos of a record whose creation was refused).
+    /// Items removed with it: the photos of a record whose creation was refused, the
+    /// stage moves queued behind a refused one.
     pub also_removed: Vec<Item>,
     /// Set when a refused stage move was undone.
     pub stage_reverted: bool,
@@ -924,24 +1002,39 @@ pub fn discard(conn: &Connection, item_id: &str) -> Result<Discarded, DomainErro
     let mut also_removed = Vec::new();
     let mut stage_reverted = false;
     if action == "create" {
-        if item.kind == ItemKind::Stage {
-            if let Some(from) = item.body.get("from").and_then(|f| f.as_str()) {
-                conn.execute(
-                    "UPDATE work_orders SET stage = ?2 WHERE id = ?1",
-                    params![item.work_order_id, from],
-                )?;
-                stage_reverted = true;
-            }
-        }
         let mut stmt = conn.prepare(&format!(
             "SELECT {ITEM_COLUMNS} FROM items WHERE record_id = ?1"
         ))?;
         also_removed = stmt
             .query_map([item_id], item_row)?
             .collect::<Result<Vec<_>, _>>()?;
-        for photo in &also_removed {
-            conn.execute("DELETE FROM outbox WHERE item_id = ?1", [&photo.id])?;
-            conn.execute("DELETE FROM items WHERE id = ?1", [&photo.id])?;
+        if item.kind == ItemKind::Stage {
+            // The stage moves made after this one build on it and wait behind it: they
+            // go with it, or the back office could get "on site" with no "accepted"
+            // before it, and the inspector could make the move again beside them.
+            let mut stmt = conn.prepare(&format!(
+                "SELECT {ITEM_COLUMNS} FROM items WHERE kind = 'stage' AND work_order_id = ?1
+                   AND id IN (SELECT item_id FROM outbox WHERE work_order_id = ?1 AND seq > ?2)"
+            ))?;
+            also_removed.extend(
+                stmt.query_map(params![item.work_order_id, seq], item_row)?
+                    .collect::<Result<Vec<_>, _>>()?,
+            );
+            // Back to the stage the back office has: its latest version (a refusal may
+            // have brought one), not the one this move started from.
+            conn.execute(
+                "UPDATE work_orders SET stage = coalesce(json_extract(doc, '$.stage'), ?2)
+                 WHERE id = ?1",
+                params![
+                    item.work_order_id,
+                    item.body.get("from").and_then(|f| f.as_str())
+                ],
+            )?;
+            stage_reverted = true;
+        }
+        for gone in &also_removed {
+            conn.execute("DELETE FROM outbox WHERE item_id = ?1", [&gone.id])?;
+            conn.execute("DELETE FROM items WHERE id = ?1", [&gone.id])?;
         }
         conn.execute("DELETE FROM outbox WHERE item_id = ?1", [item_id])?;
         conn.execute("DELETE FROM items WHERE id = ?1", [item_id])?;

@@ -447,18 +447,22 @@ pub fn refuse(
     op_id: &str,
     reason: &str,
 ) -> Result<Option<StateChange>, DomainError> {
-    let found: Option<(String, String, String, bool)> = conn
+    let found: Option<(String, String, String, bool, String)> = conn
         .query_row(
-            "SELECT o.item_id, o.work_order_id, o.item_kind, coalesce(i.deleted, 0)
+            "SELECT o.item_id, o.work_order_id, o.item_kind, coalesce(i.deleted, 0), o.action
              FROM outbox o LEFT JOIN items i ON i.id = o.item_id WHERE o.op_id = ?1",
             [op_id],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
         )
         .optional()?;
-    let Some((item_id, work_order_id, kind, deleted)) = found else {
+    let Some((item_id, work_order_id, kind, deleted, action)) = found else {
         return Ok(None);
     };
-    if deleted {
+    if deleted && action == "delete" {
+        // The deletion itself was refused: the back office keeps the item, so the
+        // inspector must see it again, red with the reason, to retry or discard.
+        conn.execute("UPDATE items SET deleted = 0 WHERE id = ?1", [&item_id])?;
+    } else if deleted {
         // The inspector deleted the item: a change of it that was not applied is one
         // less to undo, not one to fix. Turned red, it would hold back its work order
         // behind an item nobody can see.
