@@ -90,6 +90,20 @@ fn body_json(record: &RecordBody) -> Result<serde_json::Value, DomainError> {
     serde_json::to_value(record).map_err(|e| DomainError::InvalidRecord(e.to_string()))
 }
 
+/// Whether `text` shows anything: not only spaces, control characters or invisible
+/// format characters (zero-width space and joiners, the byte-order mark, a soft hyphen).
+fn shows_something(text: &str) -> bool {
+    text.chars().any(|c| {
+        !(c.is_whitespace()
+            || c.is_control()
+            || matches!(c, '\u{00AD}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{2060}'..='\u{2064}' | '\u{FEFF}'))
+    })
+}
+
+/// Integers beyond this lose digits as JSON numbers in many back offices (JavaScript's
+/// doubles), so a checklist answer is refused rather than stored and sent rounded.
+const SAFE_INTEGER: f64 = 9_007_199_254_740_991.0;
+
 /// Checks a record against its work order (checklist answers name template items and
 /// have the right type) and against common sense (no empty text).
 pub fn validate_record(doc: &WorkOrderDoc, record: &RecordBody) -> Result<(), DomainError> {
@@ -100,13 +114,17 @@ pub fn validate_record(doc: &WorkOrderDoc, record: &RecordBody) -> Result<(), Do
             materials,
             ..
         } => {
-            if description.trim().is_empty() {
+            if !shows_something(description) {
                 return bad("completed work needs a description".into());
             }
             for m in materials {
-                if m.name.trim().is_empty() || !m.quantity.is_finite() || m.quantity < 0.0 {
+                if !shows_something(&m.name)
+                    || !shows_something(&m.unit)
+                    || !m.quantity.is_finite()
+                    || !(0.0..=SAFE_INTEGER).contains(&m.quantity)
+                {
                     return bad(format!(
-                        "material {:?}: needs a name and a quantity of zero or more",
+                        "material {:?}: needs a name, a unit and a quantity of zero or more",
                         m.name
                     ));
                 }
@@ -129,8 +147,11 @@ pub fn validate_record(doc: &WorkOrderDoc, record: &RecordBody) -> Result<(), Do
                 }
                 let fits = match item.answer.as_str() {
                     "bool" => a.value.is_boolean(),
-                    "number" => a.value.is_number(),
-                    _ => a.value.is_string(),
+                    "number" => a
+                        .value
+                        .as_f64()
+                        .is_some_and(|n| n.is_finite() && n.abs() <= SAFE_INTEGER),
+                    _ => a.value.as_str().is_some_and(shows_something),
                 };
                 if !fits {
                     return bad(format!(
@@ -141,12 +162,12 @@ pub fn validate_record(doc: &WorkOrderDoc, record: &RecordBody) -> Result<(), Do
             }
         }
         RecordBody::Defect { title, .. } => {
-            if title.trim().is_empty() {
+            if !shows_something(title) {
                 return bad("a defect needs a title".into());
             }
         }
         RecordBody::Note { text } => {
-            if text.trim().is_empty() {
+            if !shows_something(text) {
                 return bad("a note needs some text".into());
             }
         }
@@ -846,6 +867,57 @@ mod tests {
             delete_item(&conn, &item.id),
             Err(DomainError::AlreadyDelivered(_))
         ));
+    }
+
+    /// Text that shows nothing, a material without a unit, and numbers a back office
+    /// would round are refused.
+    #[test]
+    fn invisible_text_and_numbers_that_would_be_rounded_are_refused() {
+        let doc = WorkOrderDoc {
+            checklist: vec![
+                ChecklistItem {
+                    id: "n".into(),
+                    text: "Vibration".into(),
+                    answer: "number".into(),
+                },
+                ChecklistItem {
+                    id: "t".into(),
+                    text: "Remarks".into(),
+                    answer: "text".into(),
+                },
+            ],
+            ..WorkOrderDoc::placeholder("WO-1")
+        };
+        let answer = |id: &str, value: serde_json::Value| RecordBody::Checklist {
+            answers: vec![ChecklistAnswer {
+                item_id: id.into(),
+                value,
+                comment: None,
+            }],
+        };
+        for text in ["\u{200B}", "\u{0}", " \u{FEFF}\t", "\u{00AD}"] {
+            assert!(validate_record(&doc, &note(text)).is_err(), "{text:?}");
+            assert!(validate_record(&doc, &answer("t", text.into())).is_err(), "{text:?}");
+        }
+        assert!(validate_record(&doc, &note("ok \u{200B}")).is_ok());
+        let big: serde_json::Value =
+            serde_json::from_str("123456789012345678901234567890").unwrap();
+        assert!(validate_record(&doc, &answer("n", big)).is_err());
+        assert!(validate_record(&doc, &answer("n", 9_007_199_254_740_993u64.into())).is_err());
+        assert!(validate_record(&doc, &answer("n", 4.5.into())).is_ok());
+        let material = |unit: &str, quantity: f64| RecordBody::CompletedWork {
+            description: "Valve replaced".into(),
+            duration_minutes: None,
+            materials: vec![ui_bridge::Material {
+                code: None,
+                name: "Gasket".into(),
+                quantity,
+                unit: unit.into(),
+            }],
+        };
+        assert!(validate_record(&doc, &material("pcs", 2.0)).is_ok());
+        assert!(validate_record(&doc, &material(" ", 2.0)).is_err());
+        assert!(validate_record(&doc, &material("pcs", 1e300)).is_err());
     }
 
     #[test]
