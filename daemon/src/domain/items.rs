@@ -822,6 +822,40 @@ mod tests {
         assert!(load_item(&conn, &item.id).is_ok());
     }
 
+    /// A refused edit discarded while a later one is out: the item follows that one,
+    /// and turns delivered with its acknowledgement instead of staying in progress.
+    #[test]
+    fn a_discarded_edit_leaves_the_item_following_its_operations() {
+        let conn = conn_with_work_order();
+        let item = add_record(&conn, "WO-1", &note("first")).unwrap();
+        send_all(&conn);
+        edit_record(&conn, &item.id, &note("second")).unwrap();
+        send_all(&conn);
+        outbox::acknowledge(&conn, &[op_of(&conn, &item.id, "create")]).unwrap();
+        let update = op_of(&conn, &item.id, "update");
+        outbox::refuse(&conn, &update, "validation: no").unwrap();
+        edit_record(&conn, &item.id, &note("third")).unwrap();
+        // The fix went into the refused update; a later edit makes one more.
+        send_all(&conn);
+        edit_record(&conn, &item.id, &note("fourth")).unwrap();
+        send_all(&conn);
+        let ops = outbox::list(&conn, None).unwrap();
+        let refused = ops.iter().find(|o| o.op_id == update).unwrap();
+        outbox::refuse(&conn, &refused.op_id, "validation: still no").unwrap();
+        let d = discard(&conn, &item.id).unwrap();
+        assert_eq!(d.item.unwrap().state, SyncState::InProgress);
+        let left: Vec<String> = outbox::list(&conn, None)
+            .unwrap()
+            .into_iter()
+            .map(|o| o.op_id)
+            .collect();
+        outbox::acknowledge(&conn, &left).unwrap();
+        assert_eq!(
+            load_item(&conn, &item.id).unwrap().state,
+            SyncState::Delivered
+        );
+    }
+
     #[test]
     fn a_fix_after_a_refusal_reaches_the_held_update_too() {
         let conn = conn_with_work_order();
@@ -897,7 +931,10 @@ mod tests {
         };
         for text in ["\u{200B}", "\u{0}", " \u{FEFF}\t", "\u{00AD}"] {
             assert!(validate_record(&doc, &note(text)).is_err(), "{text:?}");
-            assert!(validate_record(&doc, &answer("t", text.into())).is_err(), "{text:?}");
+            assert!(
+                validate_record(&doc, &answer("t", text.into())).is_err(),
+                "{text:?}"
+            );
         }
         assert!(validate_record(&doc, &note("ok \u{200B}")).is_ok());
         let big: serde_json::Value =
@@ -1122,17 +1159,23 @@ pub fn discard(conn: &Connection, item_id: &str) -> Result<Discarded, DomainErro
             stage_reverted,
         });
     }
-    let next: Option<String> = conn
+    // Another refused change of the item keeps it red; otherwise its state follows its
+    // operations again (items::ITEM_COLUMNS reads 'waiting' that way). Stored as seen
+    // now, "in progress" would stay after the acknowledgement.
+    let still_refused: Option<Option<String>> = conn
         .query_row(
-            "SELECT state FROM outbox WHERE item_id = ?1 ORDER BY seq DESC LIMIT 1",
+            "SELECT reason FROM outbox WHERE item_id = ?1 AND state = 'refused' ORDER BY seq LIMIT 1",
             [item_id],
             |r| r.get(0),
         )
         .optional()?;
-    let state = next.unwrap_or_else(|| "delivered".into());
+    let (state, reason) = match still_refused {
+        Some(reason) => ("refused", reason),
+        None => ("waiting", None),
+    };
     conn.execute(
-        "UPDATE items SET sync_state = ?2, reason = NULL, deleted = 0, updated_ms = ?3 WHERE id = ?1",
-        params![item_id, state, now_ms()],
+        "UPDATE items SET sync_state = ?2, reason = ?3, deleted = 0, updated_ms = ?4 WHERE id = ?1",
+        params![item_id, state, reason, now_ms()],
     )?;
     Ok(Discarded {
         item: Some(load_item(conn, item_id)?),
