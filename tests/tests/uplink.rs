@@ -1142,6 +1142,20 @@ async fn attachments_download_resume_after_cuts_and_are_checked() {
     }
     assert!(attachment_sent(&bo, &bad) <= 3 * manual.len() as u64);
     assert!(!d.state_dir.join("attachments").join(&bad).exists());
+    // It rests: a new connection does not fetch it three times more.
+    let before = attachment_sent(&bo, &bad);
+    broker.kill();
+    broker.spawn();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !d.log().contains("rests before it is tried again")
+        || c.status().await.unwrap().broker != "up"
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", d.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.sync_now().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(attachment_sent(&bo, &bad), before, "fetched again at once");
 
     // A work order that drops an attachment lets its file go.
     push_until_seen(

@@ -99,9 +99,48 @@ impl DownloadLane {
     }
 }
 
-/// After this many downloads that fail their SHA-256, an attachment waits for the next
-/// connection; so does a photo the back office finds damaged this many times.
+/// After this many downloads that fail their SHA-256 on one connection, an attachment
+/// rests ([`Resting`]); so does a photo the back office finds damaged this many times.
 const MAX_MISMATCHES: u32 = 3;
+/// How long a file that failed [`MAX_MISMATCHES`] times on a connection rests before it
+/// is tried again, doubled at each rest up to [`REST_MAX`].
+const REST_FIRST: Duration = Duration::from_secs(10 * 60);
+const REST_MAX: Duration = Duration::from_secs(6 * 60 * 60);
+
+/// Files that failed their check too often (an attachment whose bytes never match its
+/// SHA-256, a photo the back office keeps calling damaged though it is intact here):
+/// they rest, longer each time, instead of going again whole on every new connection,
+/// which on a link that comes and goes would be all day. Kept in memory: a restart of
+/// the daemon tries them again.
+#[derive(Default)]
+struct Resting {
+    files: HashMap<String, (u32, Instant)>,
+}
+
+impl Resting {
+    fn rest(&mut self, sha: &str) {
+        let (times, until) = self
+            .files
+            .entry(sha.to_owned())
+            .or_insert((0, Instant::now()));
+        *times += 1;
+        let rest = REST_FIRST
+            .saturating_mul(1 << (*times - 1).min(16))
+            .min(REST_MAX);
+        *until = Instant::now() + rest;
+        tracing::warn!(sha256 = %sha, rest_s = rest.as_secs(), "a file failed its check too often; it rests before it is tried again");
+    }
+
+    /// The files resting now.
+    fn now(&self) -> Vec<String> {
+        let now = Instant::now();
+        self.files
+            .iter()
+            .filter(|(_, (_, until))| *until > now)
+            .map(|(sha, _)| sha.clone())
+            .collect()
+    }
+}
 
 /// How one connection ended.
 enum Ended {
@@ -150,6 +189,7 @@ pub struct Uplink {
     /// The broker has delivered something to this session (an acknowledgement, a
     /// push): the connection works both ways.
     heard: bool,
+    resting: std::sync::Mutex<Resting>,
 }
 
 /// A session that lasts this long counts as working even if nothing came back.
@@ -179,6 +219,7 @@ impl Uplink {
             started: Instant::now(),
             codec,
             heard: false,
+            resting: std::sync::Mutex::new(Resting::default()),
         }
     }
 
@@ -199,6 +240,11 @@ impl Uplink {
             // makes the size of a part hard to guess.
             batch.truncate(batch.len() / 2);
         }
+    }
+
+    fn resting(&self) -> std::sync::MutexGuard<'_, Resting> {
+        // A panic while holding it leaves a map worth keeping.
+        self.resting.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The zstd contexts. Only this task uses them; the lock is never contended.
@@ -437,10 +483,11 @@ impl Uplink {
         pending.insert(Trigger::LinkUp);
         self.weigh(pending, &mut sync);
 
+        let resting = self.resting().now();
         let mut photos = PhotoLane {
             current: None,
             next: 0,
-            skip: Vec::new(),
+            skip: resting.clone(),
             damaged: HashMap::new(),
             progress_at: Instant::now(),
         };
@@ -448,7 +495,7 @@ impl Uplink {
             current: None,
             asked_to: 0,
             asked_at: Instant::now(),
-            skip: Vec::new(),
+            skip: resting,
             mismatches: HashMap::new(),
         };
         let mut downloads_more = true;
@@ -1004,6 +1051,7 @@ impl Uplink {
                 );
                 if *n >= MAX_MISMATCHES {
                     lane.skip.push(sha.to_owned());
+                    self.resting().rest(sha);
                 }
                 lane.current = None;
                 true
@@ -1058,8 +1106,9 @@ impl Uplink {
         let n = lane.damaged.entry(sha.to_owned()).or_default();
         *n += 1;
         if *n >= MAX_MISMATCHES {
-            tracing::warn!(sha256 = %sha, times = *n, "the back office keeps finding a photo damaged that is intact on this device; it waits for the next connection");
+            tracing::warn!(sha256 = %sha, times = *n, "the back office keeps finding a photo damaged that is intact on this device");
             lane.skip.push(sha.to_owned());
+            self.resting().rest(sha);
         }
     }
 
