@@ -1546,3 +1546,50 @@ async fn a_work_order_removed_with_changes_waiting_goes_once_they_are_settled() 
     let list = c.work_orders().await.unwrap();
     assert!(list.iter().all(|w| w.id != "WO-2"), "{list:?}");
 }
+
+/// The dispatcher drops an attachment from its work order while it downloads: the
+/// device stops asking for the rest, rather than fetching a file nobody needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attachment_dropped_mid_download_is_not_fetched_further() {
+    use sha2::Digest;
+    let broker = Broker::start();
+    let bo = BackOffice::start(broker.port).await;
+    let drawing: Vec<u8> = (0..2 * 1024 * 1024).map(|_| rand::random::<u8>()).collect();
+    let sha = hex::encode(sha2::Sha256::digest(&drawing));
+    {
+        let mut st = bo.state.lock().unwrap();
+        st.attachment_files.insert(sha.clone(), drawing.clone());
+        st.attachment_delay = Duration::from_millis(40);
+    }
+    let d = Daemon::start_with(uplink_options(&broker));
+    let mut c = d.client().await;
+    let wo = |attachments: serde_json::Value, version: i64| {
+        serde_json::json!({
+            "id": "WO-21", "version": version, "title": "With a drawing", "stage": "new",
+            "workflow": ["new", "done"], "attachments": attachments
+        })
+    };
+    push_until_seen(
+        &bo,
+        &mut c,
+        wo(
+            serde_json::json!([{"id": "dwg", "name": "layout.pdf", "size": drawing.len(), "sha256": sha}]),
+            1,
+        ),
+    )
+    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while attachment_sent(&bo, &sha) < drawing.len() as u64 / 4 {
+        assert!(std::time::Instant::now() < deadline, "{}", d.log());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    push_until_seen(&bo, &mut c, wo(serde_json::json!([]), 2)).await;
+    // What was asked for before the push still comes; nothing after it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stopped_at = attachment_sent(&bo, &sha);
+    // Longer than the device waits for asked bytes (half of ack_timeout_secs = 3).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(attachment_sent(&bo, &sha), stopped_at, "{}", d.log());
+    assert!(stopped_at < drawing.len() as u64, "downloaded whole");
+    assert!(!d.state_dir.join("attachments").join(&sha).exists());
+}

@@ -263,6 +263,13 @@ impl Service {
 
     /// The next attachment a work order names that is not on the device yet, skipping
     /// `skip` and anything that would eat into the free-space reserve kept for captures.
+    /// Whether a cached work order still names the attachment `sha256`.
+    pub async fn attachment_named(&self, sha256: &str) -> Result<bool, DomainError> {
+        let sha256 = sha256.to_owned();
+        let named = self.inner.store.read(work_orders::attachments).await?;
+        Ok(named.iter().any(|(_, a)| a.sha256 == sha256))
+    }
+
     pub async fn next_download(&self, skip: Vec<String>) -> Result<Option<Download>, DomainError> {
         let named = self.inner.store.read(work_orders::attachments).await?;
         let files = self.store().attachments();

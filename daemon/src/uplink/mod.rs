@@ -785,6 +785,16 @@ impl Uplink {
                                 self.heard = false;
                                 return Ended::StoreFailed(why);
                             }
+                            // The attachment being fetched may belong to nothing any more
+                            // (its work order removed or changed): the rest of it is not
+                            // asked for.
+                            if let Some(sha) = downloads.current.as_ref().map(|d| d.sha256.clone()) {
+                                if let Ok(false) = self.service.attachment_named(&sha).await {
+                                    tracing::info!(sha256 = %sha, "attachment no longer named by a work order; its download stops");
+                                    downloads.current = None;
+                                    downloads_more = true;
+                                }
+                            }
                         } else if let Some(sha) = p.topic.strip_prefix(&self.topics.attachment_prefix()) {
                             if self.on_attachment_chunk(sha, &p.payload, &mut downloads).await {
                                 downloads_more = true;
