@@ -314,7 +314,12 @@ impl Service {
                     }
                 }
             }
-            if self.free_space(true) < (a.size - received).saturating_add(reserve) {
+            // Downloads stop well short of the captures' reserve: a file that can be
+            // fetched again must never be why the next photo is refused.
+            let floor = reserve
+                .saturating_mul(2)
+                .saturating_add(self.settings().max_photo_bytes);
+            if self.free_space(true) < (a.size - received).saturating_add(floor) {
                 tracing::warn!(sha256 = %a.sha256, size = a.size, "an attachment waits: it would eat into the space kept for captures");
                 continue;
             }
