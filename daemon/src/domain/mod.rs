@@ -46,6 +46,9 @@ pub enum DomainError {
     Store(#[from] StoreError),
     #[error("{0}")]
     AttachmentUnavailable(String),
+    /// A bug (a task that panicked): the request changed nothing.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl From<rusqlite::Error> for DomainError {
@@ -86,6 +89,7 @@ impl DomainError {
             }
             DomainError::Store(_) => ErrorCode::StorageUnavailable,
             DomainError::AttachmentUnavailable(_) => ErrorCode::AttachmentUnavailable,
+            DomainError::Internal(_) => ErrorCode::Internal,
         }
     }
 }

@@ -72,6 +72,9 @@ struct Inner {
     /// file, and a delete must not remove the file an attach of the same bytes has
     /// just found in place and not yet named.
     photo_files: tokio::sync::Mutex<()>,
+    /// Taken for the read-change-save of the sync switches: two apps each setting one
+    /// switch at once must not save over each other's.
+    switches_change: tokio::sync::Mutex<()>,
 }
 
 /// When the last capture came, for the fold that waits for a pause.
@@ -112,6 +115,7 @@ impl Service {
                 quiet_fold: QuietFold::default(),
                 free_space: std::sync::Mutex::new(None),
                 photo_files: tokio::sync::Mutex::new(()),
+                switches_change: tokio::sync::Mutex::new(()),
                 sync: std::sync::Mutex::new(SyncStatus {
                     broker: if uplink_configured {
                         "connecting"
@@ -568,6 +572,7 @@ impl Service {
                 sync_on_visit_completed,
                 files_on_wifi_only,
             } => {
+                let _one_at_a_time = self.inner.switches_change.lock().await;
                 let mut s = self.switches();
                 s.auto_sync = auto_sync.unwrap_or(s.auto_sync);
                 s.on_visit_completed = sync_on_visit_completed.unwrap_or(s.on_visit_completed);
@@ -608,7 +613,7 @@ impl Service {
         let copy_store = store.clone();
         let photo = tokio::task::spawn_blocking(move || copy_store.photos().ingest(fd, limit))
             .await
-            .map_err(|e| DomainError::InvalidRecord(format!("photo copy failed: {e}")))??;
+            .map_err(|e| DomainError::Internal(format!("the photo copy did not finish: {e}")))??;
         let sha = photo.sha256.clone();
         let result = self
             .change(move |c| {
@@ -815,6 +820,37 @@ mod tests {
             .await
             .unwrap();
         (store, service)
+    }
+
+    /// Two apps each setting a different sync switch at once both get theirs: neither
+    /// saves the switches as they were before the other's change.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn switches_set_at_once_are_both_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, service) = with_work_order_w(dir.path()).await;
+        let set = |auto_sync: Option<bool>, files_on_wifi_only: Option<bool>| {
+            ui_bridge::Request::SetSyncSwitches {
+                auto_sync,
+                sync_on_visit_completed: None,
+                files_on_wifi_only,
+            }
+        };
+        for round in 0..20 {
+            let on = round % 2 == 0;
+            let (a, b) = (service.clone(), service.clone());
+            let (x, y) = tokio::join!(
+                tokio::spawn(async move { a.handle(set(Some(on), None), None).await }),
+                tokio::spawn(async move { b.handle(set(None, Some(on)), None).await }),
+            );
+            x.unwrap().unwrap();
+            y.unwrap().unwrap();
+            let s = service.switches();
+            assert_eq!(
+                (s.auto_sync, s.files_on_wifi_only),
+                (on, on),
+                "round {round}"
+            );
+        }
     }
 
     /// A reader who comes while another caller's fold waits for the writer must wait
