@@ -67,11 +67,13 @@ const NM_STATE_CONNECTED_SITE: u32 = 60;
 const NM_CONNECTIVITY_NONE: u32 = 1;
 const NM_CONNECTIVITY_PORTAL: u32 = 2;
 const NM_CONNECTIVITY_LIMITED: u32 = 3;
+const NM_CONNECTIVITY_FULL: u32 = 4;
 const NM_ACTIVE_CONNECTION_ACTIVATED: u32 = 2;
 const NM_METERED_YES: u32 = 1;
 const NM_METERED_GUESS_YES: u32 = 3;
 const NM_DEVICE_ETHERNET: u32 = 1;
 const NM_DEVICE_WIFI: u32 = 2;
+const NM_DEVICE_BT: u32 = 5;
 const NM_DEVICE_MODEM: u32 = 8;
 const NM_DEVICE_BOND: u32 = 10;
 const NM_DEVICE_VLAN: u32 = 11;
@@ -114,7 +116,28 @@ pub(super) struct Snapshot {
     /// The modem's access technologies when the primary connection runs on one and
     /// ModemManager answers.
     pub access: Option<u32>,
+    /// An Ethernet device of the primary connection is a phone's USB tethering (by its
+    /// driver): cellular, whatever its device type says.
+    pub tethered: bool,
+    /// When the primary connection rides on something the watcher cannot see through
+    /// (a WireGuard or other tunnel holding the default route): the other activated
+    /// connections, one of which carries it.
+    pub under: Vec<Snapshot>,
 }
+
+/// Device types a connection's class can be read from, in the order they decide it.
+const SEEN_THROUGH: [u32; 5] = [
+    NM_DEVICE_MODEM,
+    NM_DEVICE_BT,
+    NM_DEVICE_WIFI,
+    NM_DEVICE_ETHERNET,
+    NM_DEVICE_VETH,
+];
+
+/// Drivers of phones' USB tethering, which NetworkManager shows as Ethernet: iPhones
+/// (`ipheth`) and Android's RNDIS. (`cdc_ether` and `cdc_ncm` are left out: USB
+/// Ethernet adapters and docks use them too.)
+const TETHERING_DRIVERS: [&str; 2] = ["ipheth", "rndis_host"];
 
 /// Turns what NetworkManager and ModemManager said into a class. Pure: tested below.
 pub(super) fn classify(s: &Snapshot) -> LinkState {
@@ -188,24 +211,46 @@ pub(super) fn classify(s: &Snapshot) -> LinkState {
         "802-3-ethernet" | "pppoe" => NM_DEVICE_ETHERNET,
         "gsm" | "cdma" | "bluetooth" => NM_DEVICE_MODEM,
         // A VPN, a bridge or a bond: what carries it decides. A veth is a container's or
-        // a virtual machine's wired link.
-        _ => [
-            NM_DEVICE_MODEM,
-            NM_DEVICE_WIFI,
-            NM_DEVICE_ETHERNET,
-            NM_DEVICE_VETH,
-        ]
-        .into_iter()
-        .find(|t| s.devices.contains(t))
-        .map(|t| {
-            if t == NM_DEVICE_VETH {
-                NM_DEVICE_ETHERNET
-            } else {
-                t
-            }
-        })
-        .unwrap_or(0),
+        // a virtual machine's wired link; Bluetooth is a phone's tethering.
+        _ => SEEN_THROUGH
+            .into_iter()
+            .find(|t| s.devices.contains(t))
+            .map(|t| match t {
+                NM_DEVICE_VETH => NM_DEVICE_ETHERNET,
+                NM_DEVICE_BT => NM_DEVICE_MODEM,
+                t => t,
+            })
+            .unwrap_or(0),
     };
+    if medium == NM_DEVICE_ETHERNET && s.tethered {
+        let mut c = state(LinkClass::Cellular, "a phone's USB tethering".into());
+        c.detail.push_str(limited);
+        return c;
+    }
+    if medium == 0 {
+        // A tunnel goes where what carries it goes: the most restrictive of the other
+        // activated connections decides, so a WireGuard over EDGE is still EDGE (and
+        // a tunnel said to be metered is at least metered).
+        if let Some(carrier) = s
+            .under
+            .iter()
+            .map(classify)
+            .filter(|c| c.class != LinkClass::Offline && c.class != LinkClass::Unknown)
+            .min_by_key(|c| restrictiveness(c.class))
+        {
+            let class = if metered
+                && restrictiveness(LinkClass::Metered) < restrictiveness(carrier.class)
+            {
+                LinkClass::Metered
+            } else {
+                carrier.class
+            };
+            return state(
+                class,
+                format!("{} over {}{metered_words}{limited}", s.kind, carrier.detail),
+            );
+        }
+    }
     let mut classified = match medium {
         NM_DEVICE_MODEM => match s.access {
             Some(a) if a & MM_FAST != 0 => state(LinkClass::Cellular, access_words(a)),
@@ -230,6 +275,18 @@ pub(super) fn classify(s: &Snapshot) -> LinkState {
     };
     classified.detail.push_str(limited);
     classified
+}
+
+/// Lower is more restrictive for files.
+fn restrictiveness(class: LinkClass) -> u8 {
+    match class {
+        LinkClass::Offline => 0,
+        LinkClass::TwoG => 1,
+        LinkClass::Cellular => 2,
+        LinkClass::Metered => 3,
+        LinkClass::Unknown => 4,
+        LinkClass::Ethernet | LinkClass::Wifi => 5,
+    }
 }
 
 /// The fastest technology in `bits`, the way a phone's status bar names it.
@@ -615,7 +672,41 @@ async fn read(conn: &Connection) -> zbus::Result<Option<Snapshot>> {
         snap.kind = prop_str(&active, "Type").unwrap_or_default();
     }
     snap.primary_activated = prop_u32(&active, "State") == Some(NM_ACTIVE_CONNECTION_ACTIVATED);
-    for device in prop_paths(&active, "Devices") {
+    read_devices(conn, &active, &mut snap).await;
+    let sees_through = matches!(
+        snap.kind.as_str(),
+        "802-11-wireless" | "802-3-ethernet" | "pppoe" | "gsm" | "cdma" | "bluetooth"
+    ) || snap.devices.iter().any(|d| SEEN_THROUGH.contains(d));
+    if !sees_through {
+        for path in prop_paths(&nm, "ActiveConnections") {
+            if path == primary {
+                continue;
+            }
+            let Ok(other) = get_all(conn, NM, &path, NM_ACTIVE).await else {
+                continue;
+            };
+            if prop_u32(&other, "State") != Some(NM_ACTIVE_CONNECTION_ACTIVATED) {
+                continue;
+            }
+            let mut under = Snapshot {
+                state: snap.state,
+                connectivity: NM_CONNECTIVITY_FULL,
+                primary: Some(path),
+                primary_activated: true,
+                kind: prop_str(&other, "Type").unwrap_or_default(),
+                ..Snapshot::default()
+            };
+            read_devices(conn, &other, &mut under).await;
+            snap.under.push(under);
+        }
+    }
+    Ok(Some(snap))
+}
+
+/// The device types of an active connection (and what carries a bridge, bond or VLAN),
+/// a modem's access technologies, and whether an Ethernet device is a phone's tethering.
+async fn read_devices(conn: &Connection, active: &Props, snap: &mut Snapshot) {
+    for device in prop_paths(active, "Devices") {
         let Ok(d) = get_all(conn, NM, &device, NM_DEVICE).await else {
             continue;
         };
@@ -636,8 +727,12 @@ async fn read(conn: &Connection) -> zbus::Result<Option<Snapshot>> {
                 }
             }
         }
+        if kind == NM_DEVICE_ETHERNET
+            && prop_str(&d, "Driver").is_some_and(|drv| TETHERING_DRIVERS.contains(&drv.as_str()))
+        {
+            snap.tethered = true;
+        }
     }
-    Ok(Some(snap))
 }
 
 /// The devices under a device that rides on others: a bridge's, bond's or team's ports
@@ -700,6 +795,7 @@ mod tests {
             metered,
             devices: devices.to_vec(),
             access,
+            ..Snapshot::default()
         }
     }
 
@@ -922,6 +1018,7 @@ mod tests {
             (online("bluetooth", 0, &[5], None), Cellular, "tethered"),
             (online("vpn", 0, &[8], Some(MM_EDGE)), TwoG, "vpn over edge"),
             (online("vpn", 0, &[2], None), Wifi, "vpn over wifi"),
+            (online("vpn", 0, &[5], None), Cellular, "vpn over Bluetooth tethering"),
             (online("", 0, &[2], None), Wifi, "type from the device"),
             (
                 online("wireguard", 1, &[], None),
@@ -929,6 +1026,41 @@ mod tests {
                 "unknown, metered",
             ),
             (online("wireguard", 4, &[29], None), Unknown, "tunnel"),
+            (
+                Snapshot {
+                    under: vec![
+                        online("802-11-wireless", 4, &[2], None),
+                        online("gsm", 1, &[8], Some(MM_EDGE)),
+                    ],
+                    ..online("wireguard", 4, &[29], None)
+                },
+                TwoG,
+                "a tunnel while both Wi-Fi and EDGE are up: the more restrictive",
+            ),
+            (
+                Snapshot {
+                    under: vec![online("802-11-wireless", 4, &[2], None)],
+                    ..online("wireguard", 1, &[29], None)
+                },
+                Metered,
+                "a metered tunnel over Wi-Fi",
+            ),
+            (
+                Snapshot {
+                    under: vec![online("802-11-wireless", 4, &[2], None)],
+                    ..online("wireguard", 4, &[29], None)
+                },
+                Wifi,
+                "a tunnel over Wi-Fi",
+            ),
+            (
+                Snapshot {
+                    tethered: true,
+                    ..online("802-3-ethernet", 4, &[1], None)
+                },
+                Cellular,
+                "a phone's USB tethering",
+            ),
             (online("generic", 0, &[14], None), Unknown, "generic"),
             (
                 online("bridge", 0, &[NM_DEVICE_BRIDGE, NM_DEVICE_ETHERNET], None),
