@@ -505,3 +505,46 @@ async fn photos_stay_back_on_edge_while_network_manager_is_away() {
     bus.start_network_manager();
     wait_delivered(&mut c, &photo).await;
 }
+
+/// A sync period changed by a reload (SIGHUP) takes effect on the connection under way,
+/// not at the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_period_changed_by_a_reload_counts_at_once() {
+    let bus = NetMock::start();
+    bus.set_link(MockLink::Wifi { metered: false });
+    let broker = Broker::start();
+    let _bo = BackOffice::start(broker.port).await;
+    let d = Daemon::start_with(options(
+        &broker,
+        &bus,
+        "dev-period",
+        "interval_secs = 3600\n",
+    ));
+    let mut c = d.client().await;
+    let first = wait_status(&mut c, "first sync", |s| s.last_sync_ms.is_some())
+        .await
+        .last_sync_ms;
+    std::fs::create_dir_all(d.dir.path().join("config.d")).unwrap();
+    std::fs::write(
+        d.dir.path().join("config.d/period.toml"),
+        "[sync]\ninterval_secs = 10\n",
+    )
+    .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.pid() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    // The reload weighs the switches again, which is a sync of its own; the timer's come
+    // after it.
+    let second = wait_status(&mut c, "the reload's sync", |s| s.last_sync_ms > first)
+        .await
+        .last_sync_ms;
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let s = c.status().await.unwrap();
+    assert!(
+        s.last_sync_ms > second,
+        "no sync on the new period: {s:?}\n{}",
+        d.log()
+    );
+}

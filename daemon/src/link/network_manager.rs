@@ -1018,7 +1018,11 @@ mod tests {
             (online("bluetooth", 0, &[5], None), Cellular, "tethered"),
             (online("vpn", 0, &[8], Some(MM_EDGE)), TwoG, "vpn over edge"),
             (online("vpn", 0, &[2], None), Wifi, "vpn over wifi"),
-            (online("vpn", 0, &[5], None), Cellular, "vpn over Bluetooth tethering"),
+            (
+                online("vpn", 0, &[5], None),
+                Cellular,
+                "vpn over Bluetooth tethering",
+            ),
             (online("", 0, &[2], None), Wifi, "type from the device"),
             (
                 online("wireguard", 1, &[], None),

@@ -511,10 +511,18 @@ impl Uplink {
         let mut timeout_check = tokio::time::interval(self.settings.ack_timeout / 2);
         timeout_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The periodic sync; its first tick is one interval away, not now.
-        let period = sync.switches.interval.unwrap_or(Duration::from_secs(3600));
+        let mut period = sync.switches.interval.unwrap_or(Duration::from_secs(3600));
         let mut timer = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // A period changed by a reload counts from now, without waiting for a new
+            // connection.
+            let wanted = sync.switches.interval.unwrap_or(Duration::from_secs(3600));
+            if wanted != period {
+                period = wanted;
+                timer = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+                timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            }
             let files_ok =
                 policy::allows(link.class, Traffic::Files, sync.switches.files_on_wifi_only);
             if sync.running.is_some() {
