@@ -794,6 +794,27 @@ mod tests {
         assert_eq!(item_rows(&conn), 0);
     }
 
+    /// With no newer version since the move (the one before it delivered, no push
+    /// after), a discarded stage move goes back to where it started, not to the stage
+    /// of the last version pushed.
+    #[test]
+    fn a_discarded_stage_move_with_no_newer_version_goes_back_to_its_start() {
+        let conn = conn_with_work_order();
+        let first = crate::domain::work_orders::advance(&conn, "WO-1", "accepted").unwrap();
+        send_all(&conn);
+        outbox::acknowledge(&conn, &[op_of(&conn, &first.id, "create")]).unwrap();
+        let second = crate::domain::work_orders::advance(&conn, "WO-1", "done").unwrap();
+        send_all(&conn);
+        outbox::refuse(&conn, &op_of(&conn, &second.id, "create"), "validation: no").unwrap();
+        discard(&conn, &second.id).unwrap();
+        let stage: String = conn
+            .query_row("SELECT stage FROM work_orders WHERE id = 'WO-1'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(stage, "accepted");
+    }
+
     /// The back office refuses a deletion (it keeps the item): the item shows again,
     /// red, instead of vanishing from the device alone. Sent again, it hides again;
     /// discarded, it stays as the back office has it.
@@ -818,7 +839,15 @@ mod tests {
         send_all(&conn);
         outbox::refuse(&conn, &delete, "forbidden: still closed").unwrap();
         let d = discard(&conn, &item.id).unwrap();
-        assert_eq!(d.item.map(|i| i.state), Some(SyncState::Delivered));
+        // Its content goes once more, so that the office has what the device shows.
+        assert_eq!(d.item.map(|i| i.state), Some(SyncState::Waiting));
+        assert_eq!(
+            ops(&conn)
+                .iter()
+                .map(|(a, _, p)| (a.as_str(), p.contains("sent")))
+                .collect::<Vec<_>>(),
+            [("update", true)]
+        );
         assert!(load_item(&conn, &item.id).is_ok());
     }
 
@@ -1079,6 +1108,16 @@ pub fn retry(conn: &Connection, item_id: &str) -> Result<Item, DomainError> {
     )?)
 }
 
+/// Whether the item is deleted and kept only until its deletion is delivered.
+pub fn is_hidden(conn: &Connection, item_id: &str) -> Result<bool, DomainError> {
+    Ok(conn
+        .query_row("SELECT deleted FROM items WHERE id = ?1", [item_id], |r| {
+            r.get::<_, bool>(0)
+        })
+        .optional()?
+        .unwrap_or(true))
+}
+
 /// What discarding a refused change did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Discarded {
@@ -1129,14 +1168,19 @@ pub fn discard(conn: &Connection, item_id: &str) -> Result<Discarded, DomainErro
                 stmt.query_map(params![item.work_order_id, seq], item_row)?
                     .collect::<Result<Vec<_>, _>>()?,
             );
-            // Back to the stage the back office has: its latest version (a refusal may
-            // have brought one), not the one this move started from.
+            // Back to where the back office has the work order: the stage this move
+            // started from, unless a newer version came since (a refusal may bring one),
+            // whose stage is the back office's word.
             conn.execute(
-                "UPDATE work_orders SET stage = coalesce(json_extract(doc, '$.stage'), ?2)
+                "UPDATE work_orders SET stage = CASE
+                     WHEN version > (SELECT base_version FROM items WHERE id = ?3)
+                     THEN coalesce(json_extract(doc, '$.stage'), ?2)
+                     ELSE coalesce(?2, stage) END
                  WHERE id = ?1",
                 params![
                     item.work_order_id,
-                    item.body.get("from").and_then(|f| f.as_str())
+                    item.body.get("from").and_then(|f| f.as_str()),
+                    item.id
                 ],
             )?;
             stage_reverted = true;
@@ -1158,6 +1202,19 @@ pub fn discard(conn: &Connection, item_id: &str) -> Result<Discarded, DomainErro
             also_removed,
             stage_reverted,
         });
+    }
+    if action == "delete" && !matches!(item.kind, ItemKind::Photo | ItemKind::Stage) {
+        // The item stays, as the back office has it, but an edit made before the delete
+        // went with the delete's unsent update: sent again as it stands, the office and
+        // the device agree on its content, whatever was dropped.
+        outbox::append(
+            conn,
+            item_id,
+            &item.work_order_id,
+            item.kind,
+            outbox::Action::Update,
+            outbox::Payload::Body,
+        )?;
     }
     // Another refused change of the item keeps it red; otherwise its state follows its
     // operations again (items::ITEM_COLUMNS reads 'waiting' that way). Stored as seen

@@ -108,6 +108,24 @@ pub fn upsert(
     conn: &Connection,
     doc: &WorkOrderDoc,
 ) -> Result<Option<WorkOrderChange>, DomainError> {
+    store_doc(conn, doc, true)
+}
+
+/// Stores the back office's version of a work order that came with a refusal. Unlike a
+/// push, it is no word from the dispatcher that the work order is assigned here again:
+/// one withdrawn stays withdrawn.
+pub fn refresh_from_refusal(
+    conn: &Connection,
+    doc: &WorkOrderDoc,
+) -> Result<Option<WorkOrderChange>, DomainError> {
+    store_doc(conn, doc, false)
+}
+
+fn store_doc(
+    conn: &Connection,
+    doc: &WorkOrderDoc,
+    assigned_again: bool,
+) -> Result<Option<WorkOrderChange>, DomainError> {
     doc.validate()?;
     let existing: Option<(i64, String, bool)> = conn
         .query_row(
@@ -130,7 +148,7 @@ pub fn upsert(
             Ok(Some(WorkOrderChange::Added))
         }
         // Sent again after a removal (assigned back): no longer withdrawn.
-        Some((version, _, true)) if version >= doc.version => {
+        Some((version, _, true)) if version >= doc.version && assigned_again => {
             conn.execute(
                 "UPDATE work_orders SET withdrawn = 0 WHERE id = ?1",
                 [&doc.id],
@@ -155,7 +173,8 @@ pub fn upsert(
             };
             conn.execute(
                 "UPDATE work_orders SET version = ?2, title = ?3, stage = ?4, workflow = ?5,
-                        scheduled_for = ?6, doc = ?7, received_ms = ?8, withdrawn = 0
+                        scheduled_for = ?6, doc = ?7, received_ms = ?8,
+                        withdrawn = withdrawn AND NOT ?9
                  WHERE id = ?1",
                 params![
                     doc.id,
@@ -165,7 +184,8 @@ pub fn upsert(
                     workflow,
                     doc.scheduled_for,
                     doc_json,
-                    now_ms()
+                    now_ms(),
+                    assigned_again
                 ],
             )?;
             Ok(Some(WorkOrderChange::Changed))
@@ -294,6 +314,12 @@ pub fn advance(conn: &Connection, id: &str, to: &str) -> Result<Item, DomainErro
     )?;
     let body = serde_json::json!({ "from": r.stage, "to": to });
     let item = insert_item(conn, id, ItemKind::Stage, None, &body, None)?;
+    // The version the move was made on: a discard of it later tells from this whether
+    // the back office has sent a newer one since (see items::discard).
+    conn.execute(
+        "UPDATE items SET base_version = ?2 WHERE id = ?1",
+        params![item.id, r.version],
+    )?;
     outbox::append(
         conn,
         &item.id,

@@ -505,14 +505,18 @@ impl Service {
             // The bridge answers `subscribe` itself; it owns the connection.
             Request::Subscribe => Ok(Response::Subscribed),
             Request::Retry { item_id } => {
-                let (item, unsent) = self
+                let ((item, hidden), unsent) = self
                     .change(move |c| {
                         let item = items::retry(c, &item_id)?;
-                        Ok((item, journal::unsent(c)?))
+                        let hidden = items::is_hidden(c, &item.id)?;
+                        Ok(((item, hidden), journal::unsent(c)?))
                     })
                     .await?;
                 tracing::info!(item_id = %item.id, "refused change sent again");
-                self.after_change(&item, unsent);
+                // A deletion sent again: the item is gone from the app's lists.
+                self.emit_item(&item, hidden);
+                self.emit(Event::Unsent { count: unsent });
+                self.inner.triggers.fire(Trigger::Capture);
                 Ok(Response::Item(item))
             }
             Request::Discard { item_id } => {

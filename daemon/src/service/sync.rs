@@ -527,7 +527,7 @@ impl Service {
                             });
                         match (doc, &refused_wo) {
                             (Ok(doc), Some(wo)) if doc.id == *wo => {
-                                if let Some(ch) = work_orders::upsert(c, &doc)? {
+                                if let Some(ch) = work_orders::refresh_from_refusal(c, &doc)? {
                                     wo_changes.push((doc.id.clone(), ch));
                                 }
                             }
@@ -1036,5 +1036,55 @@ mod tests {
         let list = store.read_blocking(work_orders::list).unwrap();
         assert_eq!(list.len(), 1);
         assert!(!list[0].withdrawn);
+    }
+
+    /// The back office refuses the last change of a withdrawn work order and sends its
+    /// version with the refusal: still withdrawn, it goes when the change is discarded.
+    #[tokio::test]
+    async fn a_refusal_does_not_assign_a_withdrawn_work_order_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, service) = crate::service::tests::with_work_order_w(dir.path()).await;
+        let capture = ui_bridge::Request::AddRecord {
+            work_order_id: "W".into(),
+            record: ui_bridge::RecordBody::Note { text: "n".into() },
+        };
+        let item = match service.handle(capture, None).await.unwrap() {
+            ui_bridge::Response::Item(i) => i,
+            other => panic!("{other:?}"),
+        };
+        service.fold().await.unwrap();
+        service
+            .apply_push(WorkOrderPush::Remove {
+                v: WIRE_VERSION,
+                ids: vec!["W".into()],
+                reason: None,
+            })
+            .await
+            .unwrap();
+        let ops = store
+            .read_blocking(|c| outbox::next_batch(c, 10, 1 << 20))
+            .unwrap();
+        service
+            .apply_acks(Acks {
+                v: 1,
+                acks: Vec::new(),
+                refused: vec![Refusal {
+                    id: ops[0].op_id.clone(),
+                    code: "conflict".into(),
+                    reason: "cancelled".into(),
+                    work_order: Some(serde_json::json!({"id": "W", "version": 2, "title": "t",
+                        "stage": "new", "workflow": ["new"]})),
+                }],
+                unreadable: Vec::new(),
+            })
+            .await
+            .unwrap();
+        let list = store.read_blocking(work_orders::list).unwrap();
+        assert!(list[0].withdrawn, "{list:?}");
+        service
+            .handle(ui_bridge::Request::Discard { item_id: item.id }, None)
+            .await
+            .unwrap();
+        assert!(store.read_blocking(work_orders::list).unwrap().is_empty());
     }
 }

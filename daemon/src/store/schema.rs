@@ -179,6 +179,11 @@ const MIGRATIONS: &[&str] = &[
     "
     ALTER TABLE work_orders ADD COLUMN withdrawn INTEGER NOT NULL DEFAULT 0;
     ",
+    // 8: the work order's version a stage move was made on, so that discarding a refused
+    // one can tell whether the back office has said where the work order stands since.
+    "
+    ALTER TABLE items ADD COLUMN base_version INTEGER;
+    ",
 ];
 
 /// Brings the database to the newest schema; returns the version it is at.
