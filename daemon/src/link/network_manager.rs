@@ -139,6 +139,15 @@ const SEEN_THROUGH: [u32; 5] = [
 /// Ethernet adapters and docks use them too.)
 const TETHERING_DRIVERS: [&str; 2] = ["ipheth", "rndis_host"];
 
+impl Snapshot {
+    /// The primary connection runs on a modem whose technology ModemManager does not
+    /// name (not answering, or 0 while it registers).
+    fn modem_generation_unknown(&self) -> bool {
+        self.devices.contains(&NM_DEVICE_MODEM)
+            && self.access.is_none_or(|a| a & (MM_FAST | MM_SLOW) == 0)
+    }
+}
+
 /// Turns what NetworkManager and ModemManager said into a class. Pure: tested below.
 pub(super) fn classify(s: &Snapshot) -> LinkState {
     let state = |class, detail: String| LinkState {
@@ -410,6 +419,27 @@ fn hold_while_away(current: &LinkState, new: LinkState) -> LinkState {
     }
 }
 
+/// A modem that was on 2G and whose technology ModemManager does not name for a moment
+/// (restarting, registering again) stays 2G for files until it names one.
+fn hold_unsure_modem(current: &LinkState, new: LinkState) -> LinkState {
+    if current.class == LinkClass::TwoG
+        && current.source == LinkSource::NetworkManager
+        && new.class == LinkClass::Cellular
+        && new.connection == current.connection
+    {
+        let last = current
+            .detail
+            .split(" (as last seen; ")
+            .next()
+            .unwrap_or(&current.detail);
+        return LinkState {
+            detail: format!("{last} (as last seen; {})", new.detail),
+            ..current.clone()
+        };
+    }
+    new
+}
+
 fn replace_if_changed(current: &mut LinkState, new: LinkState) -> bool {
     if *current == new {
         return false;
@@ -464,9 +494,12 @@ async fn watch_bus(
                 let state = classify(&snapshot);
                 fallback.leave(&state);
                 let starting = snapshot.starting;
+                let unsure_modem = snapshot.modem_generation_unknown();
                 tx.send_if_modified(|s| {
                     let state = if starting {
                         hold_while_away(s, state)
+                    } else if unsure_modem {
+                        hold_unsure_modem(s, state)
                     } else {
                         state
                     };
@@ -835,6 +868,20 @@ mod tests {
             wifi,
             "NetworkManager's word replaces it"
         );
+    }
+
+    /// ModemManager restarting on EDGE: the modem stays 2G for files until it names a
+    /// technology again.
+    #[test]
+    fn a_modem_on_2g_stays_2g_while_its_technology_is_unknown() {
+        let edge = classify(&online("gsm", 0, &[8], Some(MM_EDGE)));
+        let unsure = online("gsm", 0, &[8], None);
+        assert!(unsure.modem_generation_unknown());
+        let held = hold_unsure_modem(&edge, classify(&unsure));
+        assert_eq!(held.class, LinkClass::TwoG, "{held:?}");
+        // Once it names one, nothing holds.
+        assert!(!online("gsm", 0, &[8], Some(1 << 14)).modem_generation_unknown());
+        assert!(!online("gsm", 0, &[8], Some(MM_EDGE)).modem_generation_unknown());
     }
 
     #[test]

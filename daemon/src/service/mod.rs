@@ -316,14 +316,21 @@ impl Service {
         let _ = self.inner.events.send(event);
     }
 
-    /// Withdrawn work orders that went with the change just made.
-    fn emit_removed(&self, removed: Vec<String>) {
+    /// Withdrawn work orders that went with the change just made: announced, and their
+    /// attachments let go.
+    async fn after_removed(&self, removed: Vec<String>) {
+        if removed.is_empty() {
+            return;
+        }
         for work_order_id in removed {
             tracing::info!(work_order_id = %work_order_id, "withdrawn work order removed: nothing of it waits any more");
             self.emit(Event::WorkOrder {
                 work_order_id,
                 change: WorkOrderChange::Removed,
             });
+        }
+        if let Err(e) = self.sweep_attachments().await {
+            tracing::warn!(error = %e, "cannot sweep attachment files");
         }
     }
 
@@ -374,10 +381,29 @@ impl Service {
             .await;
         match gone {
             Ok(gone) => {
-                for sha in &gone {
-                    store.photos().remove(sha);
+                let kept: Vec<String> = gone
+                    .iter()
+                    .filter(|sha| !store.photos().remove(sha))
+                    .cloned()
+                    .collect();
+                tracing::info!(
+                    count = gone.len() - kept.len(),
+                    "photo files no row names removed"
+                );
+                if !kept.is_empty() {
+                    // Noted again for the next try; a clean stop would not sweep them.
+                    let noted = store
+                        .write_lazy(move |c| {
+                            for sha in &kept {
+                                c.execute("INSERT OR IGNORE INTO photos_gone VALUES (?1)", [sha])?;
+                            }
+                            Ok::<_, crate::store::StoreError>(())
+                        })
+                        .await;
+                    if let Err(e) = noted {
+                        tracing::warn!(error = %e, "cannot note photo files left to remove");
+                    }
                 }
-                tracing::info!(count = gone.len(), "photo files no row names removed");
             }
             Err(e) => tracing::warn!(error = %e, "cannot take the list of photo files to remove"),
         }
@@ -459,7 +485,7 @@ impl Service {
                 for item in std::iter::once(&deleted.item).chain(&deleted.also_removed) {
                     self.emit_item(item, true);
                 }
-                self.emit_removed(removed);
+                self.after_removed(removed).await;
                 self.emit(Event::Unsent { count: unsent });
                 self.inner.triggers.fire(Trigger::Capture);
                 Ok(Response::Deleted {
@@ -550,7 +576,7 @@ impl Service {
                         change: WorkOrderChange::Changed,
                     });
                 }
-                self.emit_removed(removed);
+                self.after_removed(removed).await;
                 self.emit(Event::Unsent { count: unsent });
                 // Later changes of the work order were waiting behind this one.
                 self.inner.triggers.fire(Trigger::Capture);

@@ -543,18 +543,16 @@ impl Service {
                     }
                 }
                 // A withdrawn work order whose last change this was goes now.
-                for id in work_orders::remove_settled(c)? {
-                    wo_changes.push((id, WorkOrderChange::Removed));
-                }
+                let settled = work_orders::remove_settled(c)?;
                 Ok::<_, DomainError>((
                     changes,
                     unknown,
                     journal::unsent(c)?,
-                    (wo_changes, bad_docs),
+                    (wo_changes, bad_docs, settled),
                 ))
             })
             .await?;
-        let (wo_changes, bad_docs) = wo_changes;
+        let (wo_changes, bad_docs, settled) = wo_changes;
         for why in bad_docs {
             self.count_bad_downlink("acks", &why);
         }
@@ -573,6 +571,7 @@ impl Service {
                 change,
             });
         }
+        self.after_removed(settled).await;
         // An acknowledged deletion may have taken a photo's last row.
         self.remove_gone_photos().await;
         self.emit(Event::Unsent { count: unsent });

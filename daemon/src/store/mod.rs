@@ -349,8 +349,13 @@ impl Store {
                 let _ = tx.send(match (commit, result) {
                     (Ok(()), Some(result)) => result,
                     (Err(e), _) => Err(e.into()),
-                    // Never ran, and said to be fine: cannot be, but no answer is wrong.
-                    (Ok(()), None) => Err(StoreError::Closed.into()),
+                    // Never ran, in a group that committed: its savepoint could not
+                    // be made.
+                    (Ok(()), None) => Err(StoreError::Sqlite(rusqlite::Error::SqliteFailure(
+                        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
+                        Some("the change could not start in its transaction".into()),
+                    ))
+                    .into()),
                 });
             });
             (ok, reply)

@@ -236,11 +236,15 @@ impl PhotoDir {
     }
 
     /// Removes a photo's file; the caller has checked that no row names it.
-    pub fn remove(&self, sha256: &str) {
+    /// Removes a photo's file; returns false when it is still there.
+    pub fn remove(&self, sha256: &str) -> bool {
         let path = self.path_of(sha256);
-        if let Err(e) = std::fs::remove_file(&path) {
-            if e.kind() != std::io::ErrorKind::NotFound {
+        match std::fs::remove_file(&path) {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+            Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "cannot remove photo file");
+                false
             }
         }
     }

@@ -192,6 +192,9 @@ pub struct Uplink {
     resting: std::sync::Mutex<Resting>,
 }
 
+/// A new link cuts the reconnect backoff short at most this often.
+const LINK_RETRY: Duration = Duration::from_secs(10);
+
 /// A session that lasts this long counts as working even if nothing came back.
 const WORKING_SESSION: Duration = Duration::from_secs(30);
 
@@ -242,6 +245,13 @@ impl Uplink {
         }
     }
 
+    /// What a lane leaves out now: what this connection gave up on, and what rests.
+    fn skipping(&self, lane: &[String]) -> Vec<String> {
+        let mut skip = lane.to_vec();
+        skip.extend(self.resting().now());
+        skip
+    }
+
     fn resting(&self) -> std::sync::MutexGuard<'_, Resting> {
         // A panic while holding it leaves a map worth keeping.
         self.resting.lock().unwrap_or_else(|p| p.into_inner())
@@ -266,6 +276,8 @@ impl Uplink {
             }
         };
         let mut delay = self.settings.reconnect_min;
+        // When a new link last cut a backoff short.
+        let mut link_retry_at: Option<Instant> = None;
         let mut pending = TriggerSet::default();
         loop {
             if !self.wait_for_link(&shutdown).await {
@@ -353,12 +365,17 @@ impl Uplink {
                         }
                         // A new link is a new chance: no reason to wait out the backoff.
                         // Not a new detail of the same one (a modem stepping between LTE
-                        // and EDGE in fringe coverage), which would call a broker that
-                        // is down every few seconds.
+                        // and HSPA), and not more than once per LINK_RETRY: a modem
+                        // flapping between LTE and EDGE in fringe coverage would
+                        // otherwise call a broker that is down every few seconds.
                         let now = self.link.borrow_and_update().clone();
                         if now.class == failed_on.class && now.connection == failed_on.connection {
                             continue;
                         }
+                        if link_retry_at.is_some_and(|at| at.elapsed() < LINK_RETRY) {
+                            continue;
+                        }
+                        link_retry_at = Some(Instant::now());
                         delay = self.settings.reconnect_min;
                         break;
                     }
@@ -483,11 +500,10 @@ impl Uplink {
         pending.insert(Trigger::LinkUp);
         self.weigh(pending, &mut sync);
 
-        let resting = self.resting().now();
         let mut photos = PhotoLane {
             current: None,
             next: 0,
-            skip: resting.clone(),
+            skip: Vec::new(),
             damaged: HashMap::new(),
             progress_at: Instant::now(),
         };
@@ -495,7 +511,7 @@ impl Uplink {
             current: None,
             asked_to: 0,
             asked_at: Instant::now(),
-            skip: resting,
+            skip: Vec::new(),
             mismatches: HashMap::new(),
         };
         let mut downloads_more = true;
@@ -902,7 +918,7 @@ impl Uplink {
             if !look_for_new {
                 return Ok(false);
             }
-            match self.service.next_upload(lane.skip.clone()).await {
+            match self.service.next_upload(self.skipping(&lane.skip)).await {
                 Ok(Some(u)) => {
                     tracing::debug!(sha256 = %u.sha256, size = u.size, from = u.acked, "photo upload starts");
                     lane.next = u.acked;
@@ -977,7 +993,7 @@ impl Uplink {
             if !look_for_new {
                 return Ok(false);
             }
-            match self.service.next_download(lane.skip.clone()).await {
+            match self.service.next_download(self.skipping(&lane.skip)).await {
                 Ok(Some(d)) => {
                     tracing::debug!(sha256 = %d.sha256, size = d.size, from = d.received, "attachment download starts");
                     lane.asked_to = 0;
