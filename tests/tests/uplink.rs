@@ -1156,6 +1156,26 @@ async fn attachments_download_resume_after_cuts_and_are_checked() {
     c.sync_now().await.unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(attachment_sent(&bo, &bad), before, "fetched again at once");
+    // The app can say why neither came.
+    let wo = c.work_order("WO-20").await.unwrap();
+    let problem = |id: &str| {
+        wo.attachments
+            .iter()
+            .find(|a| a.id == id)
+            .and_then(|a| a.problem.clone())
+            .unwrap_or_default()
+    };
+    assert!(
+        problem("man").contains("did not match its SHA-256 3 times"),
+        "{:?}",
+        wo.attachments
+    );
+    assert!(
+        problem("old").contains("cannot serve"),
+        "{:?}",
+        wo.attachments
+    );
+    assert!(problem("dwg").is_empty(), "{:?}", wo.attachments);
 
     // A work order that drops an attachment lets its file go.
     push_until_seen(

@@ -440,6 +440,10 @@ pub struct Attachment {
     pub sha256: String,
     #[serde(default)]
     pub downloaded: bool,
+    /// Why the download does not go on, when it does not: the back office cannot serve
+    /// the file, or its bytes keep failing their SHA-256. Set by the device only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 /// Something captured on the device, with its sync state.

@@ -431,6 +431,7 @@ mod tests {
             size: 10,
             sha256: sha.into(),
             downloaded: false,
+            problem: None,
         };
         doc.attachments = vec![attachment(&"ab".repeat(32))];
         assert!(doc.validate().is_ok());

@@ -1,6 +1,7 @@
 //! The application layer between the UI socket and the store: each protocol request
 //! becomes one store transaction, and what changed goes out as events to subscribers.
 
+use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -75,6 +76,8 @@ struct Inner {
     /// Taken for the read-change-save of the sync switches: two apps each setting one
     /// switch at once must not save over each other's.
     switches_change: tokio::sync::Mutex<()>,
+    /// Why attachments do not download, by SHA-256, as the uplink found: for the app.
+    attachment_problems: std::sync::Mutex<HashMap<String, String>>,
 }
 
 /// When the last capture came, for the fold that waits for a pause.
@@ -116,6 +119,7 @@ impl Service {
                 free_space: std::sync::Mutex::new(None),
                 photo_files: tokio::sync::Mutex::new(()),
                 switches_change: tokio::sync::Mutex::new(()),
+                attachment_problems: std::sync::Mutex::new(HashMap::new()),
                 sync: std::sync::Mutex::new(SyncStatus {
                     broker: if uplink_configured {
                         "connecting"
@@ -316,6 +320,36 @@ impl Service {
         let _ = self.inner.events.send(event);
     }
 
+    fn attachment_problems(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.inner
+            .attachment_problems
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Says why an attachment of `work_order_id` does not download (`None`: it does, or
+    /// it is in); the app hears of a change through a `work_order` event and re-reads.
+    pub fn set_attachment_problem(
+        &self,
+        work_order_id: Option<&str>,
+        sha256: &str,
+        problem: Option<String>,
+    ) {
+        let changed = {
+            let mut problems = self.attachment_problems();
+            match problem {
+                Some(p) => problems.insert(sha256.to_owned(), p.clone()) != Some(p),
+                None => problems.remove(sha256).is_some(),
+            }
+        };
+        if let (true, Some(work_order_id)) = (changed, work_order_id) {
+            self.emit(Event::WorkOrder {
+                work_order_id: work_order_id.to_owned(),
+                change: WorkOrderChange::Changed,
+            });
+        }
+    }
+
     /// Withdrawn work orders that went with the change just made: announced, and their
     /// attachments let go.
     async fn after_removed(&self, removed: Vec<String>) {
@@ -427,9 +461,13 @@ impl Service {
                 let mut wo = self
                     .query(move |c| work_orders::get(c, &work_order_id))
                     .await?;
+                let problems = self.attachment_problems();
                 for a in &mut wo.attachments {
                     a.downloaded = store.attachments().is_complete(&a.sha256);
+                    // The device's word only, whatever the back office's document holds.
+                    a.problem = problems.get(&a.sha256).cloned().filter(|_| !a.downloaded);
                 }
+                drop(problems);
                 Ok(Response::WorkOrder(wo))
             }
             Request::AddRecord {

@@ -321,6 +321,11 @@ impl Service {
                 .saturating_add(self.settings().max_photo_bytes);
             if self.free_space(true) < (a.size - received).saturating_add(floor) {
                 tracing::warn!(sha256 = %a.sha256, size = a.size, "an attachment waits: it would eat into the space kept for captures");
+                self.set_attachment_problem(
+                    Some(&work_order_id),
+                    &a.sha256,
+                    Some("waits for free space on the device".into()),
+                );
                 continue;
             }
             return Ok(Some(Download {

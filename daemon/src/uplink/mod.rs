@@ -118,7 +118,7 @@ struct Resting {
 }
 
 impl Resting {
-    fn rest(&mut self, sha: &str) {
+    fn rest(&mut self, sha: &str) -> Duration {
         let (times, until) = self
             .files
             .entry(sha.to_owned())
@@ -129,6 +129,7 @@ impl Resting {
             .min(REST_MAX);
         *until = Instant::now() + rest;
         tracing::warn!(sha256 = %sha, rest_s = rest.as_secs(), "a file failed its check too often; it rests before it is tried again");
+        rest
     }
 
     /// The files resting now.
@@ -1055,6 +1056,14 @@ impl Uplink {
                 "attachment",
                 &format!("attachment {sha} is {total} bytes by the back office's chunk, {} by its work order", d.size),
             );
+            self.service.set_attachment_problem(
+                Some(&d.work_order_id),
+                sha,
+                Some(format!(
+                    "the back office's file is {total} bytes, the work order says {}",
+                    d.size
+                )),
+            );
             lane.skip.push(sha.to_owned());
             lane.current = None;
             return true;
@@ -1073,6 +1082,8 @@ impl Uplink {
                 false
             }
             Ok(ChunkOutcome::Complete) => {
+                self.service
+                    .set_attachment_problem(Some(&d.work_order_id), sha, None);
                 lane.current = None;
                 true
             }
@@ -1083,15 +1094,28 @@ impl Uplink {
                     "attachment",
                     &format!("attachment {sha} does not match its SHA-256 (try {n}); fetched again from the start"),
                 );
+                let mut problem =
+                    format!("its bytes did not match its SHA-256 ({n} of {MAX_MISMATCHES} tries)");
                 if *n >= MAX_MISMATCHES {
                     lane.skip.push(sha.to_owned());
-                    self.resting().rest(sha);
+                    let rest = self.resting().rest(sha);
+                    problem = format!(
+                        "its bytes did not match its SHA-256 {n} times; tried again in {} min",
+                        rest.as_secs().div_ceil(60)
+                    );
                 }
+                self.service
+                    .set_attachment_problem(Some(&d.work_order_id), sha, Some(problem));
                 lane.current = None;
                 true
             }
             Err(e) => {
                 tracing::error!(error = %e, sha256 = %sha, "cannot store an attachment chunk; it waits");
+                self.service.set_attachment_problem(
+                    Some(&d.work_order_id),
+                    sha,
+                    Some(format!("cannot be stored on the device: {e}")),
+                );
                 lane.skip.push(sha.to_owned());
                 lane.current = None;
                 true
@@ -1119,6 +1143,20 @@ impl Uplink {
             }
         };
         tracing::warn!(sha256 = %err.sha256, error = %err.error, "the back office cannot serve an attachment; it waits for the next connection");
+        let work_order_id = lane
+            .current
+            .as_ref()
+            .filter(|d| d.sha256 == err.sha256)
+            .map(|d| d.work_order_id.clone());
+        self.service.set_attachment_problem(
+            work_order_id.as_deref(),
+            &err.sha256,
+            // The back office's words, shown to the inspector: a line, not a page.
+            Some(format!(
+                "the back office cannot serve it: {}",
+                err.error.chars().take(200).collect::<String>()
+            )),
+        );
         lane.skip.push(err.sha256.clone());
         if lane
             .current

@@ -538,7 +538,15 @@ fn print_detail(w: &WorkOrderDetail) {
         println!("  checklist {}: {} ({})", c.id, c.text, c.answer);
     }
     for a in &w.attachments {
-        println!("  attachment {}: {} ({} bytes)", a.id, a.name, a.size);
+        let state = match (&a.problem, a.downloaded) {
+            (_, true) => "downloaded".to_owned(),
+            (Some(problem), false) => format!("not downloaded: {problem}"),
+            (None, false) => "not downloaded yet".to_owned(),
+        };
+        println!(
+            "  attachment {}: {} ({} bytes), {state}",
+            a.id, a.name, a.size
+        );
     }
     for i in &w.items {
         print!("  ");
