@@ -817,7 +817,7 @@ mod tests {
 
     /// The back office refuses a deletion (it keeps the item): the item shows again,
     /// red, instead of vanishing from the device alone. Sent again, it hides again;
-    /// discarded, it stays as the back office has it.
+    /// discarded, it stays and its content goes once more, in the deletion's place.
     #[test]
     fn a_refused_deletion_brings_the_item_back_red() {
         let conn = conn_with_work_order();
@@ -838,9 +838,18 @@ mod tests {
         );
         send_all(&conn);
         outbox::refuse(&conn, &delete, "forbidden: still closed").unwrap();
+        let later = add_record(&conn, "WO-1", &note("captured after")).unwrap();
         let d = discard(&conn, &item.id).unwrap();
-        // Its content goes once more, so that the office has what the device shows.
+        // Its content goes once more, so that the office has what the device shows,
+        // before what was captured after the deletion.
         assert_eq!(d.item.map(|i| i.state), Some(SyncState::Waiting));
+        let batch = outbox::next_batch(&conn, 10, 1 << 20).unwrap();
+        assert_eq!(
+            batch.iter().map(|o| o.item_id.as_str()).collect::<Vec<_>>(),
+            [item.id.as_str(), later.id.as_str()]
+        );
+        assert_ne!(batch[0].op_id, delete, "a new id: the refused one is spent");
+        outbox::acknowledge(&conn, &[batch[1].op_id.clone()]).unwrap();
         assert_eq!(
             ops(&conn)
                 .iter()
@@ -1146,7 +1155,15 @@ pub fn discard(conn: &Connection, item_id: &str) -> Result<Discarded, DomainErro
         .optional()?
         .ok_or_else(|| DomainError::UnknownItem(item_id.to_owned()))?;
     let (seq, action) = refused_op(conn, &item)?;
-    conn.execute("DELETE FROM outbox WHERE seq = ?1", [seq])?;
+    if action == "delete" && !matches!(item.kind, ItemKind::Photo | ItemKind::Stage) {
+        // The item stays, as the back office has it, but an edit made before the delete
+        // went with the delete's unsent update: its content goes once more, so that the
+        // office and the device agree, in the deletion's place in the work order's order
+        // (not after the changes that waited behind it).
+        outbox::resend_as_update(conn, seq)?;
+    } else {
+        conn.execute("DELETE FROM outbox WHERE seq = ?1", [seq])?;
+    }
     let mut also_removed = Vec::new();
     let mut stage_reverted = false;
     if action == "create" {
@@ -1202,19 +1219,6 @@ pub fn discard(conn: &Connection, item_id: &str) -> Result<Discarded, DomainErro
             also_removed,
             stage_reverted,
         });
-    }
-    if action == "delete" && !matches!(item.kind, ItemKind::Photo | ItemKind::Stage) {
-        // The item stays, as the back office has it, but an edit made before the delete
-        // went with the delete's unsent update: sent again as it stands, the office and
-        // the device agree on its content, whatever was dropped.
-        outbox::append(
-            conn,
-            item_id,
-            &item.work_order_id,
-            item.kind,
-            outbox::Action::Update,
-            outbox::Payload::Body,
-        )?;
     }
     // Another refused change of the item keeps it red; otherwise its state follows its
     // operations again (items::ITEM_COLUMNS reads 'waiting' that way). Stored as seen

@@ -487,6 +487,18 @@ pub fn refuse(
     }))
 }
 
+/// Turns a refused deletion into an update of the item as it stands, with a fresh id, in
+/// the deletion's place in the order.
+pub fn resend_as_update(conn: &Connection, seq: i64) -> Result<(), DomainError> {
+    conn.execute(
+        "UPDATE outbox SET op_id = ?2, action = 'update', payload = NULL, state = 'waiting',
+                reason = NULL, attempts = 0
+         WHERE seq = ?1",
+        params![seq, uuid::Uuid::now_v7().to_string()],
+    )?;
+    Ok(())
+}
+
 /// Puts a sent operation back to waiting: it was not applied and will go again.
 pub fn requeue_op(conn: &Connection, op_id: &str) -> Result<Option<StateChange>, DomainError> {
     let found: Option<(String, String, String)> = conn

@@ -143,8 +143,9 @@ impl Snapshot {
     /// The primary connection runs on a modem whose technology ModemManager does not
     /// name (not answering, or 0 while it registers).
     fn modem_generation_unknown(&self) -> bool {
-        self.devices.contains(&NM_DEVICE_MODEM)
-            && self.access.is_none_or(|a| a & (MM_FAST | MM_SLOW) == 0)
+        (self.devices.contains(&NM_DEVICE_MODEM)
+            && self.access.is_none_or(|a| a & (MM_FAST | MM_SLOW) == 0))
+            || self.under.iter().any(Snapshot::modem_generation_unknown)
     }
 }
 
@@ -496,9 +497,13 @@ async fn watch_bus(
                 let starting = snapshot.starting;
                 let unsure_modem = snapshot.modem_generation_unknown();
                 tx.send_if_modified(|s| {
+                    // Both: NetworkManager and ModemManager may restart together.
                     let state = if starting {
                         hold_while_away(s, state)
-                    } else if unsure_modem {
+                    } else {
+                        state
+                    };
+                    let state = if unsure_modem {
                         hold_unsure_modem(s, state)
                     } else {
                         state
@@ -879,6 +884,12 @@ mod tests {
         assert!(unsure.modem_generation_unknown());
         let held = hold_unsure_modem(&edge, classify(&unsure));
         assert_eq!(held.class, LinkClass::TwoG, "{held:?}");
+        // A tunnel over that modem is held as well.
+        let tunnel = Snapshot {
+            under: vec![unsure.clone()],
+            ..online("wireguard", 4, &[29], None)
+        };
+        assert!(tunnel.modem_generation_unknown());
         // Once it names one, nothing holds.
         assert!(!online("gsm", 0, &[8], Some(1 << 14)).modem_generation_unknown());
         assert!(!online("gsm", 0, &[8], Some(MM_EDGE)).modem_generation_unknown());

@@ -78,6 +78,8 @@ struct Inner {
     switches_change: tokio::sync::Mutex<()>,
     /// Why attachments do not download, by SHA-256, as the uplink found: for the app.
     attachment_problems: std::sync::Mutex<HashMap<String, String>>,
+    /// Photo files this process failed to remove: left to the next start.
+    unremovable_photos: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// When the last capture came, for the fold that waits for a pause.
@@ -120,6 +122,7 @@ impl Service {
                 photo_files: tokio::sync::Mutex::new(()),
                 switches_change: tokio::sync::Mutex::new(()),
                 attachment_problems: std::sync::Mutex::new(HashMap::new()),
+                unremovable_photos: std::sync::Mutex::new(Default::default()),
                 sync: std::sync::Mutex::new(SyncStatus {
                     broker: if uplink_configured {
                         "connecting"
@@ -239,6 +242,7 @@ impl Service {
             ))
         })?;
         a.downloaded = true;
+        a.problem = None;
         Ok((a, file.into()))
     }
 
@@ -350,6 +354,12 @@ impl Service {
         }
     }
 
+    /// Drops what is known about attachments no work order names any more.
+    fn forget_attachment_problems_but(&self, named: &std::collections::HashSet<String>) {
+        self.attachment_problems()
+            .retain(|sha, _| named.contains(sha));
+    }
+
     /// Withdrawn work orders that went with the change just made: announced, and their
     /// attachments let go.
     async fn after_removed(&self, removed: Vec<String>) {
@@ -391,56 +401,84 @@ impl Service {
 
     async fn remove_gone_photos_held(&self, _files: &tokio::sync::MutexGuard<'_, ()>) {
         let store = &self.inner.store;
-        let any = store
+        let noted = store
             .read(|c| {
-                c.query_row("SELECT EXISTS(SELECT 1 FROM photos_gone)", [], |r| r.get(0))
-                    .map_err(crate::store::StoreError::from)
-            })
-            .await;
-        match any {
-            Ok(true) => {}
-            Ok(false) => return,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read which photo files have no row left");
-                return;
-            }
-        }
-        let gone = store
-            .write(|c| {
-                c.prepare("DELETE FROM photos_gone RETURNING sha256")?
+                c.prepare_cached("SELECT sha256 FROM photos_gone")?
                     .query_map([], |r| r.get::<_, String>(0))?
                     .collect::<rusqlite::Result<Vec<String>>>()
                     .map_err(crate::store::StoreError::from)
             })
             .await;
-        match gone {
-            Ok(gone) => {
-                let kept: Vec<String> = gone
-                    .iter()
-                    .filter(|sha| !store.photos().remove(sha))
-                    .cloned()
-                    .collect();
-                tracing::info!(
-                    count = gone.len() - kept.len(),
-                    "photo files no row names removed"
-                );
-                if !kept.is_empty() {
-                    // Noted again for the next try; a clean stop would not sweep them.
-                    let noted = store
-                        .write_lazy(move |c| {
-                            for sha in &kept {
-                                c.execute("INSERT OR IGNORE INTO photos_gone VALUES (?1)", [sha])?;
-                            }
-                            Ok::<_, crate::store::StoreError>(())
-                        })
-                        .await;
-                    if let Err(e) = noted {
-                        tracing::warn!(error = %e, "cannot note photo files left to remove");
-                    }
-                }
+        let noted = match noted {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read which photo files have no row left");
+                return;
             }
-            Err(e) => tracing::warn!(error = %e, "cannot take the list of photo files to remove"),
+        };
+        // A file this process could not remove waits for the next start: tried at every
+        // acknowledgement, it would cost a sync each time.
+        let fresh: Vec<String> = {
+            let unremovable = self.unremovable_photos();
+            noted
+                .into_iter()
+                .filter(|sha| !unremovable.contains(sha))
+                .collect()
+        };
+        if fresh.is_empty() {
+            return;
         }
+        let gone = store
+            .write(move |c| {
+                c.prepare_cached(
+                    "DELETE FROM photos_gone WHERE sha256 IN rarray(?1) RETURNING sha256",
+                )?
+                .query_map([&crate::domain::outbox::id_array(fresh.iter())], |r| {
+                    r.get::<_, String>(0)
+                })?
+                .collect::<rusqlite::Result<Vec<String>>>()
+                .map_err(crate::store::StoreError::from)
+            })
+            .await;
+        let gone = match gone {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot take the list of photo files to remove");
+                return;
+            }
+        };
+        let kept: Vec<String> = gone
+            .iter()
+            .filter(|sha| !store.photos().remove(sha))
+            .cloned()
+            .collect();
+        tracing::info!(
+            count = gone.len() - kept.len(),
+            "photo files no row names removed"
+        );
+        if kept.is_empty() {
+            return;
+        }
+        // Noted again for the next start; a clean stop would not sweep them.
+        self.unremovable_photos().extend(kept.iter().cloned());
+        let noted = store
+            .write_lazy(move |c| {
+                for sha in &kept {
+                    c.execute("INSERT OR IGNORE INTO photos_gone VALUES (?1)", [sha])?;
+                }
+                Ok::<_, crate::store::StoreError>(())
+            })
+            .await;
+        if let Err(e) = noted {
+            tracing::warn!(error = %e, "cannot note photo files left to remove");
+        }
+    }
+
+    fn unremovable_photos(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.inner
+            .unremovable_photos
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// Answers one request. `fd` is the descriptor that came with the frame, if any.

@@ -328,6 +328,8 @@ impl Service {
                 );
                 continue;
             }
+            // Tried again: whatever held it back before is no longer the story.
+            self.set_attachment_problem(Some(&work_order_id), &a.sha256, None);
             return Ok(Some(Download {
                 sha256: a.sha256,
                 size: a.size,
@@ -420,6 +422,7 @@ impl Service {
                 files.remove(&sha);
             }
         }
+        self.forget_attachment_problems_but(&named);
         Ok(())
     }
 

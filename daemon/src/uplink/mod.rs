@@ -1078,6 +1078,14 @@ impl Uplink {
                 false
             }
             Ok(ChunkOutcome::NotNext(have)) => {
+                // Shorter than it was: swept, its work order gone or changed since.
+                if have < d.received
+                    && matches!(self.service.attachment_named(sha).await, Ok(false))
+                {
+                    tracing::info!(sha256 = %sha, "attachment no longer named by a work order; its download stops");
+                    lane.current = None;
+                    return true;
+                }
                 d.received = have;
                 false
             }
