@@ -247,16 +247,11 @@ fn text<'r>(row: &'r rusqlite::Row<'_>, index: usize) -> rusqlite::Result<&'r st
 pub fn mark_sent(conn: &Connection, seqs: &[i64]) -> Result<(), DomainError> {
     // Only the outbox rows change; an item shows "in progress" from them (see
     // items::ITEM_COLUMNS), which keeps this write small.
-    let seqs: rusqlite::vtab::array::Array = std::rc::Rc::new(
-        seqs.iter()
-            .map(|s| rusqlite::types::Value::Integer(*s))
-            .collect(),
-    );
     conn.prepare_cached(
         "UPDATE outbox SET state = 'in_progress', attempts = attempts + 1
          WHERE seq IN rarray(?1) AND state = 'waiting'",
     )?
-    .execute([&seqs])?;
+    .execute([&seq_array(seqs)])?;
     Ok(())
 }
 
@@ -280,16 +275,11 @@ pub fn take_batch(
 /// the message): waiting again, and open to edits again unless an earlier connection
 /// sent them.
 pub fn put_back(conn: &Connection, seqs: &[i64]) -> Result<(), DomainError> {
-    let seqs: rusqlite::vtab::array::Array = std::rc::Rc::new(
-        seqs.iter()
-            .map(|s| rusqlite::types::Value::Integer(*s))
-            .collect(),
-    );
     conn.prepare_cached(
         "UPDATE outbox SET state = 'waiting', attempts = max(attempts - 1, 0)
          WHERE seq IN rarray(?1) AND state = 'in_progress'",
     )?
-    .execute([&seqs])?;
+    .execute([&seq_array(seqs)])?;
     Ok(())
 }
 
@@ -430,6 +420,15 @@ pub fn forget_deleted(
 }
 
 /// A list of ids bound as one parameter (`rarray`), so a whole message is one statement.
+/// Sequence numbers as an array for `rarray(?)`.
+fn seq_array(seqs: &[i64]) -> rusqlite::vtab::array::Array {
+    std::rc::Rc::new(
+        seqs.iter()
+            .map(|s| rusqlite::types::Value::Integer(*s))
+            .collect(),
+    )
+}
+
 pub(crate) fn id_array<'a>(
     ids: impl IntoIterator<Item = &'a String>,
 ) -> rusqlite::vtab::array::Array {

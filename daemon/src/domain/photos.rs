@@ -105,6 +105,14 @@ pub fn restart(conn: &Connection, sha256: &str) -> Result<bool, DomainError> {
     Ok(known)
 }
 
+/// Whether photos wait for their files to be removed (`photos_gone`, schema
+/// migration 6).
+pub fn any_gone(conn: &Connection) -> Result<bool, DomainError> {
+    Ok(conn
+        .prepare_cached("SELECT EXISTS(SELECT 1 FROM photos_gone)")?
+        .query_row([], |r| r.get(0))?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

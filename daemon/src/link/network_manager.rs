@@ -407,16 +407,19 @@ fn hold_while_away(current: &LinkState, new: LinkState) -> LinkState {
     {
         return new;
     }
+    held(current, &new.detail)
+}
+
+/// `current` kept, its detail saying why (once, however often it is kept again).
+fn held(current: &LinkState, why: &str) -> LinkState {
     let last = current
         .detail
         .split(" (as last seen; ")
         .next()
         .unwrap_or(&current.detail);
     LinkState {
-        class: current.class,
-        source: LinkSource::NetworkManager,
-        connection: current.connection.clone(),
-        detail: format!("{last} (as last seen; {})", new.detail),
+        detail: format!("{last} (as last seen; {why})"),
+        ..current.clone()
     }
 }
 
@@ -428,15 +431,7 @@ fn hold_unsure_modem(current: &LinkState, new: LinkState) -> LinkState {
         && new.class == LinkClass::Cellular
         && new.connection == current.connection
     {
-        let last = current
-            .detail
-            .split(" (as last seen; ")
-            .next()
-            .unwrap_or(&current.detail);
-        return LinkState {
-            detail: format!("{last} (as last seen; {})", new.detail),
-            ..current.clone()
-        };
+        return held(current, &new.detail);
     }
     new
 }

@@ -552,15 +552,18 @@ impl Service {
                 }
                 // A withdrawn work order whose last change this was goes now.
                 let settled = work_orders::remove_settled(c)?;
+                // Asked here, in the transaction, rather than by a read of its own
+                // after every acknowledgement message of a drain.
+                let photos_gone = photos::any_gone(c)?;
                 Ok::<_, DomainError>((
                     changes,
                     unknown,
                     journal::unsent(c)?,
-                    (wo_changes, bad_docs, settled),
+                    (wo_changes, bad_docs, settled, photos_gone),
                 ))
             })
             .await?;
-        let (wo_changes, bad_docs, settled) = wo_changes;
+        let (wo_changes, bad_docs, settled, photos_gone) = wo_changes;
         for why in bad_docs {
             self.count_bad_downlink("acks", &why);
         }
@@ -581,7 +584,9 @@ impl Service {
         }
         self.after_removed(settled).await;
         // An acknowledged deletion may have taken a photo's last row.
-        self.remove_gone_photos().await;
+        if photos_gone {
+            self.remove_gone_photos().await;
+        }
         self.emit(Event::Unsent { count: unsent });
         if acked > 0 {
             self.update_sync(|s| s.last_upload_ms = Some(now_ms()));
@@ -930,127 +935,19 @@ mod tests {
         assert_eq!(title, "second");
     }
 
-    /// Removed by the dispatcher while a change of it waits, a work order stays,
-    /// withdrawn, and goes when that change is acknowledged; sent again before then, it
-    /// stays for good.
-    #[tokio::test]
-    async fn a_withdrawn_work_order_goes_with_its_last_change() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, service) = crate::service::tests::with_work_order_w(dir.path()).await;
-        let mut events = service.subscribe();
-        let capture = ui_bridge::Request::AddRecord {
-            work_order_id: "W".into(),
-            record: ui_bridge::RecordBody::Note { text: "n".into() },
-        };
-        service.handle(capture, None).await.unwrap();
-        service.fold().await.unwrap();
-        let remove = || WorkOrderPush::Remove {
-            v: WIRE_VERSION,
-            ids: vec!["W".into()],
-            reason: Some("reassigned".into()),
-        };
-        service.apply_push(remove()).await.unwrap();
-        let summary = |store: &crate::store::Store| store.read_blocking(work_orders::list).unwrap();
-        assert!(summary(&store)[0].withdrawn, "kept, withdrawn");
-        let mut seen = Vec::new();
-        while let Ok(e) = events.try_recv() {
-            seen.push(e);
-        }
-        assert!(
-            seen.iter().any(|e| matches!(
-                e,
-                Event::WorkOrder {
-                    change: WorkOrderChange::Withdrawn,
-                    ..
-                }
-            )),
-            "{seen:?}"
-        );
-
-        let ops = store
-            .read_blocking(|c| outbox::next_batch(c, 10, 1 << 20))
-            .unwrap();
-        service
-            .apply_acks(Acks {
-                v: 1,
-                acks: vec![ops[0].op_id.clone()],
-                refused: Vec::new(),
-                unreadable: Vec::new(),
-            })
-            .await
-            .unwrap();
-        assert!(summary(&store).is_empty(), "gone with its last change");
-        let mut seen = Vec::new();
-        while let Ok(e) = events.try_recv() {
-            seen.push(e);
-        }
-        assert!(
-            seen.iter().any(|e| matches!(
-                e,
-                Event::WorkOrder {
-                    change: WorkOrderChange::Removed,
-                    ..
-                }
-            )),
-            "{seen:?}"
-        );
-    }
-
-    /// The dispatcher sends a withdrawn work order again (assigned back): it stays once
-    /// its changes are delivered.
-    #[tokio::test]
-    async fn a_withdrawn_work_order_sent_again_stays() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, service) = crate::service::tests::with_work_order_w(dir.path()).await;
-        let capture = ui_bridge::Request::AddRecord {
-            work_order_id: "W".into(),
-            record: ui_bridge::RecordBody::Note { text: "n".into() },
-        };
-        service.handle(capture, None).await.unwrap();
-        service.fold().await.unwrap();
-        service
-            .apply_push(WorkOrderPush::Remove {
-                v: WIRE_VERSION,
-                ids: vec!["W".into()],
-                reason: None,
-            })
-            .await
-            .unwrap();
-        // The same version as the device has (the row made by `with_work_order_w`).
-        let again: WorkOrderDoc = serde_json::from_value(serde_json::json!({
-            "id": "W", "version": 1, "title": "t", "stage": "new", "workflow": ["new"]
-        }))
-        .unwrap();
-        service
-            .apply_push(WorkOrderPush::Upsert {
-                v: WIRE_VERSION,
-                work_orders: vec![again],
-            })
-            .await
-            .unwrap();
-        let ops = store
-            .read_blocking(|c| outbox::next_batch(c, 10, 1 << 20))
-            .unwrap();
-        service
-            .apply_acks(Acks {
-                v: 1,
-                acks: vec![ops[0].op_id.clone()],
-                refused: Vec::new(),
-                unreadable: Vec::new(),
-            })
-            .await
-            .unwrap();
-        let list = store.read_blocking(work_orders::list).unwrap();
-        assert_eq!(list.len(), 1);
-        assert!(!list[0].withdrawn);
-    }
-
-    /// The back office refuses the last change of a withdrawn work order and sends its
-    /// version with the refusal: still withdrawn, it goes when the change is discarded.
-    #[tokio::test]
-    async fn a_refusal_does_not_assign_a_withdrawn_work_order_again() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, service) = crate::service::tests::with_work_order_w(dir.path()).await;
+    /// Work order W with a note waiting, then removed by the dispatcher: withdrawn.
+    /// Returns the note and the id of its operation; `events` subscribed before.
+    async fn withdrawn_w(
+        dir: &std::path::Path,
+    ) -> (
+        crate::store::Store,
+        Service,
+        tokio::sync::broadcast::Receiver<Event>,
+        ui_bridge::Item,
+        String,
+    ) {
+        let (store, service) = crate::service::tests::with_work_order_w(dir).await;
+        let events = service.subscribe();
         let capture = ui_bridge::Request::AddRecord {
             work_order_id: "W".into(),
             record: ui_bridge::RecordBody::Note { text: "n".into() },
@@ -1064,26 +961,97 @@ mod tests {
             .apply_push(WorkOrderPush::Remove {
                 v: WIRE_VERSION,
                 ids: vec!["W".into()],
-                reason: None,
+                reason: Some("reassigned".into()),
             })
             .await
             .unwrap();
-        let ops = store
+        let op = store
             .read_blocking(|c| outbox::next_batch(c, 10, 1 << 20))
+            .unwrap()[0]
+            .op_id
+            .clone();
+        (store, service, events, item, op)
+    }
+
+    fn answer(acks: Vec<String>, refused: Vec<Refusal>) -> Acks {
+        Acks {
+            v: 1,
+            acks,
+            refused,
+            unreadable: Vec::new(),
+        }
+    }
+
+    /// Whether a `work_order` event with `change` is among those received so far.
+    fn heard(
+        events: &mut tokio::sync::broadcast::Receiver<Event>,
+        change: WorkOrderChange,
+    ) -> bool {
+        let mut seen = false;
+        while let Ok(e) = events.try_recv() {
+            seen |= matches!(e, Event::WorkOrder { change: c, .. } if c == change);
+        }
+        seen
+    }
+
+    /// Removed by the dispatcher while a change of it waits, a work order stays,
+    /// withdrawn, and goes when that change is acknowledged.
+    #[tokio::test]
+    async fn a_withdrawn_work_order_goes_with_its_last_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, service, mut events, _, op) = withdrawn_w(dir.path()).await;
+        assert!(store.read_blocking(work_orders::list).unwrap()[0].withdrawn);
+        assert!(heard(&mut events, WorkOrderChange::Withdrawn));
+        service
+            .apply_acks(answer(vec![op], Vec::new()))
+            .await
+            .unwrap();
+        assert!(store.read_blocking(work_orders::list).unwrap().is_empty());
+        assert!(heard(&mut events, WorkOrderChange::Removed));
+    }
+
+    /// The dispatcher sends a withdrawn work order again (assigned back): it stays once
+    /// its changes are delivered.
+    #[tokio::test]
+    async fn a_withdrawn_work_order_sent_again_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, service, _, _, op) = withdrawn_w(dir.path()).await;
+        // The same version as the device has (the row made by `with_work_order_w`).
+        let again: WorkOrderDoc = serde_json::from_value(serde_json::json!({
+            "id": "W", "version": 1, "title": "t", "stage": "new", "workflow": ["new"]
+        }))
+        .unwrap();
+        service
+            .apply_push(WorkOrderPush::Upsert {
+                v: WIRE_VERSION,
+                work_orders: vec![again],
+            })
+            .await
             .unwrap();
         service
-            .apply_acks(Acks {
-                v: 1,
-                acks: Vec::new(),
-                refused: vec![Refusal {
-                    id: ops[0].op_id.clone(),
-                    code: "conflict".into(),
-                    reason: "cancelled".into(),
-                    work_order: Some(serde_json::json!({"id": "W", "version": 2, "title": "t",
-                        "stage": "new", "workflow": ["new"]})),
-                }],
-                unreadable: Vec::new(),
-            })
+            .apply_acks(answer(vec![op], Vec::new()))
+            .await
+            .unwrap();
+        let list = store.read_blocking(work_orders::list).unwrap();
+        assert_eq!(list.len(), 1);
+        assert!(!list[0].withdrawn);
+    }
+
+    /// The back office refuses the last change of a withdrawn work order and sends its
+    /// version with the refusal: still withdrawn, it goes when the change is discarded.
+    #[tokio::test]
+    async fn a_refusal_does_not_assign_a_withdrawn_work_order_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, service, _, item, op) = withdrawn_w(dir.path()).await;
+        let refusal = Refusal {
+            id: op,
+            code: "conflict".into(),
+            reason: "cancelled".into(),
+            work_order: Some(serde_json::json!({"id": "W", "version": 2, "title": "t",
+                "stage": "new", "workflow": ["new"]})),
+        };
+        service
+            .apply_acks(answer(Vec::new(), vec![refusal]))
             .await
             .unwrap();
         let list = store.read_blocking(work_orders::list).unwrap();
