@@ -354,6 +354,10 @@ impl Service {
         }
     }
 
+    fn attachment_problem(&self, sha256: &str) -> Option<String> {
+        self.attachment_problems().get(sha256).cloned()
+    }
+
     /// Drops what is known about attachments no work order names any more.
     fn forget_attachment_problems_but(&self, named: &std::collections::HashSet<String>) {
         self.attachment_problems()

@@ -20,6 +20,9 @@ use crate::uplink::wire::{Acks, PhotoAck, Refusal, WorkOrderPush, WIRE_VERSION};
 /// same batch was refused".
 pub const HELD: &str = "held";
 
+/// What the app is told of an attachment the device has no room for yet.
+const WAITS_FOR_SPACE: &str = "waits for free space on the device";
+
 /// An attachment to fetch, and how much of it is on the device.
 #[derive(Debug, Clone)]
 pub struct Download {
@@ -324,12 +327,16 @@ impl Service {
                 self.set_attachment_problem(
                     Some(&work_order_id),
                     &a.sha256,
-                    Some("waits for free space on the device".into()),
+                    Some(WAITS_FOR_SPACE.into()),
                 );
                 continue;
             }
-            // Tried again: whatever held it back before is no longer the story.
-            self.set_attachment_problem(Some(&work_order_id), &a.sha256, None);
+            // The room is there now. Any other problem stays until the file comes or
+            // the back office's next answer replaces it: a request that reaches nobody
+            // must not make the inspector think it is on its way.
+            if self.attachment_problem(&a.sha256).as_deref() == Some(WAITS_FOR_SPACE) {
+                self.set_attachment_problem(Some(&work_order_id), &a.sha256, None);
+            }
             return Ok(Some(Download {
                 sha256: a.sha256,
                 size: a.size,
