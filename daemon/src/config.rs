@@ -101,6 +101,9 @@ pub struct TlsFiles {
     pub ca: PathBuf,
     /// Client certificate and key, for brokers that require them (production).
     pub client: Option<(PathBuf, PathBuf)>,
+    /// ALPN protocol names offered in the handshake (AWS IoT Core takes MQTT with a
+    /// client certificate on port 443 only under `x-amzn-mqtt-ca`).
+    pub alpn: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -152,6 +155,7 @@ struct UplinkSection {
     key_file: Option<PathBuf>,
     username: Option<String>,
     password_file: Option<PathBuf>,
+    alpn: Option<Vec<String>>,
     keep_alive_secs: Option<u64>,
     batch_max_ops: Option<usize>,
     batch_max_bytes: Option<usize>,
@@ -507,6 +511,27 @@ fn uplink(
             format!("{broker:?} names no host and port"),
         ));
     }
+    if let Some(names) = &u.alpn {
+        if !tls {
+            return Err(invalid(
+                "uplink.alpn",
+                "is set but the broker is mqtt://; ALPN is part of TLS, use mqtts://",
+            ));
+        }
+        if let Some(bad) = names.iter().find(|n| n.is_empty() || n.len() > 255) {
+            return Err(invalid(
+                "uplink.alpn",
+                format!("{bad:?} is not a protocol name (1 to 255 bytes)"),
+            ));
+        }
+    }
+    if u.password_file.is_some() && u.username.is_none() {
+        return Err(invalid(
+            "uplink.password_file",
+            "is set without uplink.username; MQTT sends a password only with a user name",
+        ));
+    }
+    let alpn = u.alpn.unwrap_or_default();
     let tls = match (tls, u.ca_file, u.cert_file, u.key_file) {
         (false, None, None, None) => None,
         (false, ..) => {
@@ -535,6 +560,7 @@ fn uplink(
             Some(TlsFiles {
                 ca: resolve(ca),
                 client,
+                alpn,
             })
         }
     };
@@ -850,6 +876,15 @@ mod tests {
             (
                 "[uplink]\nbroker = \"mqtt://b\"\nmax_message_bytes = 20480\nphoto_chunk_bytes = 20464\n",
                 "uplink.photo_chunk_bytes",
+            ),
+            ("[uplink]\nbroker = \"mqtt://b\"\nalpn = [\"x-amzn-mqtt-ca\"]\n", "uplink.alpn"),
+            (
+                "[uplink]\nbroker = \"mqtts://b:443\"\nca_file = \"ca.pem\"\nalpn = [\"\"]\n",
+                "uplink.alpn",
+            ),
+            (
+                "[uplink]\nbroker = \"mqtt://b\"\npassword_file = \"secret\"\n",
+                "uplink.password_file",
             ),
         ] {
             let main = write(dir.path(), "f.toml", text);

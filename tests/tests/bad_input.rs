@@ -235,6 +235,24 @@ async fn descriptors_go_with_their_own_frame_and_none_is_kept_beyond_use() {
         assert_eq!(answer(&mut r), (1, None));
         assert_eq!(answer(&mut r), (2, None), "the photo got its descriptor");
     }
+    // Two photos, each with its line, in one sendmsg: the kernel hands both descriptors
+    // over with the second line. Neither may land under the other's record.
+    let other = c.add_record("WO-1", note("another")).await.unwrap();
+    let (first, first_bytes) = photo_file(d.dir.path(), "first.jpg", 2000);
+    let (second, second_bytes) = photo_file(d.dir.path(), "second.jpg", 2500);
+    let (first, second) = (File::open(&first).unwrap(), File::open(&second).unwrap());
+    let both = format!(
+        "{{\"v\":1,\"id\":5,\"request\":{{\"type\":\"attach_photo\",\"record_id\":\"{}\"}}}}\n{{\"v\":1,\"id\":6,\"request\":{{\"type\":\"attach_photo\",\"record_id\":\"{}\"}}}}\n",
+        record.id, other.id
+    );
+    send_with_fds(
+        &s,
+        both.as_bytes(),
+        &[first.as_raw_fd(), second.as_raw_fd()],
+    );
+    assert_eq!(answer(&mut r), (5, Some("missing_descriptor".into())));
+    assert_eq!(answer(&mut r), (6, Some("bad_request".into())));
+    drop((first, second));
     // Descriptors with a request that takes none: refused, and closed.
     let many = vec![file.as_raw_fd(); 6];
     for _ in 0..20 {
@@ -275,6 +293,10 @@ async fn descriptors_go_with_their_own_frame_and_none_is_kept_beyond_use() {
     }
     let item = c.work_order("WO-1").await.unwrap();
     assert!(item.items.iter().any(|i| i.body["sha256"] == sha));
+    for bytes in [first_bytes, second_bytes] {
+        let sha = fieldsync_tests::sha256_hex(&bytes);
+        assert!(item.items.iter().all(|i| i.body["sha256"] != sha));
+    }
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

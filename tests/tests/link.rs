@@ -437,10 +437,10 @@ async fn the_timer_syncs_by_itself_with_no_app_connected() {
         .await
         .last_sync_ms;
     drop(c);
-    tokio::time::sleep(Duration::from_secs(11)).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    // A loaded machine may take a while past the period to finish that sync.
     let mut c = d.client().await;
-    let s = c.status().await.unwrap();
-    assert!(s.last_sync_ms > first, "no sync from the timer: {s:?}");
+    wait_status(&mut c, "a sync from the timer", |s| s.last_sync_ms > first).await;
 }
 
 /// With the broker down, a modem stepping between LTE, HSPA and EDGE does not start the
@@ -540,11 +540,9 @@ async fn a_sync_period_changed_by_a_reload_counts_at_once() {
     let second = wait_status(&mut c, "the reload's sync", |s| s.last_sync_ms > first)
         .await
         .last_sync_ms;
-    tokio::time::sleep(Duration::from_secs(12)).await;
-    let s = c.status().await.unwrap();
-    assert!(
-        s.last_sync_ms > second,
-        "no sync on the new period: {s:?}\n{}",
-        d.log()
-    );
+    // Well before the old period of an hour.
+    wait_status(&mut c, "a sync on the new period", |s| {
+        s.last_sync_ms > second
+    })
+    .await;
 }

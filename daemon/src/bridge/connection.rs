@@ -254,6 +254,22 @@ async fn handle_frame(
         )
         .into();
     }
+    if frame.fds.len() > 1 {
+        // Descriptors sent in one sendmsg all come with the last line it carried: two
+        // photos sent with two lines at once would both reach the second line, and the
+        // first would be stored under the wrong record.
+        return error_frame(
+            Some(id),
+            ErrorBody {
+                code: ErrorCode::BadRequest,
+                message: format!(
+                    "{} descriptors came with this frame; send each photo's descriptor with its own attach_photo line, in a sendmsg of its own; all were closed",
+                    frame.fds.len()
+                ),
+            },
+        )
+        .into();
+    }
     if request == Request::Subscribe && events.is_none() {
         *events = Some(service.subscribe());
     }

@@ -836,6 +836,14 @@ mod tests {
             load_item(&conn, &item.id).is_err(),
             "hidden while its deletion goes"
         );
+        let again = op_of(&conn, &item.id, "delete");
+        assert_ne!(again, delete, "retried under a fresh id");
+        assert_eq!(
+            outbox::refuse(&conn, &delete, "forbidden: a late copy").unwrap(),
+            None,
+            "a late copy of the first refusal turns nothing red"
+        );
+        let delete = again;
         send_all(&conn);
         outbox::refuse(&conn, &delete, "forbidden: still closed").unwrap();
         let later = add_record(&conn, "WO-1", &note("captured after")).unwrap();
@@ -877,8 +885,10 @@ mod tests {
         send_all(&conn);
         edit_record(&conn, &item.id, &note("fourth")).unwrap();
         send_all(&conn);
+        // The fix went under a fresh id: the old one may have been judged already.
         let ops = outbox::list(&conn, None).unwrap();
-        let refused = ops.iter().find(|o| o.op_id == update).unwrap();
+        assert!(ops.iter().all(|o| o.op_id != update));
+        let refused = ops.iter().find(|o| o.action == "update").unwrap();
         outbox::refuse(&conn, &refused.op_id, "validation: still no").unwrap();
         let d = discard(&conn, &item.id).unwrap();
         assert_eq!(d.item.unwrap().state, SyncState::InProgress);
@@ -1105,6 +1115,9 @@ pub fn retry(conn: &Connection, item_id: &str) -> Result<Item, DomainError> {
         "UPDATE outbox SET state = 'waiting', reason = NULL WHERE seq = ?1",
         [seq],
     )?;
+    // A late copy of the refusal, or of the operation judged again, then names an id
+    // the device no longer has, and cannot turn the retried change red again.
+    outbox::renew_id(conn, seq)?;
     conn.execute(
         "UPDATE items SET sync_state = 'waiting', reason = NULL, updated_ms = ?2 WHERE id = ?1",
         params![item_id, now_ms()],

@@ -79,13 +79,32 @@ pub fn append(
 /// and the work order would stay held with the item looking fine. Never one that was
 /// sent and not refused: the back office may have applied its id already and would
 /// take the new content for a repeat, so the edit would be lost.
+///
+/// Each goes under a fresh id: copies of a refused or held operation sent before may
+/// still wait at the broker, and judged again after the fix, an old copy applied under
+/// the shared id would make the fixed one a repeat. An id names one content for ever.
 pub fn fold_edit(conn: &Connection, item_id: &str) -> Result<usize, DomainError> {
-    Ok(conn.execute(
-        "UPDATE outbox SET payload = NULL, state = 'waiting', reason = NULL
-         WHERE item_id = ?1 AND action != 'delete'
-           AND (state = 'refused' OR (state = 'waiting' AND attempts = 0))",
-        [item_id],
-    )?)
+    let seqs: Vec<i64> = conn
+        .prepare_cached(
+            "UPDATE outbox SET payload = NULL, state = 'waiting', reason = NULL
+             WHERE item_id = ?1 AND action != 'delete'
+               AND (state = 'refused' OR (state = 'waiting' AND attempts = 0))
+             RETURNING seq",
+        )?
+        .query_map([item_id], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for &seq in &seqs {
+        renew_id(conn, seq)?;
+    }
+    Ok(seqs.len())
+}
+
+/// Gives an operation a fresh id before it goes again with a content or a judgement
+/// the old id may already have had.
+pub fn renew_id(conn: &Connection, seq: i64) -> Result<(), DomainError> {
+    conn.prepare_cached("UPDATE outbox SET op_id = ?2 WHERE seq = ?1")?
+        .execute(params![seq, uuid::Uuid::now_v7().to_string()])?;
+    Ok(())
 }
 
 /// Before an item's body changes: operations that may have reached the back office keep
@@ -162,7 +181,10 @@ pub struct PendingOp {
 /// `max_bytes` of payload. Skipped: operations already sent and unacknowledged, every work
 /// order held back by a refusal, and photos whose bytes the back office has not verified
 /// yet or whose record it does not have yet (their bytes travel in their own lane, so
-/// records never wait for photos; a photo's operation needs no predecessor).
+/// records never wait for photos; a photo's operation needs no predecessor). A photo's
+/// deletion waits until the back office has settled the photo's creation: with no
+/// predecessor to name, it could overtake a creation the back office left for later,
+/// which would then bring the deleted photo back.
 pub fn next_batch(
     conn: &Connection,
     max_ops: usize,
@@ -180,6 +202,8 @@ pub fn next_batch(
                            WHERE i.id = outbox.item_id AND p.complete = 1
                              AND NOT EXISTS (SELECT 1 FROM outbox r
                                              WHERE r.item_id = i.record_id AND r.action = 'create')))
+                      AND (item_kind != 'photo' OR action != 'delete' OR NOT EXISTS (
+                           SELECT 1 FROM outbox c WHERE c.item_id = outbox.item_id AND c.seq < outbox.seq))
                      THEN {PAYLOAD_COLUMN} END
          FROM outbox ORDER BY seq"
     ))?;
@@ -510,6 +534,14 @@ pub fn requeue_op(conn: &Connection, op_id: &str) -> Result<Option<StateChange>,
     let Some((item_id, work_order_id, kind)) = found else {
         return Ok(None);
     };
+    let frozen: Option<i64> = conn
+        .query_row(
+            "SELECT seq FROM outbox WHERE op_id = ?1 AND state = 'in_progress'
+               AND payload IS NOT NULL AND action != 'delete' AND item_kind != 'photo'",
+            [op_id],
+            |r| r.get(0),
+        )
+        .optional()?;
     // Held is the one answer that says the back office did not apply it and did not
     // keep its id: as far as anyone knows it was never sent, so an edit folds into it
     // (rather than a fix going out first and this older content after it). A body an
@@ -521,6 +553,10 @@ pub fn requeue_op(conn: &Connection, op_id: &str) -> Result<Option<StateChange>,
          WHERE op_id = ?1 AND state = 'in_progress'",
         [op_id],
     )?;
+    if let Some(seq) = frozen {
+        // Its content changes: an id names one content for ever.
+        renew_id(conn, seq)?;
+    }
     conn.execute(
         "UPDATE items SET sync_state = 'waiting' WHERE id = ?1 AND sync_state = 'in_progress'",
         [&item_id],
@@ -587,6 +623,40 @@ mod tests {
         // A refusal holds back its work order only.
         refuse(&conn, &b1, "conflict: stale").unwrap();
         assert_eq!(batch(&conn), [(a2, None)]);
+    }
+
+    #[test]
+    fn a_photos_deletion_waits_until_its_creation_is_settled() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        crate::store::schema_for_tests(&mut conn);
+        let body = serde_json::json!({"n": 1});
+        let create = append(
+            &conn,
+            "p1",
+            "A",
+            ItemKind::Photo,
+            Action::Create,
+            Payload::Own(&body),
+        )
+        .unwrap();
+        let seq: i64 = conn
+            .query_row("SELECT seq FROM outbox WHERE op_id = ?1", [&create], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        mark_sent(&conn, &[seq]).unwrap();
+        let delete = append(
+            &conn,
+            "p1",
+            "A",
+            ItemKind::Photo,
+            Action::Delete,
+            Payload::Own(&body),
+        )
+        .unwrap();
+        assert_eq!(batch(&conn), [], "sent while its creation is unsettled");
+        acknowledge(&conn, std::slice::from_ref(&create)).unwrap();
+        assert_eq!(batch(&conn), [(delete, None)]);
     }
 }
 

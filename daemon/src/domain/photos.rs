@@ -91,17 +91,23 @@ pub fn record_progress(
 }
 
 /// Starts a photo over (the back office found its bytes wrong).
-/// Returns false for a photo the device does not have.
+/// Returns false for a photo the device does not have, or whose bytes the back office
+/// already confirmed complete: an error for those is a late copy of an earlier answer
+/// (the broker delivers again what a cut left unacknowledged), and starting over would
+/// send the whole photo once more for nothing.
 pub fn restart(conn: &Connection, sha256: &str) -> Result<bool, DomainError> {
     let known: bool = conn.query_row(
-        "SELECT EXISTS(SELECT 1 FROM items WHERE photo_sha256 = ?1)",
+        "SELECT EXISTS(SELECT 1 FROM items WHERE photo_sha256 = ?1)
+            AND NOT EXISTS(SELECT 1 FROM photo_uploads WHERE sha256 = ?1 AND complete = 1)",
         [sha256],
         |r| r.get(0),
     )?;
-    conn.execute(
-        "UPDATE photo_uploads SET acked = 0, complete = 0 WHERE sha256 = ?1",
-        [sha256],
-    )?;
+    if known {
+        conn.execute(
+            "UPDATE photo_uploads SET acked = 0, complete = 0 WHERE sha256 = ?1",
+            [sha256],
+        )?;
+    }
     Ok(known)
 }
 
@@ -146,6 +152,9 @@ mod tests {
         assert!(record_progress(&conn, &sha, 4, true).unwrap());
         assert_eq!(complete(&conn), 0, "4 of 10 bytes is not complete");
         assert!(record_progress(&conn, &sha, 10, true).unwrap());
+        assert_eq!(complete(&conn), 1);
+        // A late copy of an earlier error does not start a confirmed photo over.
+        assert!(!restart(&conn, &sha).unwrap());
         assert_eq!(complete(&conn), 1);
     }
 }

@@ -49,18 +49,31 @@ struct PhotoLane {
 }
 
 impl PhotoLane {
-    /// Whether chunks are out and nothing of them was confirmed for `timeout`.
-    fn stalled(&self, timeout: Duration) -> bool {
+    /// Whether the back office owes an answer on the current photo: chunks are out
+    /// beyond what it confirmed, or it confirmed every byte and has not said whether
+    /// they check out.
+    fn awaits_answer(&self) -> bool {
         self.current
             .as_ref()
-            .is_some_and(|u| self.next > u.acked && self.progress_at.elapsed() > timeout)
+            .is_some_and(|u| self.next > u.acked || u.acked >= u.size)
     }
 
-    /// Sends the current photo again from the last byte the back office confirmed.
+    /// Whether an answer is owed and nothing came for `timeout`.
+    fn stalled(&self, timeout: Duration) -> bool {
+        self.awaits_answer() && self.progress_at.elapsed() > timeout
+    }
+
+    /// Sends the current photo again from the last byte the back office confirmed; when
+    /// it confirmed them all, its last byte once more, which it answers `complete` (or
+    /// `error`) as it does any chunk of a photo it holds whole.
     fn rewind(&mut self) {
         if let Some(u) = &self.current {
             tracing::warn!(sha256 = %u.sha256, from = u.acked, sent_to = self.next, "photo chunks went unconfirmed; sending them again");
-            self.next = u.acked;
+            self.next = if u.acked >= u.size {
+                u.size.saturating_sub(1)
+            } else {
+                u.acked
+            };
             self.progress_at = Instant::now();
         }
     }
@@ -83,11 +96,7 @@ struct DownloadLane {
 /// Photo or attachment bytes handed to the client or asked for, and not yet settled:
 /// only a new connection is sure to leave them behind when the link stops allowing files.
 fn files_in_flight(photos: &PhotoLane, downloads: &DownloadLane) -> bool {
-    photos
-        .current
-        .as_ref()
-        .is_some_and(|u| photos.next > u.acked)
-        || downloads.in_flight()
+    photos.awaits_answer() || downloads.in_flight()
 }
 
 impl DownloadLane {
@@ -338,6 +347,9 @@ impl Uplink {
                     }
                 }
                 Ok(other) => format!("broker: unexpected first packet {other:?}"),
+                Err(rumqttc::ConnectionError::ConnectionRefused(code)) => {
+                    format!("broker: {}", mqtt::refusal_hint(code))
+                }
                 Err(e) => format!("broker: {e}"),
             };
             tracing::warn!(error = %failure, retry_in_ms = delay.as_millis() as u64, "broker connection lost");
@@ -947,7 +959,7 @@ impl Uplink {
         let chunk = self.settings.photo_chunk_bytes as u64;
         let window = chunk * self.settings.photo_window as u64;
         while let Some(u) = &lane.current {
-            if lane.next >= u.size || lane.next - u.acked >= window {
+            if lane.next >= u.size || lane.next.saturating_sub(u.acked) >= window {
                 break;
             }
             let len = chunk.min(u.size - lane.next) as usize;
@@ -1075,6 +1087,8 @@ impl Uplink {
         {
             Ok(ChunkOutcome::Grew(n)) => {
                 d.received = n;
+                // Bytes still coming on a slow link are not bytes that stopped coming.
+                lane.asked_at = Instant::now();
                 false
             }
             Ok(ChunkOutcome::NotNext(have)) => {
@@ -1356,5 +1370,36 @@ mod tests {
         // of them worked.
         assert!(!worked(false, long, &unanswered()));
         assert!(worked(true, long, &unanswered()));
+    }
+
+    /// A back office that confirms every byte of a photo and never says `complete` (its
+    /// verdict lost, or forgotten) must not hold the photo lane for the connection.
+    #[test]
+    fn a_photo_confirmed_whole_without_a_verdict_is_asked_again() {
+        let mut lane = PhotoLane {
+            current: Some(crate::domain::photos::Upload {
+                sha256: "ab".repeat(32),
+                size: 100_000,
+                acked: 100_000,
+            }),
+            next: 100_000,
+            skip: Vec::new(),
+            damaged: HashMap::new(),
+            progress_at: Instant::now() - Duration::from_secs(60),
+        };
+        assert!(lane.stalled(Duration::from_secs(30)));
+        lane.rewind();
+        assert_eq!(lane.next, 99_999, "its last byte goes once more");
+        assert!(
+            !lane.stalled(Duration::from_secs(30)),
+            "then it waits again"
+        );
+        assert!(lane.awaits_answer());
+        // Halfway, with nothing out beyond the confirmed bytes, nothing is owed.
+        if let Some(u) = lane.current.as_mut() {
+            u.acked = 50_000;
+        }
+        lane.next = 50_000;
+        assert!(!lane.awaits_answer());
     }
 }

@@ -89,6 +89,13 @@ pub fn options(s: &UplinkSettings, topics: &Topics) -> Result<MqttOptions, MqttS
 }
 
 fn client_config(tls: &crate::config::TlsFiles) -> Result<rustls::ClientConfig, MqttSetupError> {
+    let mut config = authenticated(tls)?;
+    config.alpn_protocols = tls.alpn.iter().map(|n| n.as_bytes().to_vec()).collect();
+    Ok(config)
+}
+
+/// The TLS configuration with the roots to trust and the device's own certificate.
+fn authenticated(tls: &crate::config::TlsFiles) -> Result<rustls::ClientConfig, MqttSetupError> {
     let read = |what: &'static str, path: &std::path::Path| {
         std::fs::read(path).map_err(|source| MqttSetupError::Read {
             what,
@@ -139,6 +146,30 @@ fn client_config(tls: &crate::config::TlsFiles) -> Result<rustls::ClientConfig, 
             builder
                 .with_client_auth_cert(certs, key)
                 .map_err(|e| MqttSetupError::Tls(e.to_string()))
+        }
+    }
+}
+
+/// What to check when the broker refuses the connection itself: the return codes of
+/// MQTT 3.1.1, with the setting that usually causes each.
+pub fn refusal_hint(code: rumqttc::ConnectReturnCode) -> &'static str {
+    use rumqttc::ConnectReturnCode as C;
+    match code {
+        C::Success => "accepted",
+        C::RefusedProtocolVersion => {
+            "the broker refused MQTT 3.1.1 (return code 1); it must accept MQTT 3.1.1 clients"
+        }
+        C::BadClientId => {
+            "the broker refused the client id (return code 2); check uplink.device_id against the broker's rules"
+        }
+        C::ServiceUnavailable => {
+            "the broker is unavailable (return code 3); it is tried again"
+        }
+        C::BadUserNamePassword => {
+            "the broker refused the user name or password (return code 4); check uplink.username and uplink.password_file"
+        }
+        C::NotAuthorized => {
+            "the broker refused this device (return code 5, not authorized); check its certificate (uplink.cert_file) and the broker's access rules or policy for it"
         }
     }
 }
