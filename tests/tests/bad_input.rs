@@ -67,6 +67,9 @@ async fn broken_frames_get_errors_and_the_connection_goes_on() {
         b"{\"v\":1,\"id\":7,\"request\":{\"type\":\"add_record\",\"work_order_id\":\"WO-1\"}}\n",
         b"{\"v\":1,\"id\":7,\"request\":{\"type\":\"add_record\",\"work_order_id\":\"WO-1\",\"record\":{\"kind\":\"note\",\"text\":\"x\",\"extra\":1}}}\n",
         b"{\"v\":1,\"id\":7,\"request\":{\"type\":\"add_record\",\"work_order_id\":\"WO-1\",\"record\":{\"kind\":\"defect\",\"title\":\"x\",\"severity\":\"apocalyptic\"}}}\n",
+        // Unknown fields on a request that takes none, and beside the request.
+        b"{\"v\":1,\"id\":7,\"request\":{\"type\":\"sync_now\",\"force\":true}}\n",
+        b"{\"v\":1,\"id\":7,\"request\":{\"type\":\"status\"},\"token\":\"x\"}\n",
     ] {
         assert_eq!(raw_error(&mut c, line).await, (Some(7), ErrorCode::BadRequest));
     }
@@ -401,6 +404,21 @@ async fn fieldctl_reports_errors_by_kind() {
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
+
+    // A socket that takes the connection and never answers (systemd holding it for a
+    // daemon that cannot start): fieldctl gives up and says so, as for no daemon.
+    let dir = tempfile::tempdir().unwrap();
+    let silent = dir.path().join("silent.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&silent).unwrap();
+    let out = Command::new(fieldctl_bin())
+        .arg("--socket")
+        .arg(&silent)
+        .args(["--timeout", "1", "status"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no answer"), "{stderr}");
 }
 
 /// A group counts when the connecting process holds it, as systemd's

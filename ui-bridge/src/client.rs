@@ -302,14 +302,14 @@ impl Client {
     }
 
     pub async fn status(&mut self) -> Result<Status, ClientError> {
-        match self.call(Request::Status).await? {
+        match self.call(Request::Status {}).await? {
             Response::Status(s) => Ok(s),
             other => Err(unexpected("status", &other)),
         }
     }
 
     pub async fn work_orders(&mut self) -> Result<Vec<WorkOrderSummary>, ClientError> {
-        match self.call(Request::ListWorkOrders).await? {
+        match self.call(Request::ListWorkOrders {}).await? {
             Response::WorkOrders { work_orders } => Ok(work_orders),
             other => Err(unexpected("list_work_orders", &other)),
         }
@@ -421,14 +421,14 @@ impl Client {
     }
 
     pub async fn sync_now(&mut self) -> Result<(), ClientError> {
-        match self.call(Request::SyncNow).await? {
+        match self.call(Request::SyncNow {}).await? {
             Response::SyncStarted => Ok(()),
             other => Err(unexpected("sync_now", &other)),
         }
     }
 
     pub async fn subscribe(&mut self) -> Result<(), ClientError> {
-        match self.call(Request::Subscribe).await? {
+        match self.call(Request::Subscribe {}).await? {
             Response::Subscribed => Ok(()),
             other => Err(unexpected("subscribe", &other)),
         }

@@ -17,6 +17,7 @@ pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 * 1024;
 
 /// A client's request frame: `{"v":1,"id":7,"request":{"type":"status"}}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RequestFrame {
     pub v: u32,
     /// Chosen by the client, echoed in the response; events carry none.
@@ -29,9 +30,9 @@ pub struct RequestFrame {
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     /// Daemon and sync state: the unsent count, link, last upload and download.
-    Status,
+    Status {},
     /// The cached work orders, newest scheduled first.
-    ListWorkOrders,
+    ListWorkOrders {},
     /// One work order with everything captured for it and each item's sync state.
     GetWorkOrder { work_order_id: String },
     /// Capture a record on a work order.
@@ -60,13 +61,13 @@ pub enum Request {
         limit: Option<u32>,
     },
     /// Start receiving events on this connection.
-    Subscribe,
+    Subscribe {},
     /// Send a change the back office refused again, as it is.
     Retry { item_id: String },
     /// Drop a change the back office refused.
     Discard { item_id: String },
     /// Sync now: connect at once if the broker is away, send what waits.
-    SyncNow,
+    SyncNow {},
     /// Open a downloaded attachment: the answer carries a read-only descriptor of the
     /// file (SCM_RIGHTS), as `attach_photo` carries the photo the other way.
     OpenAttachment {
@@ -551,9 +552,9 @@ mod tests {
     #[test]
     fn every_request_type_is_listed() {
         for req in [
-            Request::Status,
-            Request::ListWorkOrders,
-            Request::Subscribe,
+            Request::Status {},
+            Request::ListWorkOrders {},
+            Request::Subscribe {},
             Request::Outbox { limit: None },
             Request::DeleteItem {
                 item_id: "x".into(),

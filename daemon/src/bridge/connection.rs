@@ -270,7 +270,7 @@ async fn handle_frame(
         )
         .into();
     }
-    if request == Request::Subscribe && events.is_none() {
+    if matches!(request, Request::Subscribe {}) && events.is_none() {
         *events = Some(service.subscribe());
     }
     let result = match request {
@@ -339,6 +339,16 @@ fn diagnose(line: &[u8]) -> Result<(u64, Request), (Option<u64>, ErrorBody)> {
             "`id` must be a non-negative integer".into(),
         );
     };
+    if let Some(key) = obj
+        .keys()
+        .find(|k| !["v", "id", "request"].contains(&k.as_str()))
+    {
+        return err(
+            Some(id),
+            ErrorCode::BadRequest,
+            format!("unknown field `{key}`: a frame holds `v`, `id` and `request`"),
+        );
+    }
     match obj.get("v").and_then(|v| v.as_u64()) {
         Some(v) if v == u64::from(PROTOCOL_VERSION) => {}
         other => {

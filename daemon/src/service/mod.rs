@@ -493,8 +493,8 @@ impl Service {
     ) -> Result<Response, DomainError> {
         let store = &self.inner.store;
         match request {
-            Request::Status => Ok(Response::Status(self.status().await?)),
-            Request::ListWorkOrders => {
+            Request::Status {} => Ok(Response::Status(self.status().await?)),
+            Request::ListWorkOrders {} => {
                 let work_orders = self.query(work_orders::list).await?;
                 Ok(Response::WorkOrders { work_orders })
             }
@@ -609,7 +609,7 @@ impl Service {
                 Ok(Response::Outbox { operations })
             }
             // The bridge answers `subscribe` itself; it owns the connection.
-            Request::Subscribe => Ok(Response::Subscribed),
+            Request::Subscribe {} => Ok(Response::Subscribed),
             Request::Retry { item_id } => {
                 let ((item, hidden), unsent) = self
                     .change(move |c| {
@@ -665,7 +665,7 @@ impl Service {
                     item: d.item,
                 })
             }
-            Request::SyncNow => {
+            Request::SyncNow {} => {
                 self.inner.triggers.fire(Trigger::SyncNow);
                 Ok(Response::SyncStarted)
             }
@@ -825,7 +825,9 @@ impl Service {
             auto_sync: switches.auto_sync,
             sync_on_visit_completed: switches.on_visit_completed,
             files_on_wifi_only: switches.files_on_wifi_only,
-            storage_free_bytes: free,
+            // An unknown figure is "plenty" inside; an app reading JSON numbers as
+            // doubles or signed 64-bit integers must still read it exactly.
+            storage_free_bytes: free.min((1 << 53) - 1),
             storage_low: free < self.settings().min_free_bytes,
             damaged_store: self.inner.damaged_store.clone(),
         })

@@ -208,6 +208,12 @@ const LINK_RETRY: Duration = Duration::from_secs(10);
 /// A session that lasts this long counts as working even if nothing came back.
 const WORKING_SESSION: Duration = Duration::from_secs(30);
 
+/// A session that heard from the broker counts as working only after this long. Some
+/// brokers (AWS IoT Core, HiveMQ) close the connection on a publish their rules forbid,
+/// right after handing over what was queued: counted as working, it would be called
+/// again every `reconnect_min_ms`, faster than such a broker lets a client connect.
+const HEARD_SESSION: Duration = Duration::from_secs(5);
+
 /// What one session is doing about sync.
 struct Sync {
     /// The trigger of the sync under way; `None` between syncs.
@@ -1343,9 +1349,11 @@ impl Uplink {
 }
 
 /// Whether a session worked, so that the backoff may start over: the broker delivered
-/// something, or it lasted [`WORKING_SESSION`] with its batches answered.
+/// something and the session lasted [`HEARD_SESSION`], or it lasted [`WORKING_SESSION`]
+/// with its batches answered.
 fn worked(heard: bool, lasted: Duration, ended: &Ended) -> bool {
-    heard || (lasted >= WORKING_SESSION && !matches!(ended, Ended::Unanswered(_)))
+    (heard && lasted >= HEARD_SESSION)
+        || (lasted >= WORKING_SESSION && !matches!(ended, Ended::Unanswered(_)))
 }
 
 /// A number in [0, 1), for jitter.
@@ -1363,7 +1371,10 @@ mod tests {
         let short = Duration::from_secs(1);
         let lost = || Ended::Lost("cut".into());
         let unanswered = || Ended::Unanswered("no answer".into());
-        assert!(worked(true, short, &lost()));
+        assert!(worked(true, HEARD_SESSION, &lost()));
+        // Handed what was queued, then closed at once (a publish the broker's rules
+        // forbid): not a session that worked.
+        assert!(!worked(true, short, &lost()));
         assert!(worked(false, long, &lost()));
         assert!(!worked(false, short, &lost()));
         // A back office that is down: every session lasts the ack timeout, and not one

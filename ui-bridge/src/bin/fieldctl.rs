@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use ui_bridge::{
@@ -22,6 +23,11 @@ struct Cli {
     /// Print the daemon's answers as JSON, one object per line.
     #[arg(long, global = true)]
     json: bool,
+    /// Give up when the daemon has not answered within this many seconds (not for
+    /// `watch`); a socket systemd holds accepts a connection even while the daemon
+    /// cannot start.
+    #[arg(long, global = true, default_value_t = 60, value_name = "SECS")]
+    timeout: u64,
     #[command(subcommand)]
     command: Command,
 }
@@ -237,7 +243,22 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let json = cli.json;
     let socket = cli.socket.clone().unwrap_or_else(default_socket);
-    match run(cli, socket).await {
+    let limit = (!matches!(cli.command, Command::Watch)).then(|| Duration::from_secs(cli.timeout));
+    let outcome = match limit {
+        Some(limit) => match tokio::time::timeout(limit, run(cli, socket.clone())).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                eprintln!(
+                    "fieldctl: no answer from fieldsyncd on {} within {} s\n(is it starting, stuck, or failing to start? see `journalctl -u fieldsyncd`)",
+                    socket.display(),
+                    limit.as_secs()
+                );
+                return ExitCode::from(3);
+            }
+        },
+        None => run(cli, socket).await,
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(msg)) => {
             eprintln!("fieldctl: {msg}");
