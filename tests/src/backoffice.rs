@@ -119,6 +119,8 @@ pub struct State {
     /// Bytes of those payloads once decompressed (the JSON).
     pub json_bytes: u64,
     pub refused: Vec<String>,
+    /// The items of those operations, in the same order.
+    pub refused_items: Vec<String>,
     pub resync_requests: u64,
     /// Times it connected and subscribed, the first included.
     pub connections: u64,
@@ -499,6 +501,7 @@ fn handle(
                 }
                 if let Some((code, reason)) = st.refuse.as_ref().and_then(|f| f(&a)) {
                     st.refused.push(a.id.clone());
+                    st.refused_items.push(a.item.clone());
                     refused.push(refusal(&st, &a, &code, &reason));
                     continue;
                 }

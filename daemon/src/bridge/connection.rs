@@ -339,16 +339,6 @@ fn diagnose(line: &[u8]) -> Result<(u64, Request), (Option<u64>, ErrorBody)> {
             "`id` must be a non-negative integer".into(),
         );
     };
-    if let Some(key) = obj
-        .keys()
-        .find(|k| !["v", "id", "request"].contains(&k.as_str()))
-    {
-        return err(
-            Some(id),
-            ErrorCode::BadRequest,
-            format!("unknown field `{key}`: a frame holds `v`, `id` and `request`"),
-        );
-    }
     match obj.get("v").and_then(|v| v.as_u64()) {
         Some(v) if v == u64::from(PROTOCOL_VERSION) => {}
         other => {
@@ -358,6 +348,17 @@ fn diagnose(line: &[u8]) -> Result<(u64, Request), (Option<u64>, ErrorBody)> {
                 format!("protocol version {other:?} is not spoken here; this daemon speaks {PROTOCOL_VERSION}"),
             )
         }
+    }
+    // After the version: a frame of a later version may hold more.
+    if let Some(key) = obj
+        .keys()
+        .find(|k| !["v", "id", "request"].contains(&k.as_str()))
+    {
+        return err(
+            Some(id),
+            ErrorCode::BadRequest,
+            format!("unknown field `{key}`: a frame holds `v`, `id` and `request`"),
+        );
     }
     let Some(request) = obj.get("request") else {
         return err(

@@ -23,6 +23,9 @@ pub const HELD: &str = "held";
 /// What the app is told of an attachment the device has no room for yet.
 const WAITS_FOR_SPACE: &str = "waits for free space on the device";
 
+/// How the app is told that the back office answered it cannot serve an attachment.
+pub const CANNOT_SERVE: &str = "the back office cannot serve it";
+
 /// An attachment to fetch, and how much of it is on the device.
 #[derive(Debug, Clone)]
 pub struct Download {
@@ -331,10 +334,14 @@ impl Service {
                 );
                 continue;
             }
-            // The room is there now. Any other problem stays until the file comes or
-            // the back office's next answer replaces it: a request that reaches nobody
-            // must not make the inspector think it is on its way.
-            if self.attachment_problem(&a.sha256).as_deref() == Some(WAITS_FOR_SPACE) {
+            // Tried again: what held it back is no longer the story, except the back
+            // office's word that it cannot serve the file, which stays until the file
+            // comes or a new answer replaces it (a request that reaches nobody must not
+            // make the inspector think the file is on its way).
+            if self
+                .attachment_problem(&a.sha256)
+                .is_some_and(|p| !p.starts_with(CANNOT_SERVE))
+            {
                 self.set_attachment_problem(Some(&work_order_id), &a.sha256, None);
             }
             return Ok(Some(Download {

@@ -46,21 +46,27 @@ struct PhotoLane {
     damaged: HashMap<String, u32>,
     /// When the back office last confirmed bytes of the current photo, or it started.
     progress_at: Instant,
+    /// Times the current photo's last byte went again because every byte was confirmed
+    /// and no verdict came.
+    verdict_asks: u32,
 }
 
 impl PhotoLane {
-    /// Whether the back office owes an answer on the current photo: chunks are out
-    /// beyond what it confirmed, or it confirmed every byte and has not said whether
-    /// they check out.
-    fn awaits_answer(&self) -> bool {
-        self.current
-            .as_ref()
-            .is_some_and(|u| self.next > u.acked || u.acked >= u.size)
+    /// Whether chunks of the current photo are out beyond what the back office
+    /// confirmed.
+    fn bytes_out(&self) -> bool {
+        self.current.as_ref().is_some_and(|u| self.next > u.acked)
+    }
+
+    /// Whether every byte of the current photo is confirmed and the back office has not
+    /// said whether they check out.
+    fn awaits_verdict(&self) -> bool {
+        self.current.as_ref().is_some_and(|u| u.acked >= u.size)
     }
 
     /// Whether an answer is owed and nothing came for `timeout`.
     fn stalled(&self, timeout: Duration) -> bool {
-        self.awaits_answer() && self.progress_at.elapsed() > timeout
+        (self.bytes_out() || self.awaits_verdict()) && self.progress_at.elapsed() > timeout
     }
 
     /// Sends the current photo again from the last byte the back office confirmed; when
@@ -96,7 +102,7 @@ struct DownloadLane {
 /// Photo or attachment bytes handed to the client or asked for, and not yet settled:
 /// only a new connection is sure to leave them behind when the link stops allowing files.
 fn files_in_flight(photos: &PhotoLane, downloads: &DownloadLane) -> bool {
-    photos.awaits_answer() || downloads.in_flight()
+    photos.bytes_out() || downloads.in_flight()
 }
 
 impl DownloadLane {
@@ -525,6 +531,7 @@ impl Uplink {
             skip: Vec::new(),
             damaged: HashMap::new(),
             progress_at: Instant::now(),
+            verdict_asks: 0,
         };
         let mut downloads = DownloadLane {
             current: None,
@@ -755,10 +762,24 @@ impl Uplink {
                         downloads.asked_to = 0;
                     }
                     if photos.stalled(self.settings.ack_timeout) {
-                        // Chunks went unconfirmed (the back office dropped one and now
-                        // ignores those beyond the gap): send them again from the last
-                        // byte it confirmed.
-                        photos.rewind();
+                        if photos.awaits_verdict() {
+                            photos.verdict_asks += 1;
+                        }
+                        if photos.verdict_asks > MAX_MISMATCHES {
+                            // Every byte confirmed, never a verdict: it rests rather
+                            // than holding the lane, and the photos behind it go.
+                            if let Some(u) = photos.current.take() {
+                                tracing::warn!(sha256 = %u.sha256, "the back office confirms every byte of a photo and never says whether they check out; it rests");
+                                self.resting().rest(&u.sha256);
+                                photos.skip.push(u.sha256);
+                            }
+                            photos.verdict_asks = 0;
+                        } else {
+                            // Chunks went unconfirmed (the back office dropped one and
+                            // now ignores those beyond the gap): send them again from the
+                            // last byte it confirmed.
+                            photos.rewind();
+                        }
                     }
                     if in_flight.front().is_some_and(|b| b.sent_at.elapsed() > self.settings.ack_timeout) {
                         // The back office has not answered: start over on a new
@@ -943,6 +964,7 @@ impl Uplink {
                     lane.next = u.acked;
                     lane.current = Some(u);
                     lane.progress_at = Instant::now();
+                    lane.verdict_asks = 0;
                 }
                 Ok(None) => return Ok(false),
                 Err(e) => return Err(format!("store: {e}")),
@@ -1181,7 +1203,8 @@ impl Uplink {
             &err.sha256,
             // The back office's words, shown to the inspector: a line, not a page.
             Some(format!(
-                "the back office cannot serve it: {}",
+                "{}: {}",
+                crate::service::CANNOT_SERVE,
                 err.error.chars().take(200).collect::<String>()
             )),
         );
@@ -1397,20 +1420,25 @@ mod tests {
             skip: Vec::new(),
             damaged: HashMap::new(),
             progress_at: Instant::now() - Duration::from_secs(60),
+            verdict_asks: 0,
         };
         assert!(lane.stalled(Duration::from_secs(30)));
+        assert!(
+            !lane.bytes_out(),
+            "none out: a link change need not end the session"
+        );
         lane.rewind();
         assert_eq!(lane.next, 99_999, "its last byte goes once more");
         assert!(
             !lane.stalled(Duration::from_secs(30)),
             "then it waits again"
         );
-        assert!(lane.awaits_answer());
+        assert!(lane.awaits_verdict());
         // Halfway, with nothing out beyond the confirmed bytes, nothing is owed.
         if let Some(u) = lane.current.as_mut() {
             u.acked = 50_000;
         }
         lane.next = 50_000;
-        assert!(!lane.awaits_answer());
+        assert!(!lane.bytes_out() && !lane.awaits_verdict());
     }
 }

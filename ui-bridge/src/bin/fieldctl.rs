@@ -26,7 +26,8 @@ struct Cli {
     /// Give up when the daemon has not answered within this many seconds (not for
     /// `watch`); a socket systemd holds accepts a connection even while the daemon
     /// cannot start.
-    #[arg(long, global = true, default_value_t = 60, value_name = "SECS")]
+    #[arg(long, global = true, default_value_t = 60, value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(1..))]
     timeout: u64,
     #[command(subcommand)]
     command: Command,
@@ -228,7 +229,8 @@ fn default_socket() -> PathBuf {
 
 /// Exit codes: 0 done; 1 the daemon refused the request (what it asked is wrong or not
 /// allowed); 2 a usage error; 3 no daemon on the socket; 4 the daemon could not do it
-/// now (busy, storage low or failing): the same request may work later.
+/// now (busy, storage low or failing): the same request may work later; 5 no answer in
+/// time: the request may or may not have been carried out.
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     // `fieldctl outbox | head` ends quietly, as other command-line tools do, instead of
@@ -248,12 +250,14 @@ async fn main() -> ExitCode {
         Some(limit) => match tokio::time::timeout(limit, run(cli, socket.clone())).await {
             Ok(outcome) => outcome,
             Err(_) => {
+                // Not 3: the request may have reached the daemon and been carried out,
+                // so a script must look before it sends a change again.
                 eprintln!(
-                    "fieldctl: no answer from fieldsyncd on {} within {} s\n(is it starting, stuck, or failing to start? see `journalctl -u fieldsyncd`)",
+                    "fieldctl: no answer from fieldsyncd on {} within {} s; the request may or may not have been carried out\n(is it starting, stuck, or failing to start? see `journalctl -u fieldsyncd`)",
                     socket.display(),
                     limit.as_secs()
                 );
-                return ExitCode::from(3);
+                return ExitCode::from(5);
             }
         },
         None => run(cli, socket).await,
