@@ -130,6 +130,11 @@ pub struct State {
     /// no entry here is not answered.
     pub work_orders: HashMap<String, Vec<Value>>,
     pub refuse: Option<RefusePolicy>,
+    /// Note texts whose first operation is left unanswered, for later (docs/protocol.md
+    /// allows it): the device sends it again after its ack timeout.
+    pub defer_once: HashSet<String>,
+    /// Times an operation was answered `held`.
+    pub held_answers: u64,
     /// Photos being received or received, by SHA-256.
     pub photos: HashMap<String, PhotoRx>,
     /// Wait this long before confirming photo chunks (to make uploads slow enough to cut).
@@ -486,7 +491,13 @@ fn handle(
                 // Order per work order (rule 2 of docs/protocol.md): the predecessor the
                 // device names must be applied first; otherwise this one waits (the
                 // device sends it again). Photo operations name none and are judged.
+                if let Some(text) = a.body["text"].as_str() {
+                    if st.defer_once.remove(text) {
+                        continue;
+                    }
+                }
                 if op.prev.is_some_and(|p| !st.seen.contains(p.as_ref())) {
+                    st.held_answers += 1;
                     let reason = "an earlier change of this work order is not applied yet";
                     refused.push(refusal(&st, &a, "held", reason));
                     continue;

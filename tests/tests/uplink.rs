@@ -1622,3 +1622,34 @@ async fn an_attachment_dropped_mid_download_is_not_fetched_further() {
     assert!(stopped_at < drawing.len() as u64, "downloaded whole");
     assert!(!d.state_dir.join("attachments").join(&sha).exists());
 }
+
+/// The back office leaves a change for later while the next change of its work order is
+/// held behind it: the held one waits on the device for its predecessor's answer,
+/// instead of going again at every round trip until the ack timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_held_behind_one_left_for_later_waits_for_it() {
+    let broker = Broker::start();
+    let bo = BackOffice::start(broker.port).await;
+    bo.state
+        .lock()
+        .unwrap()
+        .defer_once
+        .insert("left for later".into());
+    let d = Daemon::start_with(uplink_options(&broker));
+    let mut c = d.client().await;
+    let first = c
+        .add_record("WO-1", note("left for later".into()))
+        .await
+        .unwrap();
+    let second = c
+        .add_record("WO-1", note("behind it".into()))
+        .await
+        .unwrap();
+    let applied = bo.wait_applied(2, Duration::from_secs(30)).await;
+    assert_eq!(
+        applied.iter().map(|a| a.item.as_str()).collect::<Vec<_>>(),
+        [first.id.as_str(), second.id.as_str()]
+    );
+    let held = bo.state.lock().unwrap().held_answers;
+    assert!(held <= 3, "answered held {held} times:\n{}", d.log());
+}

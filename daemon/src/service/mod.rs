@@ -14,7 +14,7 @@ use ui_bridge::{Event, Item, Request, Response, Status, WorkOrderChange, PROTOCO
 
 mod sync;
 
-pub use sync::{ChunkOutcome, Download, SyncStatus, CANNOT_SERVE};
+pub use sync::{ChunkOutcome, Download, SyncStatus, CANNOT_SERVE, HELD};
 
 use crate::config::Settings;
 use crate::domain::work_orders::{self, WorkOrderDoc};

@@ -7,6 +7,7 @@
 //! flight on the previous one is sent again from the outbox, in order.
 
 pub mod mqtt;
+mod parking;
 mod pump;
 pub mod wire;
 
@@ -543,6 +544,7 @@ impl Uplink {
         let mut downloads_more = true;
         let mut in_flight: VecDeque<InFlight> = VecDeque::new();
         let mut op_batch: HashMap<String, usize> = HashMap::new();
+        let mut parking = parking::Parking::default();
         let mut more = true;
         // Acknowledgements being written to the store.
         let mut recording: tokio::task::JoinSet<Result<(), crate::domain::DomainError>> =
@@ -650,6 +652,7 @@ impl Uplink {
                     let index = in_flight.len();
                     for op in &batch {
                         op_batch.insert(op.op_id.clone(), index);
+                        parking.sent(&op.op_id, op.prev.as_deref());
                     }
                     in_flight.push_back(InFlight {
                         waiting: batch.iter().map(|o| o.op_id.clone()).collect(),
@@ -793,8 +796,9 @@ impl Uplink {
                         if p.topic == self.topics.acks() {
                             // Unreadable ones are counted as bad; acknowledgements that
                             // come twice settle unknown ids, counted and ignored.
-                            if let Some(acks) = self.read_acks(&p.payload) {
+                            if let Some(mut acks) = self.read_acks(&p.payload) {
                                 let settled = acks.settled();
+                                parking.answer(&mut acks, |id| op_batch.contains_key(id));
                                 // Recorded beside the sending rather than before it: the
                                 // window moves on at once, and the store groups several
                                 // messages' worth into one commit.
@@ -817,6 +821,13 @@ impl Uplink {
                                             op_batch.insert(id.clone(), i);
                                         }
                                     }
+                                    more = true;
+                                }
+                                if in_flight.is_empty() && !parking.is_empty() {
+                                    // Nothing they could wait for is out any more.
+                                    let released = parking.release_all();
+                                    let service = self.service.clone();
+                                    recording.spawn(async move { service.apply_acks(released).await });
                                     more = true;
                                 }
                             }
