@@ -36,6 +36,13 @@ impl Parking {
     /// the operations parked behind what this message answers are put back as `held`,
     /// to go again.
     pub fn answer(&mut self, acks: &mut Acks, unanswered: impl Fn(&str) -> bool) {
+        if self.parked.is_empty() && !acks.refused.iter().any(|r| r.code == HELD) {
+            // The common case, on every answer of a drain: nothing to park or release.
+            for id in acks.acks.iter().chain(acks.refused.iter().map(|r| &r.id)) {
+                self.prev_of.remove(id);
+            }
+            return;
+        }
         let settled: HashSet<String> = acks.settled().into_iter().collect();
         let mut kept = Vec::with_capacity(acks.refused.len());
         for r in std::mem::take(&mut acks.refused) {
