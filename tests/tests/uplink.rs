@@ -1653,3 +1653,61 @@ async fn a_change_held_behind_one_left_for_later_waits_for_it() {
     let held = bo.state.lock().unwrap().held_answers;
     assert!(held <= 3, "answered held {held} times:\n{}", d.log());
 }
+
+/// A back office that confirms every byte of a photo and never says whether they check
+/// out: the device asks again a few times, then lets the photo rest, and the photo behind
+/// it goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_photo_that_never_gets_a_verdict_rests_and_the_next_one_goes() {
+    let broker = Broker::start();
+    let bo = BackOffice::start(broker.port).await;
+    let d = Daemon::start_with(uplink_options(&broker));
+    let mut c = d.client().await;
+    let record = c
+        .add_record("WO-1", note("two photos".into()))
+        .await
+        .unwrap();
+    let (stuck, stuck_bytes) = fieldsync_tests::photo_file(d.dir.path(), "stuck.jpg", 40_000);
+    let (next, next_bytes) = fieldsync_tests::photo_file(d.dir.path(), "next.jpg", 30_000);
+    let (stuck_sha, next_sha) = (
+        fieldsync_tests::sha256_hex(&stuck_bytes),
+        fieldsync_tests::sha256_hex(&next_bytes),
+    );
+    bo.state
+        .lock()
+        .unwrap()
+        .no_verdict
+        .insert(stuck_sha.clone());
+    for path in [&stuck, &next] {
+        c.attach_photo(&record.id, &std::fs::File::open(path).unwrap(), None, None)
+            .await
+            .unwrap();
+    }
+    // Three asks at the ack timeout (3 s, checked every 1.5 s), then it rests.
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    while !bo
+        .state
+        .lock()
+        .unwrap()
+        .photos
+        .get(&next_sha)
+        .is_some_and(|p| p.complete)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the photo behind never went:\n{}",
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        d.log().contains("never says whether they check out"),
+        "{}",
+        d.log()
+    );
+    let st = bo.state.lock().unwrap();
+    let rx = st.photos.get(&stuck_sha).expect("its bytes came");
+    assert!(!rx.complete && rx.data.len() == stuck_bytes.len());
+    // Asked again with its last byte, not sent whole again.
+    assert!(rx.resent <= 3, "{} bytes again", rx.resent);
+}

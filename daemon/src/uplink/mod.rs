@@ -144,7 +144,7 @@ impl Resting {
             .saturating_mul(1 << (*times - 1).min(16))
             .min(REST_MAX);
         *until = Instant::now() + rest;
-        tracing::warn!(sha256 = %sha, rest_s = rest.as_secs(), "a file failed its check too often; it rests before it is tried again");
+        tracing::warn!(sha256 = %sha, rest_s = rest.as_secs(), "a file failed too often on this connection; it rests before it is tried again");
         rest
     }
 
@@ -777,6 +777,7 @@ impl Uplink {
                                 photos.skip.push(u.sha256);
                             }
                             photos.verdict_asks = 0;
+                            photos_more = true;
                         } else {
                             // Chunks went unconfirmed (the back office dropped one and
                             // now ignores those beyond the gap): send them again from the
