@@ -752,6 +752,8 @@ mod tests {
         let batch = outbox::next_batch(&conn, 10, 1 << 20).unwrap();
         let payloads: Vec<&str> = batch.iter().map(|o| o.payload.as_str()).collect();
         assert!(payloads.iter().all(|p| p.contains("fixed")), "{payloads:?}");
+        // Its content changed, so its id did too.
+        assert!(batch.iter().all(|o| o.op_id != update), "{batch:?}");
     }
 
     /// A refused stage move discarded takes the moves queued behind it along and puts

@@ -443,7 +443,6 @@ pub fn forget_deleted(
     Ok(())
 }
 
-/// A list of ids bound as one parameter (`rarray`), so a whole message is one statement.
 /// Sequence numbers as an array for `rarray(?)`.
 fn seq_array(seqs: &[i64]) -> rusqlite::vtab::array::Array {
     std::rc::Rc::new(
@@ -453,6 +452,7 @@ fn seq_array(seqs: &[i64]) -> rusqlite::vtab::array::Array {
     )
 }
 
+/// A list of ids bound as one parameter (`rarray`), so a whole message is one statement.
 pub(crate) fn id_array<'a>(
     ids: impl IntoIterator<Item = &'a String>,
 ) -> rusqlite::vtab::array::Array {
@@ -534,29 +534,20 @@ pub fn requeue_op(conn: &Connection, op_id: &str) -> Result<Option<StateChange>,
     let Some((item_id, work_order_id, kind)) = found else {
         return Ok(None);
     };
-    let frozen: Option<i64> = conn
-        .query_row(
-            "SELECT seq FROM outbox WHERE op_id = ?1 AND state = 'in_progress'
-               AND payload IS NOT NULL AND action != 'delete' AND item_kind != 'photo'",
-            [op_id],
-            |r| r.get(0),
-        )
-        .optional()?;
     // Held is the one answer that says the back office did not apply it and did not
     // keep its id: as far as anyone knows it was never sent, so an edit folds into it
     // (rather than a fix going out first and this older content after it). A body an
-    // edit froze while it was out goes too: it would follow the fix with the old content.
+    // edit froze while it was out goes too: it would follow the fix with the old content,
+    // and since its content changes, so does its id (an id names one content for ever).
     conn.execute(
         "UPDATE outbox SET state = 'waiting', attempts = 0,
+                op_id = CASE WHEN payload IS NOT NULL AND action != 'delete'
+                                  AND item_kind != 'photo' THEN ?2 ELSE op_id END,
                 payload = CASE WHEN action != 'delete' AND item_kind != 'photo' THEN NULL
                                ELSE payload END
          WHERE op_id = ?1 AND state = 'in_progress'",
-        [op_id],
+        params![op_id, uuid::Uuid::now_v7().to_string()],
     )?;
-    if let Some(seq) = frozen {
-        // Its content changes: an id names one content for ever.
-        renew_id(conn, seq)?;
-    }
     conn.execute(
         "UPDATE items SET sync_state = 'waiting' WHERE id = ?1 AND sync_state = 'in_progress'",
         [&item_id],

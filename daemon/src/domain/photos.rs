@@ -111,12 +111,13 @@ pub fn restart(conn: &Connection, sha256: &str) -> Result<bool, DomainError> {
     Ok(known)
 }
 
-/// Whether photos wait for their files to be removed (`photos_gone`, schema
+/// How many photos wait for their files to be removed (`photos_gone`, schema
 /// migration 6).
-pub fn any_gone(conn: &Connection) -> Result<bool, DomainError> {
-    Ok(conn
-        .prepare_cached("SELECT EXISTS(SELECT 1 FROM photos_gone)")?
-        .query_row([], |r| r.get(0))?)
+pub fn gone_count(conn: &Connection) -> Result<usize, DomainError> {
+    let n: i64 = conn
+        .prepare_cached("SELECT count(*) FROM photos_gone")?
+        .query_row([], |r| r.get(0))?;
+    Ok(n.max(0) as usize)
 }
 
 #[cfg(test)]

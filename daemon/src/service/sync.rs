@@ -568,7 +568,7 @@ impl Service {
                 let settled = work_orders::remove_settled(c)?;
                 // Asked here, in the transaction, rather than by a read of its own
                 // after every acknowledgement message of a drain.
-                let photos_gone = photos::any_gone(c)?;
+                let photos_gone = photos::gone_count(c)?;
                 Ok::<_, DomainError>((
                     changes,
                     unknown,
@@ -597,8 +597,9 @@ impl Service {
             });
         }
         self.after_removed(settled).await;
-        // An acknowledged deletion may have taken a photo's last row.
-        if photos_gone {
+        // An acknowledged deletion may have taken a photo's last row. Notes of files
+        // that could not be removed stay for the next start; they alone ask for nothing.
+        if photos_gone > self.unremovable_photos().len() {
             self.remove_gone_photos().await;
         }
         self.emit(Event::Unsent { count: unsent });

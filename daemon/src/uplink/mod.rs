@@ -43,13 +43,11 @@ struct PhotoLane {
     /// Photos whose file could not be read, or that the back office found damaged too
     /// often, left for the next connection.
     skip: Vec<String>,
-    /// Times on this connection the back office found each photo damaged.
+    /// Times on this connection the back office found each photo damaged, or confirmed
+    /// all its bytes and never said whether they check out.
     damaged: HashMap<String, u32>,
     /// When the back office last confirmed bytes of the current photo, or it started.
     progress_at: Instant,
-    /// Times the current photo's last byte went again because every byte was confirmed
-    /// and no verdict came.
-    verdict_asks: u32,
 }
 
 impl PhotoLane {
@@ -532,7 +530,6 @@ impl Uplink {
             skip: Vec::new(),
             damaged: HashMap::new(),
             progress_at: Instant::now(),
-            verdict_asks: 0,
         };
         let mut downloads = DownloadLane {
             current: None,
@@ -765,18 +762,16 @@ impl Uplink {
                         downloads.asked_to = 0;
                     }
                     if photos.stalled(self.settings.ack_timeout) {
-                        if photos.awaits_verdict() {
-                            photos.verdict_asks += 1;
-                        }
-                        if photos.verdict_asks > MAX_MISMATCHES {
+                        let unsettled = photos
+                            .current
+                            .as_ref()
+                            .filter(|_| photos.awaits_verdict())
+                            .map(|u| u.sha256.clone());
+                        if let Some(sha) = unsettled.filter(|sha| self.strike(sha, &mut photos)) {
                             // Every byte confirmed, never a verdict: it rests rather
                             // than holding the lane, and the photos behind it go.
-                            if let Some(u) = photos.current.take() {
-                                tracing::warn!(sha256 = %u.sha256, "the back office confirms every byte of a photo and never says whether they check out; it rests");
-                                self.resting().rest(&u.sha256);
-                                photos.skip.push(u.sha256);
-                            }
-                            photos.verdict_asks = 0;
+                            tracing::warn!(sha256 = %sha, "the back office confirms every byte of a photo and never says whether they check out");
+                            photos.current = None;
                             photos_more = true;
                         } else {
                             // Chunks went unconfirmed (the back office dropped one and
@@ -976,7 +971,6 @@ impl Uplink {
                     lane.next = u.acked;
                     lane.current = Some(u);
                     lane.progress_at = Instant::now();
-                    lane.verdict_asks = 0;
                 }
                 Ok(None) => return Ok(false),
                 Err(e) => return Err(format!("store: {e}")),
@@ -1238,13 +1232,23 @@ impl Uplink {
         if self.refuse_if_damaged(sha, lane).await {
             return;
         }
+        if self.strike(sha, lane) {
+            tracing::warn!(sha256 = %sha, "the back office keeps finding a photo damaged that is intact on this device");
+        }
+    }
+
+    /// Counts one more time the back office could not settle a photo on this
+    /// connection; at [`MAX_MISMATCHES`] the photo rests and is left for later. Returns
+    /// whether it now rests.
+    fn strike(&self, sha: &str, lane: &mut PhotoLane) -> bool {
         let n = lane.damaged.entry(sha.to_owned()).or_default();
         *n += 1;
-        if *n >= MAX_MISMATCHES {
-            tracing::warn!(sha256 = %sha, times = *n, "the back office keeps finding a photo damaged that is intact on this device");
-            lane.skip.push(sha.to_owned());
-            self.resting().rest(sha);
+        if *n < MAX_MISMATCHES {
+            return false;
         }
+        lane.skip.push(sha.to_owned());
+        self.resting().rest(sha);
+        true
     }
 
     /// Checks this device's copy of a photo; if it is damaged (or gone), refuses the
@@ -1432,7 +1436,6 @@ mod tests {
             skip: Vec::new(),
             damaged: HashMap::new(),
             progress_at: Instant::now() - Duration::from_secs(60),
-            verdict_asks: 0,
         };
         assert!(lane.stalled(Duration::from_secs(30)));
         assert!(
