@@ -15,6 +15,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 repo="$PWD"
+# Debian puts the broker in sbin, which a user's PATH leaves out.
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
 device=demo-handheld
 prefix=fieldsync/v1
@@ -132,9 +134,9 @@ head -c 200000 /dev/urandom >"$run/photo.jpg"
 cat <<HELP
 
 The demo runs: Mosquitto on $broker, the demo back office (its
-lines follow below) and fieldsyncd as device "$device". In another terminal, from
-this folder:
+lines follow below) and fieldsyncd as device "$device". In another terminal:
 
+  cd $repo
   target/debug/fieldctl work-orders
   target/debug/fieldctl add WO-1001 note "Gate locked, key with the caretaker"
   target/debug/fieldctl attach-photo <the item id printed by add> $run/photo.jpg

@@ -5,6 +5,8 @@
 #   scripts/install-deps.sh          # everything the build and the test suite need
 #   scripts/install-deps.sh --demo   # only what scripts/demo.sh needs: the build, mosquitto
 set -euo pipefail
+# Debian puts the broker in sbin, which a user's PATH leaves out.
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
 demo_only=0
 case "${1:-}" in
@@ -35,6 +37,10 @@ need() { # need <command> <debian package>
     command -v "$1" >/dev/null 2>&1 || missing+=("$2")
 }
 
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
+older_than() { [ "$(printf '%s\n' "$2" "$1" | sort -V | head -n1)" != "$2" ]; }
+rust_needed=1.89.0
+
 # A Rust toolchain: rustup's when present, else Debian's rustc-web/cargo-web (1.89+ is
 # needed; bookworm-security carries a recent one). The checks run rustfmt and clippy.
 if command -v rustup >/dev/null 2>&1; then
@@ -43,14 +49,22 @@ if command -v rustup >/dev/null 2>&1; then
             rustup component add "$component"
     done
 else
-    need cargo cargo-web
-    need rustc rustc-web
+    # Debian's plain rustc (1.63 on Debian 12) is too old; rustc-web takes its place.
+    if old=$(rustc --version 2>/dev/null | awk '{print $2}') && older_than "$old" "$rust_needed"; then
+        echo "install-deps: rustc $old is older than $rust_needed: replacing it with Debian's rustc-web" >&2
+        missing+=(rustc-web cargo-web)
+    else
+        need cargo cargo-web
+        need rustc rustc-web
+    fi
     need rustfmt rustfmt-web
     need cargo-clippy rust-web-clippy
 fi
 # crates.io is reached over TLS; minimal images ship without the CA bundle.
 [ -s /etc/ssl/certs/ca-certificates.crt ] || missing+=(ca-certificates)
 need cc gcc
+# gcc only recommends the C library's headers, and the bundled SQLite and zstd need them.
+installed libc6-dev || missing+=(libc6-dev)
 need pkg-config pkg-config
 # The uplink's tests and the demo run a real broker.
 need mosquitto mosquitto
@@ -78,6 +92,10 @@ if [ "${#missing[@]}" -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     # A mirror index briefly out of step with its files fails the first update.
     as_root apt-get update -q || { sleep 5; as_root apt-get update -q; }
+    if [[ " ${missing[*]} " == *"-web "* ]] && ! apt-cache show rustc-web >/dev/null 2>&1; then
+        echo "install-deps: this Debian has no rustc-web (Debian 12 carries it in bookworm-security, which must be in the APT sources): install Rust $rust_needed or later with rustup (https://rustup.rs), then run this again" >&2
+        exit 1
+    fi
     as_root apt-get install -y -q --no-install-recommends "${missing[@]}"
     # Debian starts a system-wide broker on port 1883 with the package; the tests and
     # the demo run their own on free ports, so the one installed here is stopped again.
@@ -87,11 +105,15 @@ if [ "${#missing[@]}" -gt 0 ]; then
     fi
 fi
 
-# Debian's Rust may be older than the lock file needs (bookworm without its security
-# updates has 1.85).
+# A Rust that is still too old: rustup's stable from long ago, or a Debian without its
+# security updates.
 if rustc_version=$(rustc --version 2>/dev/null | awk '{print $2}'); then
-    if [ "$(printf '%s\n' 1.89.0 "$rustc_version" | sort -V | head -n1)" != 1.89.0 ]; then
-        echo "install-deps: rustc $rustc_version is too old, 1.89 or later is needed: enable bookworm-security (for rustc-web) or install rustup" >&2
+    if older_than "$rustc_version" "$rust_needed"; then
+        if command -v rustup >/dev/null 2>&1; then
+            echo "install-deps: rustc $rustc_version is too old, $rust_needed or later is needed: run rustup update" >&2
+        else
+            echo "install-deps: rustc $rustc_version is too old, $rust_needed or later is needed: add bookworm-security to the APT sources and run this again (it installs rustc-web)" >&2
+        fi
         exit 1
     fi
 fi

@@ -6,6 +6,8 @@
 #
 #   scripts/install-qemu-deps.sh
 set -euo pipefail
+# Debian keeps mkfs.ext4, debugfs and depmod in sbin, which a user's PATH leaves out.
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
 as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo -n "$@"; fi

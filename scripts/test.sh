@@ -9,11 +9,34 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
+# Debian keeps the broker, mkfs.ext4, debugfs and depmod in sbin, which a user's PATH
+# leaves out.
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
+
 # Three tests switch users (the socket's peer-credential check) or mount a small tmpfs
-# (a full disk). Said now rather than after a twenty-minute build.
+# (a full disk), so the suite runs as root: a user comes back here through sudo, with
+# root's own environment (its HOME, so nothing under the user's ~/.cargo or ~/.npm
+# becomes root's).
 if [ "$(id -u)" -ne 0 ]; then
-    echo "test.sh: the suite needs root (three tests switch users or mount a tmpfs): run it as root, or with sudo -E env PATH=\"\$PATH\" scripts/test.sh to keep your Rust toolchain" >&2
-    exit 1
+    command -v sudo >/dev/null 2>&1 || {
+        echo "test.sh: the suite needs root (three tests switch users or mount a tmpfs), and sudo is not installed: run it as root" >&2
+        exit 1
+    }
+    echo "test.sh: the suite needs root (three tests switch users or mount a tmpfs); asking sudo" >&2
+    exec sudo "$PWD/scripts/test.sh" "$@"
+fi
+
+# Run through sudo, what the build and the tests leave in the checkout goes back to the
+# user who asked, so that their own cargo and npm can use it afterwards.
+give_back() {
+    local path
+    for path in target tests/aedes/node_modules; do
+        [ -e "$path" ] && chown -R "$SUDO_UID:${SUDO_GID:-$SUDO_UID}" "$path"
+    done
+    return 0
+}
+if [ -n "${SUDO_UID:-}" ] && [ "$SUDO_UID" != 0 ]; then
+    trap give_back EXIT
 fi
 
 scripts/install-deps.sh

@@ -54,8 +54,15 @@ pub struct Settings {
     pub seed_work_orders: Option<PathBuf>,
     /// `None`: no broker configured; the daemon stays offline and keeps everything.
     pub uplink: Option<UplinkSettings>,
+    /// A device id made at this start, for a configuration that names none: the daemon
+    /// keeps it in [`DEVICE_ID_FILE`] before it first connects, so that it never changes.
+    pub new_device_id: Option<String>,
     pub sync: SyncSettings,
 }
+
+/// The file in the state folder that holds the device id when the configuration names
+/// none.
+pub const DEVICE_ID_FILE: &str = "device-id";
 
 /// When to sync and what the link may carry.
 #[derive(Debug, Clone, PartialEq)]
@@ -428,6 +435,13 @@ fn validate(file: File, base_dir: &Path) -> Result<Settings, ConfigError> {
             ),
         ));
     }
+    let (uplink, new_device_id) = match uplink(file.uplink, &resolve, &state_dir)? {
+        Some((u, new)) => {
+            let made = new.then(|| u.device_id.clone());
+            (Some(u), made)
+        }
+        None => (None, None),
+    };
     Ok(Settings {
         state_dir,
         socket_path,
@@ -442,7 +456,8 @@ fn validate(file: File, base_dir: &Path) -> Result<Settings, ConfigError> {
         log_level,
         log_format: file.log.format.unwrap_or(LogFormat::Auto),
         seed_work_orders: file.dev.seed_work_orders.clone().map(resolve),
-        uplink: uplink(file.uplink, &resolve)?,
+        uplink,
+        new_device_id,
         sync: sync(file.sync)?,
     })
 }
@@ -473,10 +488,13 @@ fn sync(s: SyncSection) -> Result<SyncSettings, ConfigError> {
     })
 }
 
+/// The uplink's settings, and whether its device id was made now (none configured, none
+/// kept yet).
 fn uplink(
     u: UplinkSection,
     resolve: &dyn Fn(PathBuf) -> PathBuf,
-) -> Result<Option<UplinkSettings>, ConfigError> {
+    state_dir: &Path,
+) -> Result<Option<(UplinkSettings, bool)>, ConfigError> {
     let Some(broker) = u.broker else {
         return Ok(None);
     };
@@ -564,20 +582,33 @@ fn uplink(
             })
         }
     };
-    let device_id = match u.device_id {
-        Some(id) => id,
-        None => default_device_id(),
+    let kept = state_dir.join(DEVICE_ID_FILE);
+    let (device_id, from_file, new) = match u.device_id {
+        Some(id) => (id, false, false),
+        None => match std::fs::read_to_string(&kept) {
+            Ok(id) => (id.trim().to_owned(), true, false),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (new_device_id(), false, true),
+            Err(e) => {
+                return Err(invalid(
+                    "uplink.device_id",
+                    format!(
+                        "is not set, and the one kept in {} cannot be read: {e}",
+                        kept.display()
+                    ),
+                ))
+            }
+        },
     };
-    if device_id.is_empty()
-        || device_id.len() > 64
-        || !device_id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-    {
-        return Err(invalid(
-            "uplink.device_id",
-            format!("{device_id:?} must be 1 to 64 letters, digits, '-', '_' or '.'"),
-        ));
+    if !is_device_id(&device_id) {
+        let problem = if from_file {
+            format!(
+                "is not set, and {} holds {device_id:?}; a device id is 1 to 64 letters, digits, '-', '_' or '.'",
+                kept.display()
+            )
+        } else {
+            format!("{device_id:?} must be 1 to 64 letters, digits, '-', '_' or '.'")
+        };
+        return Err(invalid("uplink.device_id", problem));
     }
     let topic_prefix = u.topic_prefix.unwrap_or_else(|| "fieldsync/v1".into());
     if topic_prefix.is_empty()
@@ -628,57 +659,70 @@ fn uplink(
             ),
         ));
     }
-    Ok(Some(UplinkSettings {
-        host: host.to_owned(),
-        port,
-        tls,
-        username: u.username,
-        password_file: u.password_file.map(resolve),
-        device_id,
-        topic_prefix,
-        keep_alive: secs(keep_alive(u.keep_alive_secs.unwrap_or(30))?),
-        batch_max_ops: positive("uplink.batch_max_ops", u.batch_max_ops.unwrap_or(200))?,
-        batch_max_bytes: positive(
-            "uplink.batch_max_bytes",
-            u.batch_max_bytes.unwrap_or(64 * 1024),
-        )?,
-        window: positive("uplink.window", u.window.unwrap_or(4))?,
-        ack_timeout: secs(positive(
-            "uplink.ack_timeout_secs",
-            u.ack_timeout_secs.unwrap_or(30) as usize,
-        )? as u64),
-        reconnect_min: std::time::Duration::from_millis(u.reconnect_min_ms.unwrap_or(100).max(10)),
-        reconnect_max: secs(positive(
-            "uplink.reconnect_max_secs",
-            u.reconnect_max_secs.unwrap_or(60) as usize,
-        )? as u64),
-        max_downlink_bytes: positive(
-            "uplink.max_downlink_bytes",
-            u.max_downlink_bytes.unwrap_or(1024 * 1024),
-        )?,
-        max_message_bytes,
-        compression_level: level,
-        photo_chunk_bytes,
-        photo_window: positive("uplink.photo_window", u.photo_window.unwrap_or(4))?,
-    }))
+    Ok(Some((
+        UplinkSettings {
+            host: host.to_owned(),
+            port,
+            tls,
+            username: u.username,
+            password_file: u.password_file.map(resolve),
+            device_id,
+            topic_prefix,
+            keep_alive: secs(keep_alive(u.keep_alive_secs.unwrap_or(30))?),
+            batch_max_ops: positive("uplink.batch_max_ops", u.batch_max_ops.unwrap_or(200))?,
+            batch_max_bytes: positive(
+                "uplink.batch_max_bytes",
+                u.batch_max_bytes.unwrap_or(64 * 1024),
+            )?,
+            window: positive("uplink.window", u.window.unwrap_or(4))?,
+            ack_timeout: secs(positive(
+                "uplink.ack_timeout_secs",
+                u.ack_timeout_secs.unwrap_or(30) as usize,
+            )? as u64),
+            reconnect_min: std::time::Duration::from_millis(
+                u.reconnect_min_ms.unwrap_or(100).max(10),
+            ),
+            reconnect_max: secs(positive(
+                "uplink.reconnect_max_secs",
+                u.reconnect_max_secs.unwrap_or(60) as usize,
+            )? as u64),
+            max_downlink_bytes: positive(
+                "uplink.max_downlink_bytes",
+                u.max_downlink_bytes.unwrap_or(1024 * 1024),
+            )?,
+            max_message_bytes,
+            compression_level: level,
+            photo_chunk_bytes,
+            photo_window: positive("uplink.photo_window", u.photo_window.unwrap_or(4))?,
+        },
+        new,
+    )))
 }
 
 /// Below this, a batch could not hold even a small change.
 const MIN_MESSAGE_BYTES: usize = 4096;
 const PHOTO_CHUNK_HEADER: usize = crate::uplink::wire::CHUNK_HEADER;
 
-/// The machine id systemd keeps, else the host name: stable across restarts.
-fn default_device_id() -> String {
+fn is_device_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+/// An id for a device whose configuration names none: systemd's machine id, else a
+/// random one. Made once and then kept in the state folder: on a read-only root the
+/// machine id is made again at every boot, and an A/B update brings a new one, while the
+/// back office knows the device by this id (and the broker keeps its session under it).
+/// The host name is no candidate: images often give every device the same one.
+fn new_device_id() -> String {
     std::fs::read_to_string("/etc/machine-id")
         .ok()
         .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty())
-        .or_else(|| {
-            nix::unistd::gethostname()
-                .ok()
-                .and_then(|h| h.into_string().ok())
-        })
-        .unwrap_or_else(|| "fieldsync-device".into())
+        // "uninitialized" stands in until the first boot completes.
+        .filter(|s| s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+        .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string())
 }
 
 /// A log filter made of levels and `target=level` directives only. tracing's own parser
@@ -776,6 +820,47 @@ mod tests {
             );
             assert_eq!(load(Some(&main)).unwrap().log_level, good);
         }
+    }
+
+    #[test]
+    fn a_device_id_left_unset_is_made_once_and_then_read_from_the_state_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = write(
+            dir.path(),
+            "f.toml",
+            "[store]\nstate_dir = \"s\"\n[uplink]\nbroker = \"mqtt://b\"\n",
+        );
+        let first = load(Some(&main)).unwrap();
+        let made = first.new_device_id.clone().expect("a new id to keep");
+        assert_eq!(first.uplink.as_ref().unwrap().device_id, made);
+        assert!(is_device_id(&made), "{made}");
+        // Kept (the daemon writes it at start), it is the id from then on.
+        std::fs::create_dir(dir.path().join("s")).unwrap();
+        std::fs::write(dir.path().join("s").join(DEVICE_ID_FILE), "handheld-17\n").unwrap();
+        let later = load(Some(&main)).unwrap();
+        assert_eq!(later.new_device_id, None);
+        assert_eq!(later.uplink.unwrap().device_id, "handheld-17");
+        // A configured id wins over the kept one.
+        let named = write(
+            dir.path(),
+            "named.toml",
+            "[store]\nstate_dir = \"s\"\n[uplink]\nbroker = \"mqtt://b\"\ndevice_id = \"hh-3\"\n",
+        );
+        let s = load(Some(&named)).unwrap();
+        assert_eq!(
+            (s.uplink.unwrap().device_id, s.new_device_id),
+            ("hh-3".into(), None)
+        );
+        // A kept file that holds no id is an error naming it, never silently replaced.
+        std::fs::write(dir.path().join("s").join(DEVICE_ID_FILE), "two words\n").unwrap();
+        let e = load(Some(&main)).unwrap_err().to_string();
+        assert!(
+            e.contains("uplink.device_id") && e.contains(DEVICE_ID_FILE),
+            "{e}"
+        );
+        // No broker, no id.
+        let offline = write(dir.path(), "offline.toml", "[store]\nstate_dir = \"t\"\n");
+        assert_eq!(load(Some(&offline)).unwrap().new_device_id, None);
     }
 
     #[test]

@@ -44,6 +44,12 @@ pub enum RunError {
     Signals(#[source] std::io::Error),
     #[error("the database failed its integrity check; the next start sets it aside")]
     DamagedStore,
+    #[error("cannot keep the device id in {path}")]
+    DeviceId {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl RunError {
@@ -77,6 +83,17 @@ pub async fn run(settings: Settings, reload: Reload) -> Result<(), RunError> {
         Store::open(&settings.state_dir)?
     };
     let check_deferred = report.check_deferred;
+    // Kept before the first connection: the back office knows the device by it.
+    if let Some(id) = &settings.new_device_id {
+        let path = settings.state_dir.join(config::DEVICE_ID_FILE);
+        store::write_durably(&path, format!("{id}\n").as_bytes()).map_err(|source| {
+            RunError::DeviceId {
+                path: path.clone(),
+                source,
+            }
+        })?;
+        tracing::info!(device_id = %id, path = %path.display(), "no uplink.device_id configured: this device's id was made and kept");
+    }
     let service = Service::new(
         store.clone(),
         (*settings).clone(),

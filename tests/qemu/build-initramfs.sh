@@ -9,6 +9,8 @@
 # cached under target/qemu/ (or $FIELDSYNC_QEMU_CACHE), keyed by their inputs, so a
 # repeat run with the same binaries only hashes them.
 set -euo pipefail
+# Debian keeps depmod in sbin, which a user's PATH leaves out.
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"

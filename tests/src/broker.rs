@@ -144,7 +144,7 @@ impl Broker {
     pub fn spawn(&mut self) {
         assert!(self.child.is_none());
         let child = match self.kind {
-            Kind::Mosquitto => Command::new("mosquitto")
+            Kind::Mosquitto => Command::new(crate::system_program("mosquitto"))
                 .arg("-c")
                 .arg(&self.conf)
                 .stdin(Stdio::null())

@@ -86,6 +86,29 @@ pub fn fieldctl_bin() -> PathBuf {
     bin_dir().join("fieldctl")
 }
 
+/// A system program by name: from `PATH`, or from the sbin folders where Debian keeps
+/// `mosquitto`, `mkfs.ext4` and `debugfs` and which a user's `PATH` leaves out.
+pub fn system_program(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// A copy of `binary` in `dir` (which the caller opened to others), for a test that runs
+/// it as another user: the build folder may sit in a home only its owner can enter.
+pub fn copy_for_anyone(binary: &Path, dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let name = binary.file_name().expect("a binary's path names a file");
+    let copy = dir.join(name);
+    std::fs::copy(binary, &copy).expect("copy the binary");
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755))
+        .expect("open the copy to others");
+    copy
+}
+
 /// Options for a test daemon.
 #[derive(Clone, Debug)]
 pub struct Options {

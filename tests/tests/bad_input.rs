@@ -6,7 +6,7 @@ use std::os::fd::AsFd;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
-use fieldsync_tests::{fieldctl_bin, fieldsyncd_bin, photo_file, Daemon, Options};
+use fieldsync_tests::{copy_for_anyone, fieldctl_bin, fieldsyncd_bin, photo_file, Daemon, Options};
 use ui_bridge::{ErrorCode, RecordBody, Request, ResponseResult, ServerFrame};
 
 fn note(text: &str) -> RecordBody {
@@ -342,7 +342,7 @@ fn status_as_nobody(d: &Daemon, groups: &[u32]) -> std::process::Output {
         .iter()
         .map(|g| nix::unistd::Gid::from_raw(*g))
         .collect();
-    let mut cmd = Command::new(fieldctl_bin());
+    let mut cmd = Command::new(copy_for_anyone(&fieldctl_bin(), d.dir.path()));
     cmd.args(["--socket"]).arg(&d.socket).arg("status");
     // SAFETY: only async-signal-safe calls between fork and exec; `gids` is built
     // before the fork.
@@ -562,7 +562,7 @@ fn a_state_folder_the_daemon_cannot_write_is_a_clear_error() {
         "[store]\nstate_dir = \"state\"\n",
     )
     .unwrap();
-    let out = Command::new(fieldsyncd_bin())
+    let out = Command::new(copy_for_anyone(&fieldsyncd_bin(), dir.path()))
         .arg("--config")
         .arg(dir.path().join("f.toml"))
         .uid(65534)

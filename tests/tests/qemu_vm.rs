@@ -131,7 +131,7 @@ impl Disk {
             .args(["create", "-q", "-f", "raw"])
             .arg(&path)
             .arg(format!("{size_mib}M")));
-        let mut mkfs = Command::new("mkfs.ext4");
+        let mut mkfs = Command::new(fieldsync_tests::system_program("mkfs.ext4"));
         mkfs.args(["-q", "-F", "-L", "fieldsync"]);
         if let Some(root) = contents {
             mkfs.arg("-d").arg(root);
@@ -147,7 +147,7 @@ impl Disk {
         std::fs::create_dir_all(&out).expect("out dir");
         let dest = out.join(guest_path.trim_start_matches('/').replace('/', "_"));
         let _ = std::fs::remove_file(&dest);
-        let result = Command::new("debugfs")
+        let result = Command::new(fieldsync_tests::system_program("debugfs"))
             .arg("-R")
             .arg(format!("dump -p {guest_path} {}", dest.display()))
             .arg(&self.path)

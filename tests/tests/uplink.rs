@@ -1711,3 +1711,35 @@ async fn a_photo_that_never_gets_a_verdict_rests_and_the_next_one_goes() {
     // Asked again with its last byte, not sent whole again.
     assert!(rx.resent <= 3, "{} bytes again", rx.resent);
 }
+
+/// With no `device_id` in the configuration the device makes one at its first start and
+/// keeps it in its state folder: the back office knows it by the same id after a
+/// restart (on images whose machine id changes at every boot, too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_without_a_configured_id_keeps_the_one_it_made() {
+    let broker = Broker::start();
+    let bo = BackOffice::start(broker.port).await;
+    let mut d = Daemon::start_with(Options {
+        uplink: format!(
+            "broker = \"{}\"\nack_timeout_secs = 3\nreconnect_min_ms = 50\n",
+            broker.url()
+        ),
+        ..Options::default()
+    });
+    let kept = d.state_dir.join("device-id");
+    let id = std::fs::read_to_string(&kept).expect("the id is kept before the daemon is ready");
+    let id = id.trim().to_owned();
+    assert!(!id.is_empty() && id.len() <= 64, "{id:?}");
+    let mut c = d.client().await;
+    c.add_record("WO-1", note("before".into())).await.unwrap();
+    let first = bo.wait_applied(1, Duration::from_secs(20)).await;
+    assert_eq!(first[0].device, id);
+    drop(c);
+    d.kill();
+    d.spawn();
+    let mut c = d.client().await;
+    c.add_record("WO-1", note("after".into())).await.unwrap();
+    let both = bo.wait_applied(2, Duration::from_secs(20)).await;
+    assert_eq!(both[1].device, id, "the same device after a restart");
+    assert_eq!(std::fs::read_to_string(&kept).unwrap().trim(), id);
+}

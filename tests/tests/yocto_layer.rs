@@ -100,7 +100,7 @@ fn classify(source: &str) -> Result<Source> {
     if let Some(name) = source.strip_prefix("${B}/target/${CARGO_TARGET_SUBDIR}/") {
         return Ok(Source::Binary(name.to_owned()));
     }
-    if source == "${UNPACKDIR}/$fragment" {
+    if source == "${FIELDSYNC_UNPACKED}/$fragment" {
         return Ok(Source::IntegratorFragment);
     }
     bail!(
@@ -378,5 +378,31 @@ fn layer_declares_the_series_its_kas_files_build() -> Result<()> {
             "{kas} builds {branch}, which LAYERSERIES_COMPAT_fieldsync ({compat}) leaves out"
         );
     }
+    // From wrynose on, bitbake is a repository of its own, and openembedded-core's
+    // sanity check refuses one older than its BB_MIN_VERSION (2.18.0 for wrynose).
+    let wrynose = read(&format!("{LAYER}/kas/qemuarm64.yml"))?;
+    let bitbake = wrynose
+        .split("\n  bitbake:")
+        .nth(1)
+        .and_then(|repo| repo.lines().find_map(|l| l.trim().strip_prefix("branch:")))
+        .context("kas/qemuarm64.yml has no bitbake repository with a branch")?;
+    ensure!(
+        bitbake.trim().trim_matches('"') == "2.18",
+        "kas/qemuarm64.yml checks out bitbake {bitbake}; wrynose needs 2.18"
+    );
+    Ok(())
+}
+
+/// From styhead on, oe-core sets UNPACKDIR itself and stops a recipe that points it at
+/// WORKDIR; a recipe's own `??=` would win over oe-core's (the last weak default parsed
+/// is the one kept).
+#[test]
+fn the_recipe_leaves_unpackdir_to_the_series() -> Result<()> {
+    let recipe = read(RECIPE)?;
+    let assigns = recipe
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .find(|l| l.trim_start().starts_with("UNPACKDIR"));
+    ensure!(assigns.is_none(), "{RECIPE} assigns UNPACKDIR: {assigns:?}");
     Ok(())
 }

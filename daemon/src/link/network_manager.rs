@@ -60,6 +60,7 @@ const NM_KEYS: [&str; 7] = [
 const MM_KEYS: [&str; 1] = ["AccessTechnologies"];
 
 // NetworkManager's NMState, NMConnectivityState, NMMetered and NMDeviceType values.
+const NM_STATE_UNKNOWN: u32 = 0;
 const NM_STATE_DISCONNECTED: u32 = 20;
 const NM_STATE_CONNECTING: u32 = 40;
 const NM_STATE_CONNECTED_LOCAL: u32 = 50;
@@ -116,6 +117,13 @@ pub(super) struct Snapshot {
     /// The modem's access technologies when the primary connection runs on one and
     /// ModemManager answers.
     pub access: Option<u32>,
+    /// The primary connection runs on a modem ModemManager drives (NetworkManager names
+    /// it by ModemManager's object path): its word on the technology is awaited.
+    pub mm_modem: bool,
+    /// A call after NetworkManager's own properties failed or timed out (an object went
+    /// away mid-read, a busy service): what is missing is read again soon, and until
+    /// then this read cannot loosen the class.
+    pub incomplete: bool,
     /// An Ethernet device of the primary connection is a phone's USB tethering (by its
     /// driver): cellular, whatever its device type says.
     pub tethered: bool,
@@ -172,6 +180,14 @@ pub(super) fn classify(s: &Snapshot) -> LinkState {
         // A restarted NetworkManager owns its name before it has taken its connections
         // back; calling that "offline" would drop a broker connection that works.
         return state(LinkClass::Unknown, "NetworkManager is starting".into());
+    }
+    if s.state == NM_STATE_UNKNOWN {
+        // NetworkManager's own word for "cannot say": its API asks applications to
+        // assume a link may be there. Also what a missing or mistyped `State` reads as.
+        return state(
+            LinkClass::Unknown,
+            "NetworkManager does not say its state".into(),
+        );
     }
     if s.state < NM_STATE_CONNECTED_SITE {
         // Connected without a default route: a broker on the local network may answer.
@@ -265,6 +281,12 @@ pub(super) fn classify(s: &Snapshot) -> LinkState {
         NM_DEVICE_MODEM => match s.access {
             Some(a) if a & MM_FAST != 0 => state(LinkClass::Cellular, access_words(a)),
             Some(a) if a & MM_SLOW != 0 => state(LinkClass::TwoG, access_words(a)),
+            // ModemManager has not named the technology (registering, restarting, not
+            // answering): it may be EDGE, so files wait for its word.
+            _ if s.mm_modem => state(
+                LinkClass::TwoG,
+                "cellular, technology not named by ModemManager yet".to_owned(),
+            ),
             _ => state(
                 LinkClass::Cellular,
                 "cellular, generation unknown".to_owned(),
@@ -436,6 +458,18 @@ fn hold_unsure_modem(current: &LinkState, new: LinkState) -> LinkState {
     new
 }
 
+/// A read that missed part of the state may tighten the class (a link going down is
+/// news to act on) but never loosen it: what it could not read may be the EDGE modem
+/// or the metered device that holds files back.
+fn hold_unless_tighter(current: &LinkState, new: LinkState) -> LinkState {
+    if current.source == LinkSource::NetworkManager
+        && restrictiveness(new.class) > restrictiveness(current.class)
+    {
+        return held(current, "part of the state could not be read");
+    }
+    new
+}
+
 fn replace_if_changed(current: &mut LinkState, new: LinkState) -> bool {
     if *current == new {
         return false;
@@ -491,6 +525,7 @@ async fn watch_bus(
                 fallback.leave(&state);
                 let starting = snapshot.starting;
                 let unsure_modem = snapshot.modem_generation_unknown();
+                let incomplete = snapshot.incomplete;
                 tx.send_if_modified(|s| {
                     // Both: NetworkManager and ModemManager may restart together.
                     let state = if starting {
@@ -503,9 +538,17 @@ async fn watch_bus(
                     } else {
                         state
                     };
+                    let state = if incomplete {
+                        hold_unless_tighter(s, state)
+                    } else {
+                        state
+                    };
                     replace_if_changed(s, state)
                 });
-                false
+                if incomplete {
+                    tracing::debug!("part of NetworkManager's or ModemManager's state could not be read; reading again");
+                }
+                incomplete
             }
             Ok(None) => {
                 fallback.enter(tx, "NetworkManager is not on the system bus".into());
@@ -699,6 +742,7 @@ async fn read(conn: &Connection) -> zbus::Result<Option<Snapshot>> {
         return Ok(Some(snap));
     };
     let Ok(active) = get_all(conn, NM, &primary, NM_ACTIVE).await else {
+        snap.incomplete = true;
         return Ok(Some(snap));
     };
     if snap.kind.is_empty() {
@@ -716,6 +760,7 @@ async fn read(conn: &Connection) -> zbus::Result<Option<Snapshot>> {
                 continue;
             }
             let Ok(other) = get_all(conn, NM, &path, NM_ACTIVE).await else {
+                snap.incomplete = true;
                 continue;
             };
             if prop_u32(&other, "State") != Some(NM_ACTIVE_CONNECTION_ACTIVATED) {
@@ -730,6 +775,7 @@ async fn read(conn: &Connection) -> zbus::Result<Option<Snapshot>> {
                 ..Snapshot::default()
             };
             read_devices(conn, &other, &mut under).await;
+            snap.incomplete |= under.incomplete;
             snap.under.push(under);
         }
     }
@@ -737,14 +783,22 @@ async fn read(conn: &Connection) -> zbus::Result<Option<Snapshot>> {
 }
 
 /// The device types of an active connection (and what carries a bridge, bond or VLAN),
-/// a modem's access technologies, and whether an Ethernet device is a phone's tethering.
+/// a modem's access technologies, whether an Ethernet device is a phone's tethering,
+/// and whether a device is metered: NetworkManager's global `Metered` is the primary
+/// connection's device's alone, and says nothing of the link under a tunnel.
 async fn read_devices(conn: &Connection, active: &Props, snap: &mut Snapshot) {
     for device in prop_paths(active, "Devices") {
         let Ok(d) = get_all(conn, NM, &device, NM_DEVICE).await else {
+            snap.incomplete = true;
             continue;
         };
         let kind = prop_u32(&d, "DeviceType").unwrap_or(0);
         snap.devices.push(kind);
+        if let Some(m @ (NM_METERED_YES | NM_METERED_GUESS_YES)) = prop_u32(&d, "Metered") {
+            if !matches!(snap.metered, NM_METERED_YES | NM_METERED_GUESS_YES) {
+                snap.metered = m;
+            }
+        }
         // What carries a bridge, a bond or a VLAN decides its class: their devices are
         // listed after it.
         for carrier in carriers(conn, &device, kind, &d).await {
@@ -755,8 +809,10 @@ async fn read_devices(conn: &Connection, active: &Props, snap: &mut Snapshot) {
         if kind == NM_DEVICE_MODEM && snap.access.is_none() {
             // NetworkManager names a ModemManager modem by its object path.
             if let Some(udi) = prop_str(&d, "Udi").filter(|u| u.starts_with(MM_PATH)) {
-                if let Ok(m) = get_all(conn, MM, &udi, MM_MODEM).await {
-                    snap.access = prop_u32(&m, "AccessTechnologies");
+                snap.mm_modem = true;
+                match get_all(conn, MM, &udi, MM_MODEM).await {
+                    Ok(m) => snap.access = prop_u32(&m, "AccessTechnologies"),
+                    Err(_) => snap.incomplete = true,
                 }
             }
         }
@@ -868,6 +924,52 @@ mod tests {
             wifi,
             "NetworkManager's word replaces it"
         );
+    }
+
+    /// A modem ModemManager drives but whose technology it has not named (registering,
+    /// or its answer lost) may be on EDGE: files wait. One it does not drive (no
+    /// ModemManager object) has nobody to ask, and counts as cellular.
+    #[test]
+    fn a_modem_modemmanager_has_not_named_holds_files_back() {
+        let unnamed = |access| Snapshot {
+            mm_modem: true,
+            ..online("gsm", 1, &[8], access)
+        };
+        assert_eq!(classify(&unnamed(None)).class, LinkClass::TwoG);
+        assert_eq!(classify(&unnamed(Some(0))).class, LinkClass::TwoG);
+        assert_eq!(classify(&unnamed(Some(1 << 14))).class, LinkClass::Cellular);
+        assert_eq!(
+            classify(&online("gsm", 1, &[8], None)).class,
+            LinkClass::Cellular
+        );
+    }
+
+    /// NetworkManager's NM_STATE_UNKNOWN (also what a missing `State` reads as) says
+    /// nothing of the link: not offline.
+    #[test]
+    fn an_unknown_network_manager_state_is_not_offline() {
+        let s = Snapshot {
+            state: 0,
+            ..Snapshot::default()
+        };
+        assert_eq!(classify(&s).class, LinkClass::Unknown);
+    }
+
+    /// A read that missed part of the state may tighten the class, never loosen it.
+    #[test]
+    fn an_incomplete_read_never_loosens_the_class() {
+        let edge = classify(&online("gsm", 1, &[8], Some(MM_EDGE)));
+        let lte = classify(&online("gsm", 1, &[8], Some(1 << 14)));
+        let wifi = classify(&online("802-11-wireless", 4, &[2], None));
+        let kept = hold_unless_tighter(&edge, lte.clone());
+        assert_eq!(kept.class, LinkClass::TwoG);
+        assert!(kept.detail.contains("could not be read"), "{}", kept.detail);
+        assert_eq!(hold_unless_tighter(&wifi, edge.clone()), edge);
+        let offline = LinkState {
+            class: LinkClass::Offline,
+            ..edge.clone()
+        };
+        assert_eq!(hold_unless_tighter(&lte, offline.clone()), offline);
     }
 
     /// ModemManager restarting on EDGE: the modem stays 2G for files until it names a
@@ -1109,6 +1211,16 @@ mod tests {
                 },
                 Wifi,
                 "a tunnel over Wi-Fi",
+            ),
+            (
+                Snapshot {
+                    // The Wi-Fi device's own Metered (a phone's hotspot), read because
+                    // the global one is the tunnel's.
+                    under: vec![online("802-11-wireless", 3, &[2], None)],
+                    ..online("wireguard", 4, &[29], None)
+                },
+                Metered,
+                "a tunnel over a phone's hotspot",
             ),
             (
                 Snapshot {

@@ -835,6 +835,20 @@ fn cause(e: &StoreError) -> String {
     }
 }
 
+/// Writes a small file of the state folder so that a power cut leaves either the whole
+/// new content or none: a temporary file, synced, renamed over, the folder synced.
+pub fn write_durably(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut file = std::fs::File::create(&tmp)?;
+    std::io::Write::write_all(&mut file, contents)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    photos::fsync_dir(dir)
+}
+
 /// Milliseconds since the Unix epoch, the store's and the protocol's clock.
 pub fn now_ms() -> i64 {
     SystemTime::now()

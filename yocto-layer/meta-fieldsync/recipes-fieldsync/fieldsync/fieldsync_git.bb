@@ -49,8 +49,10 @@ SRCREV ??= "${@fieldsync_checkout_rev(d)}"
 # nooelint: oelint.vars.mispell.unknown
 BB_DONT_CACHE = "${@'1' if d.getVar('FIELDSYNC_GIT_URI').startswith('git://' + d.getVar('FIELDSYNC_SRCDIR') + ';') else ''}"
 
-# scarthgap unpacks into WORKDIR and has no UNPACKDIR; later series unpack into UNPACKDIR.
-UNPACKDIR ??= "${WORKDIR}"
+# Where the config fragments are unpacked: scarthgap unpacks into WORKDIR and has no
+# UNPACKDIR; later series unpack into UNPACKDIR, which they set, and refuse a recipe that
+# makes it WORKDIR.
+FIELDSYNC_UNPACKED = "${@d.getVar('UNPACKDIR') or d.getVar('WORKDIR')}"
 
 inherit cargo cargo-update-recipe-crates ptest-cargo systemd useradd features_check
 
@@ -110,7 +112,7 @@ do_install() {
         if [ "${fragment%.toml}" = "$fragment" ] || [ "${fragment##*/}" != "$fragment" ]; then
             bbfatal "FIELDSYNC_CONFIG_FRAGMENTS: $fragment is not a file name ending in .toml (the daemon reads only config.d/*.toml)"
         fi
-        install -m 0640 ${UNPACKDIR}/$fragment ${D}${sysconfdir}/fieldsync/config.d/$fragment
+        install -m 0640 ${FIELDSYNC_UNPACKED}/$fragment ${D}${sysconfdir}/fieldsync/config.d/$fragment
     done
     # Drop-ins may hold broker credentials: the daemon's group reads them, nobody else.
     chown -R root:fieldsync ${D}${sysconfdir}/fieldsync/config.d
