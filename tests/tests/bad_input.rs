@@ -706,6 +706,122 @@ async fn a_damaged_database_is_moved_aside_and_reported() {
     assert_eq!(std::fs::read(&moved).unwrap(), junk, "kept byte for byte");
     // The daemon works on a fresh store.
     c.add_record("WO-1", note("after")).await.unwrap();
+    // And says so at every start while the moved file is there: what it holds was
+    // never delivered.
+    drop(c);
+    d.kill();
+    d.spawn();
+    let mut c = d.client().await;
+    assert_eq!(c.status().await.unwrap().damaged_store, Some(moved.clone()));
+    std::fs::remove_file(&moved).unwrap();
+    drop(c);
+    d.kill();
+    d.spawn();
+    let mut c = d.client().await;
+    assert_eq!(
+        c.status().await.unwrap().damaged_store,
+        None,
+        "support took it"
+    );
+}
+
+/// One daemon per state folder: a second one (started by hand during support, a second
+/// unit) stops before it touches anything, so a photo the first is about to name keeps
+/// its file.
+#[tokio::test]
+async fn a_second_daemon_on_the_same_state_folder_stops_and_touches_nothing() {
+    let d = Daemon::start();
+    let mut c = d.client().await;
+    c.status().await.unwrap();
+    // A photo file no row names yet: what an attach in progress looks like.
+    let shard = d.state_dir.join("photos").join("ab");
+    std::fs::create_dir_all(&shard).unwrap();
+    let pending = shard.join(format!("ab{}", "0".repeat(62)));
+    std::fs::write(&pending, b"photo bytes").unwrap();
+    let other = d.dir.path().join("other.toml");
+    std::fs::write(
+        &other,
+        "[store]\nstate_dir = \"state\"\nmin_free_bytes = 0\n[ui]\nsocket = \"other.sock\"\n",
+    )
+    .unwrap();
+    let mut second = Command::new(fieldsyncd_bin())
+        .arg("--config")
+        .arg(&other)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while second.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = second.kill();
+    let out = second.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the second daemon ran on: {err}"
+    );
+    assert!(err.contains("another fieldsyncd"), "{err}");
+    assert!(
+        pending.exists(),
+        "the second daemon swept the first one's photo"
+    );
+    // The first goes on.
+    c.add_record("WO-1", note("still here")).await.unwrap();
+}
+
+/// A database file the daemon's user may read but not write (left by root after a
+/// support session): SQLite would open it read-only without a word, and every change
+/// would fail behind a daemon that said it was ready.
+#[test]
+fn a_database_the_daemon_cannot_write_is_a_clear_error() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test switches users and needs root"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    for p in [dir.path(), state.as_path()] {
+        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    }
+    // A database root made: readable by all, writable by root only.
+    let db = state.join("fieldsync.db");
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute_batch(
+            "PRAGMA journal_mode=WAL; CREATE TABLE t(x); PRAGMA wal_checkpoint(TRUNCATE);",
+        )
+        .unwrap();
+    for f in ["fieldsync.db-wal", "fieldsync.db-shm"] {
+        let _ = std::fs::remove_file(state.join(f));
+    }
+    std::fs::set_permissions(&db, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let before = std::fs::read(&db).unwrap();
+    std::fs::write(
+        dir.path().join("f.toml"),
+        "[store]\nstate_dir = \"state\"\nmin_free_bytes = 0\n",
+    )
+    .unwrap();
+    let out = Command::new(copy_for_anyone(&fieldsyncd_bin(), dir.path()))
+        .arg("--config")
+        .arg(dir.path().join("f.toml"))
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("can be read but not written") && err.contains("fieldsync.db"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&db).unwrap(),
+        before,
+        "nothing moved or changed"
+    );
 }
 
 #[tokio::test]

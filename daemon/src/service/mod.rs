@@ -718,8 +718,10 @@ impl Service {
         let size = nix::sys::stat::fstat(&fd)
             .map(|s| s.st_size.max(0) as u64)
             .unwrap_or(0);
-        self.check_space(size)?;
         let _files = self.inner.photo_files.lock().await;
+        // Measured once the attaches before this one have written their files, or each
+        // of several at once would pass against the same free space.
+        self.check_space(size)?;
         let copy_store = store.clone();
         let photo = tokio::task::spawn_blocking(move || copy_store.photos().ingest(fd, limit))
             .await
@@ -743,9 +745,13 @@ impl Service {
                 self.after_change(&item, unsent);
                 Ok(Response::Item(item))
             }
+            // The store failed (an I/O error at COMMIT may have left the row in the
+            // log, to come back at the next start): the file stays, and the sweep at the
+            // next start removes it if no row names it then.
+            Err(e @ DomainError::Store(_)) => Err(e),
             Err(e) => {
-                // The file is on disk but no row names it; drop it unless another
-                // item already uses the same bytes.
+                // Refused by the job itself, so nothing was stored: the file is on disk
+                // but no row names it; drop it unless another item uses the same bytes.
                 let named = store
                     .read(move |c| {
                         c.query_row(

@@ -73,6 +73,17 @@ pub enum StoreError {
     Closed,
     #[error("cannot switch the database to full sync, so nothing is written")]
     SyncMode,
+    #[error("another fieldsyncd is using the state folder {path} (it holds {lock}); one daemon per state folder")]
+    InUse { path: PathBuf, lock: PathBuf },
+    #[error("cannot take the state folder's lock {path}: {source}")]
+    Lock {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "the database {path} can be read but not written by this user (check its owner and mode)"
+    )]
+    DatabaseReadOnly { path: PathBuf },
 }
 
 impl StoreError {
@@ -175,9 +186,14 @@ struct Inner {
     /// Set while a deferred check has not passed (not run yet, under way, or failed):
     /// a stop then must not count as clean, or the next start would defer it again.
     suspect: std::sync::atomic::AtomicBool,
+    /// Held for the life of the store: a second daemon on the same folder would sweep
+    /// photo files this one is about to name and migrate its database under it.
+    _lock: nix::fcntl::Flock<std::fs::File>,
 }
 
 pub const DB_FILE: &str = "fieldsync.db";
+/// The state folder's lock file ([`Store::open`]).
+pub const LOCK_FILE: &str = "lock";
 
 impl Store {
     /// Opens (or creates) the store in `state_dir`: checks the database, moves a damaged
@@ -188,6 +204,8 @@ impl Store {
             source,
         })?;
         check_writable(state_dir)?;
+        // First, before anything in the folder is touched.
+        let lock = lock_folder(state_dir)?;
         let db_path = state_dir.join(DB_FILE);
         let mut report = OpenReport::default();
         let marker = state_dir.join(CLEAN_STOP);
@@ -229,6 +247,16 @@ impl Store {
             }
         };
         let mut conn = conn;
+        if conn.is_readonly(rusqlite::MAIN_DB)? {
+            // SQLite opens a file it may not write read-only, without an error: every
+            // change would fail later, behind a daemon that said it was ready.
+            return Err(StoreError::DatabaseReadOnly { path: db_path });
+        }
+        if report.damaged_moved_to.is_none() {
+            // Reported at every start until support has taken it away: what it holds
+            // was never delivered, and a restart must not make the store look whole.
+            report.damaged_moved_to = moved_aside_before(state_dir);
+        }
         report.schema_version = schema::migrate(&mut conn)?;
         let photos = PhotoDir::open(&state_dir.join("photos")).map_err(|e| match e {
             PhotoError::Io { path, source } => StoreError::NotWritable { path, source },
@@ -279,6 +307,7 @@ impl Store {
                 attachments,
                 state_dir: state_dir.to_owned(),
                 suspect: std::sync::atomic::AtomicBool::new(report.check_deferred),
+                _lock: lock,
             }),
         };
         if let Some((wake, thread)) = checkpoint::start(&db_path, Arc::downgrade(&store.inner)) {
@@ -645,6 +674,50 @@ fn quick_check(conn: &Connection) -> Result<(), rusqlite::Error> {
     Ok(())
 }
 
+/// Takes the state folder's lock without waiting: a second daemon fails at once.
+fn lock_folder(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, StoreError> {
+    let path = dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| StoreError::Lock {
+            path: path.clone(),
+            source,
+        })?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+        |(_, errno)| {
+            if errno == nix::errno::Errno::EWOULDBLOCK {
+                StoreError::InUse {
+                    path: dir.to_owned(),
+                    lock: path.clone(),
+                }
+            } else {
+                StoreError::Lock {
+                    path: path.clone(),
+                    source: errno.into(),
+                }
+            }
+        },
+    )
+}
+
+/// The newest database an earlier start moved aside, if it is still there.
+fn moved_aside_before(dir: &Path) -> Option<PathBuf> {
+    let prefix = format!("{DB_FILE}.damaged-");
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let stamp: u64 = name.strip_prefix(&prefix)?.parse().ok()?;
+            Some((stamp, e.path()))
+        })
+        .max()
+        .map(|(_, path)| path)
+}
+
 /// Renames the database and its WAL and SHM files to `<name>.damaged-<unix time>`; never
 /// deletes them, since they may hold work support can still recover.
 fn move_aside(db: &Path) -> Result<PathBuf, StoreError> {
@@ -689,10 +762,16 @@ fn move_aside(db: &Path) -> Result<PathBuf, StoreError> {
 fn sweep_unreferenced_photos(conn: &Connection, photos: &PhotoDir) -> Result<(), StoreError> {
     let mut stmt = conn.prepare("SELECT 1 FROM items WHERE photo_sha256 = ?1 LIMIT 1")?;
     let mut removed = 0usize;
-    for sha in photos.list().map_err(|e| StoreError::NotWritable {
-        path: photos.root().to_owned(),
-        source: std::io::Error::other(e.to_string()),
-    })? {
+    let listed = match photos.list() {
+        Ok(listed) => listed,
+        // Housekeeping: a folder that cannot be read (failing flash after a power cut)
+        // must not keep the daemon from syncing what it can.
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list the photo files to sweep; they stay");
+            return Ok(());
+        }
+    };
+    for sha in listed {
         if !stmt.exists([&sha])? {
             photos.remove(&sha);
             removed += 1;
@@ -793,6 +872,16 @@ fn run_group(conn: &Connection, batch: Vec<Job>) {
                 reply(Ok(()));
             }
         }
+        Err(e) if is_sync_failure(&e) => {
+            // After a failed fsync the kernel may have dropped the pages it could not
+            // write and report the next fsync as a success; SQLite's log may also hold
+            // this group's frames, which recovery would replay. Neither "stored" nor "not
+            // stored" is known to be true: stop, and let the next start's recovery and
+            // check say what the disk holds. The callers see their connection close.
+            tracing::error!(error = %e, jobs = replies.len(), "the storage failed to sync a commit; stopping so that the next start recovers the database");
+            eprintln!("fieldsyncd: the storage failed to sync a commit ({e}); stopping");
+            std::process::exit(1);
+        }
         Err(e) => {
             let e = StoreError::classify(e);
             tracing::error!(error = %e, jobs = replies.len(), "commit failed; nothing of this group was stored");
@@ -803,6 +892,17 @@ fn run_group(conn: &Connection, batch: Vec<Job>) {
             }
         }
     }
+}
+
+/// SQLite's words for a write or sync of the log that the storage failed (not a full
+/// disk, which SQLite reports as such and which is safe to go on from).
+fn is_sync_failure(e: &rusqlite::Error) -> bool {
+    matches!(
+        e,
+        rusqlite::Error::SqliteFailure(f, _)
+            if f.extended_code == rusqlite::ffi::SQLITE_IOERR_FSYNC
+                || f.extended_code == rusqlite::ffi::SQLITE_IOERR_WRITE
+    )
 }
 
 /// A job that cannot run: its answer, without running it.
