@@ -154,21 +154,29 @@ impl PhotoDir {
             path: dir.clone(),
             source,
         };
-        // The folder's own entry is synced every time, not only when this call made
-        // it: one made by a call whose sync failed (or was cut short) would otherwise
-        // never be, and a power cut could take every photo renamed into it since.
-        std::fs::create_dir_all(&dir).map_err(dir_io)?;
-        fsync_dir(&self.root).map_err(dir_io)?;
-        // Same content already stored: keep the existing file, unless it no longer
-        // holds that content (a damaged one is how an inspector ends up attaching the
-        // same photo again).
-        if final_path.exists() && self.verify(&photo.sha256).is_ok() {
+        let placed = (|| {
+            // The folder's own entry is synced every time, not only when this call made
+            // it: one made by a call whose sync failed (or was cut short) would
+            // otherwise never be, and a power cut could take every photo renamed into
+            // it since.
+            std::fs::create_dir_all(&dir).map_err(dir_io)?;
+            fsync_dir(&self.root).map_err(dir_io)?;
+            // Same content already stored: keep the existing file, unless it no longer
+            // holds that content (a damaged one is how an inspector ends up attaching
+            // the same photo again).
+            if final_path.exists() && self.verify(&photo.sha256).is_ok() {
+                let _ = std::fs::remove_file(&tmp_path);
+            } else {
+                std::fs::rename(&tmp_path, &final_path).map_err(dir_io)?;
+            }
+            fsync_dir(&dir).map_err(dir_io)
+        })();
+        if placed.is_err() {
+            // A full copy left in tmp/ until the next start would eat the reserve that
+            // lets what is stored go on syncing; after the rename there is none to remove.
             let _ = std::fs::remove_file(&tmp_path);
-        } else {
-            std::fs::rename(&tmp_path, &final_path).map_err(dir_io)?;
         }
-        fsync_dir(&dir).map_err(dir_io)?;
-        Ok(photo)
+        placed.map(|()| photo)
     }
 
     /// Checks that a photo's file still holds the bytes its name is the SHA-256 of.
@@ -258,6 +266,25 @@ pub fn fsync_dir(dir: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_copy_that_cannot_be_put_in_place_leaves_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let photos = PhotoDir::open(&dir.path().join("photos")).unwrap();
+        let src = dir.path().join("p.jpg");
+        std::fs::write(&src, b"hello photo").unwrap();
+        let first = photos
+            .ingest(File::open(&src).unwrap().into(), 1 << 20)
+            .unwrap();
+        // Its folder replaced by a file: the next copy cannot be renamed into it.
+        let shard = photos.path_of(&first.sha256).parent().unwrap().to_owned();
+        std::fs::remove_dir_all(&shard).unwrap();
+        std::fs::write(&shard, b"not a folder").unwrap();
+        assert!(photos
+            .ingest(File::open(&src).unwrap().into(), 1 << 20)
+            .is_err());
+        assert_eq!(std::fs::read_dir(&photos.tmp).unwrap().count(), 0);
+    }
 
     #[test]
     fn ingest_hashes_stores_and_deduplicates() {
