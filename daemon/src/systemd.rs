@@ -87,15 +87,18 @@ pub async fn watchdog(store: Store, shutdown: CancellationToken) {
     if timeout < Duration::from_secs(1) {
         tracing::warn!(
             watchdog_usec = usec,
-            "WATCHDOG_USEC is under a second; fed every half second"
+            "WATCHDOG_USEC is under a second; fed every quarter second"
         );
     }
     let timeout = timeout.max(Duration::from_secs(1));
-    // Fed on a steady beat of half the timeout, each probe given a quarter of it: a slow
-    // answer cannot push a feed past the timeout itself.
-    let mut beat = tokio::time::interval(timeout / 2);
+    // Fed on a steady beat of a quarter of the timeout, each probe given an eighth of it:
+    // a slow answer cannot push a feed past the timeout itself, and one probe that waits
+    // behind a long fsync (cheap flash during a burst of photos) leaves two more beats
+    // before systemd would act. At half the timeout, a single missed probe put the next
+    // feed right at the deadline.
+    let mut beat = tokio::time::interval(timeout / 4);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let period = timeout / 4;
+    let period = timeout / 8;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
