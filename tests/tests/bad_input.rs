@@ -557,24 +557,29 @@ fn a_state_folder_the_daemon_cannot_write_is_a_clear_error() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
-    std::fs::write(
-        dir.path().join("f.toml"),
-        "[store]\nstate_dir = \"state\"\n",
-    )
-    .unwrap();
-    let out = Command::new(copy_for_anyone(&fieldsyncd_bin(), dir.path()))
-        .arg("--config")
-        .arg(dir.path().join("f.toml"))
-        .uid(65534)
-        .gid(65534)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let (code, err) = start_as_nobody(dir.path(), "[store]\nstate_dir = \"state\"\n");
+    assert_eq!(code, Some(1), "{err}");
     assert!(
         err.contains("not writable") && err.contains("state"),
         "{err}"
     );
+}
+
+/// Runs `fieldsyncd` as uid and gid 65534 on a config of `text` in `dir` (which the
+/// caller opened to others) until it exits: its exit code and stderr.
+fn start_as_nobody(dir: &std::path::Path, text: &str) -> (Option<i32>, String) {
+    std::fs::write(dir.join("f.toml"), text).unwrap();
+    let out = Command::new(copy_for_anyone(&fieldsyncd_bin(), dir))
+        .arg("--config")
+        .arg(dir.join("f.toml"))
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[tokio::test]
@@ -799,20 +804,11 @@ fn a_database_the_daemon_cannot_write_is_a_clear_error() {
     }
     std::fs::set_permissions(&db, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
     let before = std::fs::read(&db).unwrap();
-    std::fs::write(
-        dir.path().join("f.toml"),
+    let (code, err) = start_as_nobody(
+        dir.path(),
         "[store]\nstate_dir = \"state\"\nmin_free_bytes = 0\n",
-    )
-    .unwrap();
-    let out = Command::new(copy_for_anyone(&fieldsyncd_bin(), dir.path()))
-        .arg("--config")
-        .arg(dir.path().join("f.toml"))
-        .uid(65534)
-        .gid(65534)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    );
+    assert_eq!(code, Some(1), "{err}");
     assert!(
         err.contains("can be read but not written") && err.contains("fieldsync.db"),
         "{err}"

@@ -1719,13 +1719,11 @@ async fn a_photo_that_never_gets_a_verdict_rests_and_the_next_one_goes() {
 async fn a_device_without_a_configured_id_keeps_the_one_it_made() {
     let broker = Broker::start();
     let bo = BackOffice::start(broker.port).await;
-    let mut d = Daemon::start_with(Options {
-        uplink: format!(
-            "broker = \"{}\"\nack_timeout_secs = 3\nreconnect_min_ms = 50\n",
-            broker.url()
-        ),
-        ..Options::default()
-    });
+    let mut options = uplink_options(&broker);
+    let configured = format!("device_id = \"{DEVICE}\"\n");
+    assert!(options.uplink.contains(&configured));
+    options.uplink = options.uplink.replace(&configured, "");
+    let mut d = Daemon::start_with(options);
     let kept = d.state_dir.join("device-id");
     let id = std::fs::read_to_string(&kept).expect("the id is kept before the daemon is ready");
     let id = id.trim().to_owned();

@@ -147,16 +147,6 @@ const SEEN_THROUGH: [u32; 5] = [
 /// Ethernet adapters and docks use them too.)
 const TETHERING_DRIVERS: [&str; 2] = ["ipheth", "rndis_host"];
 
-impl Snapshot {
-    /// The primary connection runs on a modem whose technology ModemManager does not
-    /// name (not answering, or 0 while it registers).
-    fn modem_generation_unknown(&self) -> bool {
-        (self.devices.contains(&NM_DEVICE_MODEM)
-            && self.access.is_none_or(|a| a & (MM_FAST | MM_SLOW) == 0))
-            || self.under.iter().any(Snapshot::modem_generation_unknown)
-    }
-}
-
 /// Turns what NetworkManager and ModemManager said into a class. Pure: tested below.
 pub(super) fn classify(s: &Snapshot) -> LinkState {
     let state = |class, detail: String| LinkState {
@@ -445,19 +435,6 @@ fn held(current: &LinkState, why: &str) -> LinkState {
     }
 }
 
-/// A modem that was on 2G and whose technology ModemManager does not name for a moment
-/// (restarting, registering again) stays 2G for files until it names one.
-fn hold_unsure_modem(current: &LinkState, new: LinkState) -> LinkState {
-    if current.class == LinkClass::TwoG
-        && current.source == LinkSource::NetworkManager
-        && new.class == LinkClass::Cellular
-        && new.connection == current.connection
-    {
-        return held(current, &new.detail);
-    }
-    new
-}
-
 /// A read that missed part of the state may tighten the class (a link going down is
 /// news to act on) but never loosen it: what it could not read may be the EDGE modem
 /// or the metered device that holds files back.
@@ -524,17 +501,11 @@ async fn watch_bus(
                 let state = classify(&snapshot);
                 fallback.leave(&state);
                 let starting = snapshot.starting;
-                let unsure_modem = snapshot.modem_generation_unknown();
                 let incomplete = snapshot.incomplete;
                 tx.send_if_modified(|s| {
                     // Both: NetworkManager and ModemManager may restart together.
                     let state = if starting {
                         hold_while_away(s, state)
-                    } else {
-                        state
-                    };
-                    let state = if unsure_modem {
-                        hold_unsure_modem(s, state)
                     } else {
                         state
                     };
@@ -972,24 +943,27 @@ mod tests {
         assert_eq!(hold_unless_tighter(&lte, offline.clone()), offline);
     }
 
-    /// ModemManager restarting on EDGE: the modem stays 2G for files until it names a
-    /// technology again.
+    /// ModemManager restarting on EDGE (its modem unanswered, the read incomplete): the
+    /// modem stays 2G for files, under a tunnel too, until it names a technology again.
     #[test]
     fn a_modem_on_2g_stays_2g_while_its_technology_is_unknown() {
-        let edge = classify(&online("gsm", 0, &[8], Some(MM_EDGE)));
-        let unsure = online("gsm", 0, &[8], None);
-        assert!(unsure.modem_generation_unknown());
-        let held = hold_unsure_modem(&edge, classify(&unsure));
-        assert_eq!(held.class, LinkClass::TwoG, "{held:?}");
-        // A tunnel over that modem is held as well.
+        let unsure = Snapshot {
+            mm_modem: true,
+            incomplete: true,
+            ..online("gsm", 0, &[8], None)
+        };
+        assert_eq!(classify(&unsure).class, LinkClass::TwoG);
         let tunnel = Snapshot {
             under: vec![unsure.clone()],
             ..online("wireguard", 4, &[29], None)
         };
-        assert!(tunnel.modem_generation_unknown());
-        // Once it names one, nothing holds.
-        assert!(!online("gsm", 0, &[8], Some(1 << 14)).modem_generation_unknown());
-        assert!(!online("gsm", 0, &[8], Some(MM_EDGE)).modem_generation_unknown());
+        assert_eq!(classify(&tunnel).class, LinkClass::TwoG);
+        let named = Snapshot {
+            access: Some(1 << 14),
+            incomplete: false,
+            ..unsure
+        };
+        assert_eq!(classify(&named).class, LinkClass::Cellular);
     }
 
     #[test]

@@ -481,12 +481,7 @@ impl Store {
         let Some(print) = fingerprint(&dir.join(DB_FILE)) else {
             return;
         };
-        let marker = dir.join(CLEAN_STOP);
-        let written = std::fs::File::create(&marker).and_then(|mut f| {
-            std::io::Write::write_all(&mut f, print.as_bytes())?;
-            f.sync_all()
-        });
-        if let Err(e) = written.and_then(|_| photos::fsync_dir(dir)) {
+        if let Err(e) = write_durably(&dir.join(CLEAN_STOP), print.as_bytes()) {
             // Only costs the next start a full check.
             tracing::warn!(error = %e, "cannot note the clean stop");
         }
