@@ -829,7 +829,21 @@ fn run_group(conn: &Connection, batch: Vec<Job>) {
         } else {
             exec(conn, "ROLLBACK TO job").and_then(|_| exec(conn, "RELEASE job"))
         };
-        if conn.is_autocommit() {
+        // A failed job whose savepoint cannot be rolled back leaves its half-done
+        // change in the transaction, where COMMIT would store it behind an error
+        // answer: the whole group goes instead, as below.
+        let undo_failed = !ok && end.is_err();
+        if undo_failed {
+            if let Err(e) = &end {
+                tracing::error!(error = %e, "cannot undo a failed change; its group is rolled back");
+            }
+            if !conn.is_autocommit() {
+                if let Err(e) = exec(conn, "ROLLBACK") {
+                    tracing::error!(error = %e, "rollback failed");
+                }
+            }
+        }
+        if undo_failed || conn.is_autocommit() {
             // SQLite rolled the whole transaction back (an I/O error, a full disk during
             // a cache spill): the jobs before this one are gone with it. Going on would
             // commit the later ones each on its own while the group reports failure,
@@ -1022,6 +1036,54 @@ mod tests {
                         if i % 7 == 3 {
                             // What SQLite does by itself on an I/O error.
                             c.execute_batch("ROLLBACK")?;
+                            return Err(StoreError::Closed);
+                        }
+                        Ok::<_, StoreError>(())
+                    })
+                    .await;
+                (i, answer.is_ok())
+            }));
+        }
+        let mut ok = std::collections::BTreeSet::new();
+        for h in handles {
+            let (i, answered_ok) = h.await.unwrap();
+            if answered_ok {
+                ok.insert(format!("k{i}"));
+            }
+        }
+        let stored: std::collections::BTreeSet<String> = store
+            .read(|c| {
+                let mut stmt = c.prepare("SELECT key FROM settings WHERE key LIKE 'k%'")?;
+                let keys = stmt
+                    .query_map([], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?;
+                Ok::<_, StoreError>(keys)
+            })
+            .await
+            .unwrap();
+        assert_eq!(stored, ok, "stored exactly what was answered ok");
+        store.close();
+    }
+
+    /// A failed job whose savepoint is gone by the time it is undone (here it released
+    /// it itself) must not leave its half-done change in the group's commit.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_job_that_cannot_be_undone_takes_its_group_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        let mut handles = Vec::new();
+        for i in 0..60 {
+            let store = store.clone();
+            handles.push(tokio::spawn(async move {
+                let answer = store
+                    .write(move |c| {
+                        c.execute(
+                            "INSERT INTO settings (key, value) VALUES (?1, 'v')",
+                            [format!("k{i}")],
+                        )?;
+                        if i % 7 == 3 {
+                            // Alone in its group there is no savepoint, and this fails.
+                            let _ = c.execute_batch("RELEASE job");
                             return Err(StoreError::Closed);
                         }
                         Ok::<_, StoreError>(())
