@@ -220,6 +220,18 @@ impl Store {
         }
         report.check_deferred =
             left.is_some() && left.as_deref().map(str::trim) == fingerprint(&db_path).as_deref();
+        if log_without_database(&db_path) {
+            // SQLite would take an empty or missing database file for a new one and
+            // delete the log beside it, and with it every change the log still holds.
+            let moved = move_aside(&db_path)?;
+            tracing::error!(
+                database = %db_path.display(),
+                moved_to = %moved.display(),
+                "the database file is empty or missing but its log is not; both were moved aside and a new database started"
+            );
+            report.damaged_moved_to = Some(moved);
+            report.check_deferred = false;
+        }
         let conn = match open_checked(&db_path, !report.check_deferred) {
             Ok(conn) => conn,
             // Busy, an I/O error, no memory: the file may be fine, and moving it aside
@@ -667,6 +679,14 @@ fn quick_check(conn: &Connection) -> Result<(), rusqlite::Error> {
         ));
     }
     Ok(())
+}
+
+/// A log with frames in it beside a database file that is missing or empty: the file
+/// system lost the database (SQLite never leaves it empty once its log is in use).
+fn log_without_database(db: &Path) -> bool {
+    let log = std::fs::metadata(format!("{}-wal", db.display())).map_or(0, |m| m.len());
+    let database = std::fs::metadata(db).map_or(0, |m| m.len());
+    log > 0 && database == 0
 }
 
 /// Takes the state folder's lock without waiting: a second daemon fails at once.
@@ -1336,6 +1356,28 @@ mod tests {
         let (store, _) = Store::open(dir.path()).unwrap();
         drop(store);
         assert_eq!(std::fs::read(&kept).unwrap(), b"bytes");
+    }
+
+    #[test]
+    fn a_log_left_beside_an_empty_database_is_moved_aside_not_deleted() {
+        for database in [Some(&b""[..]), None] {
+            let dir = tempfile::tempdir().unwrap();
+            let (store, _) = Store::open(dir.path()).unwrap();
+            store.close();
+            drop(store);
+            let db = dir.path().join(DB_FILE);
+            let log = vec![0x37u8; 4120];
+            std::fs::write(dir.path().join(format!("{DB_FILE}-wal")), &log).unwrap();
+            match database {
+                Some(bytes) => std::fs::write(&db, bytes).unwrap(),
+                None => std::fs::remove_file(&db).unwrap(),
+            }
+            let (store, report) = Store::open(dir.path()).unwrap();
+            let moved = report.damaged_moved_to.expect("moved aside");
+            let kept = PathBuf::from(format!("{}-wal", moved.display()));
+            assert_eq!(std::fs::read(&kept).unwrap(), log);
+            store.close();
+        }
     }
 
     #[test]
