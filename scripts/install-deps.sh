@@ -70,10 +70,12 @@ need pkg-config pkg-config
 need mosquitto mosquitto
 if [ "$demo_only" -eq 0 ]; then
     # Tests: mount/umount for the full-disk test, systemd-analyze for the unit checks,
+    # systemd-socket-activate to pass the UI socket as fieldsyncd.socket does,
     # mosquitto_pub as the benchmarks' reference, openssl for the TLS tests' certificates,
     # python3-venv for the Yocto lint.
     need mount mount
     need systemd-analyze systemd
+    need systemd-socket-activate systemd
     need mosquitto_pub mosquitto-clients
     need openssl openssl
     /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)

@@ -127,7 +127,28 @@ pub struct Options {
     /// Runs the daemon under a systemd-like watchdog of this period: `WATCHDOG_USEC`, and
     /// `WATCHDOG_PID` naming the daemon itself (a shell exports its own pid, then execs).
     pub watchdog_usec: Option<u64>,
+    /// How the UI socket reaches the daemon.
+    pub launch: Launch,
 }
+
+/// How the daemon gets its UI socket.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum Launch {
+    /// It binds the configured path itself.
+    #[default]
+    Binds,
+    /// systemd's `systemd-socket-activate` listens on [`Daemon::socket`] and starts the
+    /// daemon on the first connection, passing the socket by `LISTEN_FDS`; the config
+    /// names another path, which the daemon must then leave alone.
+    Activated,
+    /// The same with a datagram socket, which the daemon must refuse.
+    ActivatedDatagram,
+    /// `LISTEN_FDS=1` names descriptor 3, opened on this file: a leaked variable.
+    StrayListenFds(PathBuf),
+}
+
+/// The path the config names when the socket comes from systemd.
+pub const UNUSED_SOCKET: &str = "bound-by-daemon.sock";
 
 impl Default for Options {
     fn default() -> Self {
@@ -139,6 +160,7 @@ impl Default for Options {
             sync: "network_manager = false\n".into(),
             env: Vec::new(),
             watchdog_usec: None,
+            launch: Launch::Binds,
         }
     }
 }
@@ -151,6 +173,7 @@ pub struct Daemon {
     pub config: PathBuf,
     env: Vec<(String, String)>,
     watchdog_usec: Option<u64>,
+    launch: Launch,
     child: Option<Child>,
 }
 
@@ -160,6 +183,14 @@ impl Daemon {
     }
 
     pub fn start_with(options: Options) -> Daemon {
+        let mut d = Daemon::configured(options);
+        d.spawn();
+        d
+    }
+
+    /// Writes the state folder's config without starting anything: for a start that is
+    /// expected to fail ([`Daemon::run_until_exit`]).
+    pub fn configured(options: Options) -> Daemon {
         let dir = tempfile::Builder::new()
             .prefix("fieldsync-test")
             .tempdir()
@@ -167,27 +198,30 @@ impl Daemon {
         let state_dir = dir.path().join("state");
         let socket = dir.path().join("ui.sock");
         let config = dir.path().join("fieldsyncd.toml");
+        let configured = match options.launch {
+            Launch::Binds => "ui.sock",
+            _ => UNUSED_SOCKET,
+        };
         std::fs::write(dir.path().join("work-orders.json"), &options.work_orders)
             .expect("write work orders");
         std::fs::write(
             &config,
             format!(
-                "[store]\nstate_dir = \"state\"\n{}\n[ui]\nsocket = \"ui.sock\"\n{}\n[log]\nlevel = \"info\"\nformat = \"text\"\n[dev]\nseed_work_orders = \"work-orders.json\"\n[uplink]\n{}\n[sync]\n{}\n",
+                "[store]\nstate_dir = \"state\"\n{}\n[ui]\nsocket = \"{configured}\"\n{}\n[log]\nlevel = \"info\"\nformat = \"text\"\n[dev]\nseed_work_orders = \"work-orders.json\"\n[uplink]\n{}\n[sync]\n{}\n",
                 options.store, options.ui, options.uplink, options.sync
             ),
         )
         .expect("write config");
-        let mut d = Daemon {
+        Daemon {
             dir,
             state_dir,
             socket,
             config,
             env: options.env,
             watchdog_usec: options.watchdog_usec,
+            launch: options.launch,
             child: None,
-        };
-        d.spawn();
-        d
+        }
     }
 
     pub fn log_path(&self) -> PathBuf {
@@ -229,9 +263,31 @@ impl Daemon {
             .append(true)
             .open(self.log_path())
             .expect("log file");
-        let mut command = match self.watchdog_usec {
-            None => Command::new(fieldsyncd_bin()),
-            Some(usec) => {
+        let mut command = match (self.watchdog_usec, &self.launch) {
+            (None, Launch::Binds) => Command::new(fieldsyncd_bin()),
+            (None, Launch::Activated | Launch::ActivatedDatagram) => {
+                let _ = std::fs::remove_file(&self.socket);
+                let mut activate = Command::new(system_program("systemd-socket-activate"));
+                if self.launch == Launch::ActivatedDatagram {
+                    activate.arg("--datagram");
+                }
+                // It passes on only the environment it is told to.
+                activate.arg("--listen").arg(&self.socket);
+                for (key, _) in &self.env {
+                    activate.arg(format!("--setenv={key}"));
+                }
+                activate.arg(fieldsyncd_bin());
+                activate
+            }
+            (None, Launch::StrayListenFds(file)) => {
+                let mut sh = Command::new("sh");
+                sh.arg("-c")
+                    .arg("export LISTEN_PID=$$ LISTEN_FDS=1; exec \"$0\" \"$@\" 3<>\"$FIELDSYNC_STRAY\"")
+                    .arg(fieldsyncd_bin())
+                    .env("FIELDSYNC_STRAY", file);
+                sh
+            }
+            (Some(usec), _) => {
                 let mut sh = Command::new("sh");
                 sh.arg("-c")
                     .arg("export WATCHDOG_PID=$$; exec \"$0\" \"$@\"")
@@ -259,12 +315,27 @@ impl Daemon {
             .spawn()
             .expect("fieldsyncd starts");
         self.child = Some(child);
+        if self.launch == Launch::ActivatedDatagram {
+            // The daemon is started by the first datagram.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while std::os::unix::net::UnixDatagram::unbound()
+                .and_then(|s| s.send_to(b"wake", &self.socket))
+                .is_err()
+            {
+                assert!(Instant::now() < deadline, "no datagram socket to wake");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
     }
 
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+            // An activated daemon's socket answers before the daemon runs: the first
+            // connection is what starts it.
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok()
+                && (self.launch != Launch::Activated || self.log().contains("fieldsyncd ready"))
+            {
                 return;
             }
             if let Some(child) = self.child.as_mut() {
