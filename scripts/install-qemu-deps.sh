@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what booting the aarch64 build under whole-system QEMU needs on Debian, only
 # what is missing: the emulator, qemu-img, e2fsprogs for the store disk (mkfs.ext4 and
-# debugfs), cpio and kmod (depmod) for the initramfs, and the arm64 architecture so that
+# debugfs), cpio, xz and kmod (depmod) for the initramfs, and the arm64 architecture so that
 # `apt-get download` can fetch the guest's kernel and busybox. Safe to run again.
 #
 #   scripts/install-qemu-deps.sh
@@ -25,6 +25,7 @@ need qemu-img qemu-utils
 need mkfs.ext4 e2fsprogs
 need debugfs e2fsprogs
 need cpio cpio
+need xz xz-utils
 need depmod kmod
 need dpkg-deb dpkg
 

@@ -60,16 +60,31 @@ if [ ! -f "$kdir/done" ]; then
     tmp="$(mktemp -d)"
     trap 'rm -rf "$tmp"' EXIT
     dpkg-deb -x "$kernel_deb" "$tmp"
-    kver="$(ls "$tmp/lib/modules")"
+    # Debian 12 ships the modules under /lib, Debian 13 (merged /usr) under /usr/lib.
+    moddir="$tmp/lib/modules"
+    [ -d "$moddir" ] || moddir="$tmp/usr/lib/modules"
+    [ -d "$moddir" ] || die "$kernel_pkg has no lib/modules or usr/lib/modules"
+    kver="$(ls "$moddir")"
     mkdir -p "$kdir/root/lib/modules/$kver"
     cp "$tmp/boot/vmlinuz-$kver" "$kdir/vmlinuz"
     for m in "${modules[@]}"; do
-        ko="$(find "$tmp/lib/modules/$kver" -name "$m.ko" | head -n 1)"
-        [ -n "$ko" ] || die "$kernel_pkg has no $m.ko"
-        mkdir -p "$kdir/root/$(dirname "${ko#"$tmp"/}")"
-        cp "$ko" "$kdir/root/${ko#"$tmp"/}"
+        # Debian 13 compresses its modules with xz, which busybox's insmod cannot read,
+        # and builds some of these into the kernel (the guest's init skips those).
+        ko="$(find "$moddir/$kver" -name "$m.ko" -o -name "$m.ko.xz" | head -n 1)"
+        if [ -z "$ko" ]; then
+            grep -q "/$m\.ko\$" "$moddir/$kver/modules.builtin" ||
+                die "$kernel_pkg has no $m.ko and does not build it in"
+            continue
+        fi
+        rel="lib/modules/${ko#"$moddir"/}"
+        rel="${rel%.xz}"
+        mkdir -p "$kdir/root/$(dirname "$rel")"
+        case "$ko" in
+            *.xz) xz -dc "$ko" >"$kdir/root/$rel" ;;
+            *) cp "$ko" "$kdir/root/$rel" ;;
+        esac
     done
-    cp "$tmp/lib/modules/$kver/"modules.{order,builtin,builtin.modinfo} \
+    cp "$moddir/$kver/"modules.{order,builtin,builtin.modinfo} \
         "$kdir/root/lib/modules/$kver/"
     depmod -b "$kdir/root" "$kver"
     rm -rf "$tmp"
@@ -82,7 +97,11 @@ if [ ! -f "$bdir/busybox" ]; then
     tmp="$(mktemp -d)"
     dpkg-deb -x "$busybox_deb" "$tmp"
     mkdir -p "$bdir"
-    cp "$tmp/bin/busybox" "$bdir/busybox.part"
+    # /bin on Debian 12, /usr/bin on Debian 13.
+    for b in "$tmp/bin/busybox" "$tmp/usr/bin/busybox"; do
+        [ -f "$b" ] && cp "$b" "$bdir/busybox.part"
+    done
+    [ -f "$bdir/busybox.part" ] || die "$busybox_deb has no bin/busybox or usr/bin/busybox"
     mv "$bdir/busybox.part" "$bdir/busybox"
     rm -rf "$tmp"
 fi

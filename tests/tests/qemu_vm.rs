@@ -77,14 +77,23 @@ struct Images {
     fieldsyncd: PathBuf,
 }
 
-/// Installs QEMU, cross-builds the daemon and assembles the initramfs, once per run of
-/// this test binary; both scripts are no-ops when nothing changed.
+/// Installs QEMU, qemu-img and e2fsprogs once per run of this test binary, before the
+/// first disk is made (a no-op when nothing is missing).
+fn tools() {
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    INSTALLED.get_or_init(|| {
+        run(&mut Command::new(
+            repo().join("scripts/install-qemu-deps.sh"),
+        ))
+    });
+}
+
+/// Cross-builds the daemon and assembles the initramfs, once per run of this test
+/// binary; both scripts are no-ops when nothing changed.
 fn images() -> &'static Images {
     static IMAGES: OnceLock<Images> = OnceLock::new();
     IMAGES.get_or_init(|| {
-        run(&mut Command::new(
-            repo().join("scripts/install-qemu-deps.sh"),
-        ));
+        tools();
         run(Command::new(repo().join("scripts/build-aarch64.sh")).arg("--aarch64-only"));
         let bin = repo().join("target/aarch64/aarch64-unknown-linux-gnu/device");
         let out = output(
@@ -127,6 +136,7 @@ impl Disk {
             .tempdir()
             .expect("temp dir");
         let path = dir.path().join("store.img");
+        tools();
         run(Command::new("qemu-img")
             .args(["create", "-q", "-f", "raw"])
             .arg(&path)
