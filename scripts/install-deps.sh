@@ -42,14 +42,16 @@ older_than() { [ "$(printf '%s\n' "$2" "$1" | sort -V | head -n1)" != "$2" ]; }
 rust_needed=1.89.0
 
 # A Rust toolchain: rustup's when present, else Debian's rustc-web/cargo-web (1.89+ is
-# needed; bookworm-security carries a recent one). The checks run rustfmt and clippy.
+# needed; Debian 12 has it from bookworm-security, Debian 13 from its stable updates).
+# The checks run rustfmt and clippy.
 if command -v rustup >/dev/null 2>&1; then
     for component in rustfmt clippy; do
         rustup component list --installed 2>/dev/null | grep -q "^$component" ||
             rustup component add "$component"
     done
 else
-    # Debian's plain rustc (1.63 on Debian 12) is too old; rustc-web takes its place.
+    # Debian's plain rustc (1.63 on Debian 12, 1.85 on 13) is too old; rustc-web takes
+    # its place.
     if old=$(rustc --version 2>/dev/null | awk '{print $2}') && older_than "$old" "$rust_needed"; then
         echo "install-deps: rustc $old is older than $rust_needed: replacing it with Debian's rustc-web" >&2
         missing+=(rustc-web cargo-web)
@@ -95,7 +97,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
     # A mirror index briefly out of step with its files fails the first update.
     as_root apt-get update -q || { sleep 5; as_root apt-get update -q; }
     if [[ " ${missing[*]} " == *"-web "* ]] && ! apt-cache show rustc-web >/dev/null 2>&1; then
-        echo "install-deps: this Debian has no rustc-web (Debian 12 carries it in bookworm-security, which must be in the APT sources): install Rust $rust_needed or later with rustup (https://rustup.rs), then run this again" >&2
+        echo "install-deps: this Debian has no rustc-web (Debian 12 carries it in bookworm-security, Debian 13 through its stable updates: the security sources must be in the APT sources, or the system up to date): install Rust $rust_needed or later with rustup (https://rustup.rs), then run this again" >&2
         exit 1
     fi
     as_root apt-get install -y -q --no-install-recommends "${missing[@]}"
@@ -114,7 +116,7 @@ if rustc_version=$(rustc --version 2>/dev/null | awk '{print $2}'); then
         if command -v rustup >/dev/null 2>&1; then
             echo "install-deps: rustc $rustc_version is too old, $rust_needed or later is needed: run rustup update" >&2
         else
-            echo "install-deps: rustc $rustc_version is too old, $rust_needed or later is needed: add bookworm-security to the APT sources and run this again (it installs rustc-web)" >&2
+            echo "install-deps: rustc $rustc_version is too old, $rust_needed or later is needed: add bookworm-security (Debian 12) to the APT sources, or bring Debian 13 up to date (apt-get upgrade), and run this again (it installs rustc-web)" >&2
         fi
         exit 1
     fi

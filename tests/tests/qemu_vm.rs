@@ -1087,11 +1087,13 @@ fn footprint_on_a_full_store() {
         "footprint: {records} records, {waiting} waiting, store {:.1} MiB (filled in {:.1} s)\n\
          \x20 fieldsyncd aarch64 device build: {binary} bytes ({:.2} MiB)\n\
          \x20 start to ready: {cold_ms} ms cold, {warm_ms} ms warm (emulated cortex-a57)\n\
-         \x20 idle: VmRSS {rss} KiB (peak {} KiB); after a warm start VmRSS {} KiB",
+         \x20 idle: VmRSS {rss} KiB (peak {} KiB; {} KiB anonymous, {} KiB of files); after a warm start VmRSS {} KiB",
         state_bytes as f64 / 1048576.0,
         fill_time.as_secs_f64(),
         binary as f64 / 1048576.0,
         Report::number(idle, "VmHWM"),
+        Report::number(idle, "RssAnon"),
+        Report::number(idle, "RssFile"),
         Report::number(idle_warm, "VmRSS"),
     );
     assert!(

@@ -1,8 +1,8 @@
 # The daemon at rest on a store the host filled: start to ready, cold (the first start
 # after boot reads the database from the disk) and warm, and resident memory once idle.
 
-rss() { # rss NAME: VmRSS and VmHWM of the running daemon, in KiB
-    report "$1" "$(sed -n 's/^\(VmRSS\|VmHWM\):[[:space:]]*\([0-9]*\) kB/\1=\2/p' \
+rss() { # rss NAME: VmRSS, VmHWM, and VmRSS's anonymous and file parts, in KiB
+    report "$1" "$(sed -n 's/^\(VmRSS\|VmHWM\|RssAnon\|RssFile\):[[:space:]]*\([0-9]*\) kB/\1=\2/p' \
         "/proc/$daemon_pid/status" | tr '\n' ' ')"
 }
 
