@@ -16,16 +16,30 @@ pub struct Pki {
 }
 
 fn openssl(dir: &Path, args: &[&str]) {
+    if let Err(why) = try_openssl(dir, args) {
+        panic!("openssl {args:?}: {why}");
+    }
+}
+
+fn try_openssl(dir: &Path, args: &[&str]) -> Result<(), String> {
     let out = Command::new("openssl")
         .args(args)
         .current_dir(dir)
         .output()
         .expect("openssl runs (scripts/install-deps.sh installs it)");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// How long a leaf certificate is valid.
+#[derive(Clone, Copy)]
+enum Validity {
+    Days(&'static str),
+    /// Its validity ended long ago.
+    Expired,
 }
 
 /// A CA named `name` and certificates it signed, in `dir`.
@@ -52,7 +66,7 @@ pub fn make(dir: &Path, name: &str) -> Pki {
             &format!("/CN={name} test CA"),
         ],
     );
-    let leaf = |stem: &str, cn: &str, ext: &str, days: &str| -> (PathBuf, PathBuf) {
+    let leaf = |stem: &str, cn: &str, ext: &str, validity: Validity| -> (PathBuf, PathBuf) {
         let (key, csr, cert, extf) = (
             p(&format!("{stem}.key")),
             p(&format!("{stem}.csr")),
@@ -77,9 +91,8 @@ pub fn make(dir: &Path, name: &str) -> Pki {
                 &format!("/CN={cn}"),
             ],
         );
-        openssl(
-            dir,
-            &[
+        let sign = |dates: &[&str]| -> Result<(), String> {
+            let mut args = vec![
                 "x509",
                 "-req",
                 "-in",
@@ -91,21 +104,40 @@ pub fn make(dir: &Path, name: &str) -> Pki {
                 "-CAcreateserial",
                 "-out",
                 cert.to_str().unwrap(),
-                "-days",
-                days,
                 "-extfile",
                 extf.to_str().unwrap(),
-            ],
-        );
+            ];
+            args.extend_from_slice(dates);
+            try_openssl(dir, &args).map_err(|why| format!("openssl {args:?}: {why}"))
+        };
+        match validity {
+            Validity::Days(days) => sign(&["-days", days]).unwrap_or_else(|why| panic!("{why}")),
+            // OpenSSL 3.4 and later (Debian 13) take explicit dates and refuse a
+            // negative `-days`; 3.0 (Debian 12) knows only `-days`, where -1 puts the
+            // end a day before the start.
+            Validity::Expired => {
+                sign(&[
+                    "-not_before",
+                    "20200101000000Z",
+                    "-not_after",
+                    "20200102000000Z",
+                ])
+                .or_else(|_| sign(&["-days", "-1"]))
+                .unwrap_or_else(|why| panic!("{why}"));
+            }
+        }
         (cert, key)
     };
     let server_ext = "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n";
-    let (server_cert, server_key) = leaf("server", "127.0.0.1", server_ext, "2");
-    // Valid until yesterday: `-days -1` puts its end before its start.
+    let (server_cert, server_key) = leaf("server", "127.0.0.1", server_ext, Validity::Days("2"));
     let (expired_server_cert, expired_server_key) =
-        leaf("server-expired", "127.0.0.1", server_ext, "-1");
-    let (client_cert, client_key) =
-        leaf("client", "dev-test", "extendedKeyUsage=clientAuth\n", "2");
+        leaf("server-expired", "127.0.0.1", server_ext, Validity::Expired);
+    let (client_cert, client_key) = leaf(
+        "client",
+        "dev-test",
+        "extendedKeyUsage=clientAuth\n",
+        Validity::Days("2"),
+    );
     Pki {
         ca,
         server_cert,
