@@ -109,6 +109,23 @@ pub fn copy_for_anyone(binary: &Path, dir: &Path) -> PathBuf {
     copy
 }
 
+/// Runs `cmd` to its end, as `Command::output` does, for a binary [`copy_for_anyone`]
+/// has just written: while the copy was open for writing, another test thread may have
+/// forked, and until that child execs it holds the copy open, so that exec fails with
+/// "text file busy" for a moment.
+pub fn output_of_fresh_copy(cmd: &mut Command) -> std::process::Output {
+    let mut tries = 0;
+    loop {
+        match cmd.output() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other.expect("the copied binary runs"),
+        }
+    }
+}
+
 /// Options for a test daemon.
 #[derive(Clone, Debug)]
 pub struct Options {

@@ -6,7 +6,10 @@ use std::os::fd::AsFd;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
-use fieldsync_tests::{copy_for_anyone, fieldctl_bin, fieldsyncd_bin, photo_file, Daemon, Options};
+use fieldsync_tests::{
+    copy_for_anyone, fieldctl_bin, fieldsyncd_bin, output_of_fresh_copy, photo_file, Daemon,
+    Options,
+};
 use ui_bridge::{ErrorCode, RecordBody, Request, ResponseResult, ServerFrame};
 
 fn note(text: &str) -> RecordBody {
@@ -354,7 +357,7 @@ fn status_as_nobody(d: &Daemon, groups: &[u32]) -> std::process::Output {
             Ok(())
         });
     }
-    cmd.output().unwrap()
+    output_of_fresh_copy(&mut cmd)
 }
 
 #[tokio::test]
@@ -569,13 +572,13 @@ fn a_state_folder_the_daemon_cannot_write_is_a_clear_error() {
 /// caller opened to others) until it exits: its exit code and stderr.
 fn start_as_nobody(dir: &std::path::Path, text: &str) -> (Option<i32>, String) {
     std::fs::write(dir.join("f.toml"), text).unwrap();
-    let out = Command::new(copy_for_anyone(&fieldsyncd_bin(), dir))
-        .arg("--config")
-        .arg(dir.join("f.toml"))
-        .uid(65534)
-        .gid(65534)
-        .output()
-        .unwrap();
+    let out = output_of_fresh_copy(
+        Command::new(copy_for_anyone(&fieldsyncd_bin(), dir))
+            .arg("--config")
+            .arg(dir.join("f.toml"))
+            .uid(65534)
+            .gid(65534),
+    );
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
