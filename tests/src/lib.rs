@@ -304,7 +304,12 @@ impl Daemon {
                     .env("FIELDSYNC_STRAY", file);
                 sh
             }
-            (Some(usec), _) => {
+            (Some(usec), launch) => {
+                assert_eq!(
+                    *launch,
+                    Launch::Binds,
+                    "a watchdog run binds its own socket"
+                );
                 let mut sh = Command::new("sh");
                 sh.arg("-c")
                     .arg("export WATCHDOG_PID=$$; exec \"$0\" \"$@\"")
