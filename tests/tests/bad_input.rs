@@ -733,6 +733,56 @@ async fn a_damaged_database_is_moved_aside_and_reported() {
     );
 }
 
+/// An image rolled back to an older fieldsyncd finds a database a newer one migrated,
+/// whose schema may use what this SQLite cannot parse. It is refused as too new and
+/// left exactly as it was, not taken for a damaged file and set aside with the
+/// inspector's unsent work in it.
+#[tokio::test]
+async fn a_database_from_a_newer_fieldsyncd_is_refused_and_left_as_it_was() {
+    let mut d = Daemon::start();
+    let mut c = d.client().await;
+    c.add_record("WO-1", note("captured before the rollback"))
+        .await
+        .unwrap();
+    drop(c);
+    d.stop();
+    let db = d.state_dir.join("fieldsync.db");
+    {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        // What a later release might write: a schema version past this one's and a
+        // statement in the schema this SQLite does not understand.
+        conn.execute_batch(
+            "PRAGMA user_version = 99;
+             PRAGMA writable_schema = ON;
+             INSERT INTO sqlite_schema (type, name, tbl_name, rootpage, sql)
+             VALUES ('table', 'later', 'later', 0, 'CREATE TABLE later (x) WITH FUTURE SYNTAX');
+             PRAGMA writable_schema = OFF;",
+        )
+        .unwrap();
+    }
+    let set_aside = |dir: &std::path::Path| {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.contains("damaged"))
+            .collect::<Vec<_>>()
+    };
+    let before = std::fs::read(&db).unwrap();
+    assert_eq!(d.run_until_exit(), Some(1), "{}", d.log());
+    let log = d.log();
+    assert!(
+        log.contains("written by a newer fieldsyncd (schema 99"),
+        "{log}"
+    );
+    assert!(!log.contains("damaged"), "{log}");
+    assert_eq!(
+        set_aside(&d.state_dir),
+        Vec::<String>::new(),
+        "nothing set aside"
+    );
+    assert_eq!(std::fs::read(&db).unwrap(), before, "the file untouched");
+}
+
 /// One daemon per state folder: a second one (started by hand during support, a second
 /// unit) stops before it touches anything, so a photo the first is about to name keeps
 /// its file.

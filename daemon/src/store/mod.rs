@@ -207,6 +207,10 @@ impl Store {
         // First, before anything in the folder is touched.
         let lock = lock_folder(state_dir)?;
         let db_path = state_dir.join(DB_FILE);
+        // Before anything parses the schema or changes the folder: a newer fieldsyncd's
+        // schema may use what this SQLite cannot read, and would then look damaged and
+        // be set aside, with the inspector's work in it, after an image is rolled back.
+        schema::refuse_newer(&db_path)?;
         let mut report = OpenReport::default();
         let marker = state_dir.join(CLEAN_STOP);
         let left = std::fs::read_to_string(&marker).ok();

@@ -1,7 +1,9 @@
 //! Versioned schema migrations, tracked in `PRAGMA user_version`. Append new steps;
 //! never edit a released one, since devices in the field already ran it.
 
-use rusqlite::Connection;
+use std::path::Path;
+
+use rusqlite::{Connection, OpenFlags};
 
 use super::StoreError;
 
@@ -186,15 +188,37 @@ const MIGRATIONS: &[&str] = &[
     ",
 ];
 
-/// Brings the database to the newest schema; returns the version it is at.
-pub fn migrate(conn: &mut Connection) -> Result<usize, StoreError> {
-    let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    if current as usize > MIGRATIONS.len() {
+/// Fails with [`StoreError::TooNew`] if the database at `path` was written by a newer
+/// fieldsyncd, without reading its schema (`user_version` lives in the file's header).
+/// A missing or empty file, or one whose header cannot be read, passes: the checks at
+/// open say what is wrong with it. Read-only, so that closing this connection neither
+/// copies the log into the file nor deletes it, and an empty file's log survives.
+pub fn refuse_newer(path: &Path) -> Result<(), StoreError> {
+    if std::fs::metadata(path).map_or(true, |m| m.len() == 0) {
+        return Ok(());
+    }
+    let found = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .and_then(|c| c.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0)));
+    match found {
+        Ok(found) => too_new(found),
+        Err(_) => Ok(()),
+    }
+}
+
+fn too_new(found: i64) -> Result<(), StoreError> {
+    if found < 0 || found as usize > MIGRATIONS.len() {
         return Err(StoreError::TooNew {
-            found: current,
+            found,
             known: MIGRATIONS.len(),
         });
     }
+    Ok(())
+}
+
+/// Brings the database to the newest schema; returns the version it is at.
+pub fn migrate(conn: &mut Connection) -> Result<usize, StoreError> {
+    let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    too_new(current)?;
     for (index, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
         let version = index + 1;
         let tx = conn
