@@ -400,6 +400,27 @@ impl Client {
         }
     }
 
+    /// One page of what was captured in `[since_ms, until_ms)`, oldest first, and where
+    /// the next page starts (`None` after the last).
+    pub async fn export_page(
+        &mut self,
+        since_ms: Option<i64>,
+        until_ms: Option<i64>,
+        after: Option<ExportCursor>,
+        limit: Option<u32>,
+    ) -> Result<(Vec<Item>, Option<ExportCursor>), ClientError> {
+        let req = Request::Export {
+            since_ms,
+            until_ms,
+            after,
+            limit,
+        };
+        match self.call(req).await? {
+            Response::Exported { items, next } => Ok((items, next)),
+            other => Err(unexpected("export", &other)),
+        }
+    }
+
     pub async fn retry(&mut self, item_id: &str) -> Result<Item, ClientError> {
         let req = Request::Retry {
             item_id: item_id.into(),

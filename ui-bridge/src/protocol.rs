@@ -74,6 +74,21 @@ pub enum Request {
         work_order_id: String,
         attachment_id: String,
     },
+    /// Everything captured in a time range, for support's export to a file: one page,
+    /// oldest first. Ask again with `after` set to the answer's `next` until it is null.
+    Export {
+        /// From this time on (Unix milliseconds), when given.
+        #[serde(default)]
+        since_ms: Option<i64>,
+        /// Before this time (Unix milliseconds), when given.
+        #[serde(default)]
+        until_ms: Option<i64>,
+        #[serde(default)]
+        after: Option<ExportCursor>,
+        /// Items per page: 1 to 1000, 100 when left out.
+        #[serde(default)]
+        limit: Option<u32>,
+    },
     /// Change the inspector's sync switches; a field left out keeps its value. Kept
     /// across restarts. Answered with `status`.
     SetSyncSwitches {
@@ -105,6 +120,7 @@ impl Request {
         "sync_now",
         "set_sync_switches",
         "open_attachment",
+        "export",
     ];
 }
 
@@ -309,6 +325,20 @@ pub enum Response {
     },
     /// After `sync_now`.
     SyncStarted,
+    /// One page of an export; `next` is null on the last one.
+    Exported {
+        items: Vec<Item>,
+        next: Option<ExportCursor>,
+    },
+}
+
+/// Where an export's next page starts: after this item, in the export's order (by
+/// creation time, then id).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ExportCursor {
+    pub created_ms: i64,
+    pub id: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -556,6 +586,12 @@ mod tests {
             Request::ListWorkOrders {},
             Request::Subscribe {},
             Request::Outbox { limit: None },
+            Request::Export {
+                since_ms: None,
+                until_ms: None,
+                after: None,
+                limit: None,
+            },
             Request::DeleteItem {
                 item_id: "x".into(),
             },

@@ -3,7 +3,7 @@
 //! are not yet delivered.
 
 use rusqlite::{params, Connection, OptionalExtension};
-use ui_bridge::{Item, ItemKind, RecordBody, SyncState};
+use ui_bridge::{ExportCursor, Item, ItemKind, RecordBody, SyncState};
 
 use super::outbox::{self, Action};
 use super::work_orders::{self, WorkOrderDoc};
@@ -56,6 +56,61 @@ pub fn load_items_of(conn: &Connection, work_order_id: &str) -> Result<Vec<Item>
         .query_map([work_order_id], item_row)?
         .collect::<Result<Vec<_>, _>>()?;
     Ok(items)
+}
+
+/// The most an export page may carry: a page is one frame on the socket.
+pub const EXPORT_PAGE_MAX: u32 = 1000;
+
+/// One page of the items captured in `[since_ms, until_ms)` that are still on the
+/// device, by creation time then id, starting after `after`; and where the next page
+/// starts, when this one is full.
+pub fn export_page(
+    conn: &Connection,
+    since_ms: Option<i64>,
+    until_ms: Option<i64>,
+    after: Option<&ExportCursor>,
+    limit: Option<u32>,
+) -> Result<(Vec<Item>, Option<ExportCursor>), DomainError> {
+    let limit = limit.unwrap_or(100);
+    if !(1..=EXPORT_PAGE_MAX).contains(&limit) {
+        return Err(DomainError::BadRequest(format!(
+            "export: limit must be from 1 to {EXPORT_PAGE_MAX}, not {limit}"
+        )));
+    }
+    if let (Some(since), Some(until)) = (since_ms, until_ms) {
+        if since > until {
+            return Err(DomainError::BadRequest(format!(
+                "export: the range ends ({until}) before it starts ({since})"
+            )));
+        }
+    }
+    let (after_ms, after_id) = after.map_or((i64::MIN, ""), |c| (c.created_ms, c.id.as_str()));
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {ITEM_COLUMNS} FROM items
+         WHERE deleted = 0 AND created_ms >= ?1 AND created_ms < ?2
+           AND (created_ms > ?3 OR (created_ms = ?3 AND id > ?4))
+         ORDER BY created_ms, id LIMIT ?5"
+    ))?;
+    let items = stmt
+        .query_map(
+            params![
+                since_ms.unwrap_or(i64::MIN),
+                until_ms.unwrap_or(i64::MAX),
+                after_ms,
+                after_id,
+                limit
+            ],
+            item_row,
+        )?
+        .collect::<Result<Vec<_>, _>>()?;
+    let next = (items.len() == limit as usize)
+        .then(|| items.last())
+        .flatten()
+        .map(|last| ExportCursor {
+            created_ms: last.created_ms,
+            id: last.id.clone(),
+        });
+    Ok((items, next))
 }
 
 pub(super) fn insert_item(

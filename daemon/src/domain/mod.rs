@@ -46,6 +46,9 @@ pub enum DomainError {
     Store(#[from] StoreError),
     #[error("{0}")]
     AttachmentUnavailable(String),
+    /// A request whose fields are each well formed but do not fit together.
+    #[error("{0}")]
+    BadRequest(String),
     /// A bug (a task that panicked): the request changed nothing.
     #[error("internal error: {0}")]
     Internal(String),
@@ -89,6 +92,7 @@ impl DomainError {
             }
             DomainError::Store(_) => ErrorCode::StorageUnavailable,
             DomainError::AttachmentUnavailable(_) => ErrorCode::AttachmentUnavailable,
+            DomainError::BadRequest(_) => ErrorCode::BadRequest,
             DomainError::Internal(_) => ErrorCode::Internal,
         }
     }

@@ -604,6 +604,19 @@ impl Service {
                 self.after_change(&item, unsent);
                 Ok(Response::Item(item))
             }
+            Request::Export {
+                since_ms,
+                until_ms,
+                after,
+                limit,
+            } => {
+                let (items, next) = self
+                    .query(move |c| {
+                        items::export_page(c, since_ms, until_ms, after.as_ref(), limit)
+                    })
+                    .await?;
+                Ok(Response::Exported { items, next })
+            }
             Request::Outbox { limit } => {
                 let operations = self.query(move |c| outbox::list(c, limit)).await?;
                 Ok(Response::Outbox { operations })

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use ui_bridge::{
-    ChecklistAnswer, Client, ClientError, Event, Item, Material, Operation, RecordBody, Severity,
-    Status, SyncState, WorkOrderDetail, WorkOrderSummary,
+    ChecklistAnswer, Client, ClientError, Event, Item, ItemKind, Material, Operation, RecordBody,
+    Severity, Status, SyncState, WorkOrderDetail, WorkOrderSummary,
 };
 
 /// Talk to the fieldsync daemon over its UI socket.
@@ -87,6 +87,23 @@ enum Command {
         /// Where to write it; default: its name, in the current folder.
         #[arg(long, short)]
         output: Option<PathBuf>,
+    },
+    /// Save what was captured in a time range to a file, one JSON object per line (the
+    /// items as `work-order` shows them; photos by SHA-256, without their bytes).
+    Export {
+        /// The file to write; it must not exist yet.
+        file: PathBuf,
+        /// The first day (YYYY-MM-DD, local time) or an instant (RFC 3339, e.g.
+        /// 2026-11-02T08:00:00Z).
+        #[arg(long, required_unless_present = "all")]
+        from: Option<String>,
+        /// The last day, included (YYYY-MM-DD, local time), or an instant, excluded (RFC
+        /// 3339) [default: no end].
+        #[arg(long, conflicts_with = "all")]
+        to: Option<String>,
+        /// Everything on the device, whenever captured.
+        #[arg(long, conflicts_with = "from")]
+        all: bool,
     },
     /// Show or set the sync switches (kept across restarts).
     Switches {
@@ -418,6 +435,37 @@ async fn run(cli: Cli, socket: PathBuf) -> Result<(), Failure> {
                 },
             );
         }
+        Command::Export {
+            file,
+            from,
+            to,
+            all: _,
+        } => {
+            let since = from
+                .as_deref()
+                .map(|s| instant_ms(s, Edge::Start))
+                .transpose()
+                .map_err(Failure::Usage)?;
+            let until = to
+                .as_deref()
+                .map(|s| instant_ms(s, Edge::End))
+                .transpose()
+                .map_err(Failure::Usage)?;
+            let counts = export(&mut client, since, until, &file).await?;
+            print(
+                json,
+                &serde_json::json!({"path": file, "items": counts.items, "records": counts.records, "photos": counts.photos}),
+                |_| {
+                    println!(
+                        "exported {} items ({} records, {} photos) to {}",
+                        counts.items,
+                        counts.records,
+                        counts.photos,
+                        file.display()
+                    )
+                },
+            );
+        }
         Command::Switches {
             auto_sync,
             on_visit_completed,
@@ -467,6 +515,147 @@ fn guess_mime(path: &std::path::Path) -> Option<&'static str> {
         "webp" => Some("image/webp"),
         _ => None,
     }
+}
+
+#[derive(Default)]
+struct ExportCounts {
+    items: u64,
+    records: u64,
+    photos: u64,
+}
+
+/// Writes every item of `[since, until)` to a new file, page by page. Nothing is
+/// written when the range holds nothing, and a file left half-written by an error is
+/// removed, so a file that exists is a whole export.
+async fn export(
+    client: &mut Client,
+    since: Option<i64>,
+    until: Option<i64>,
+    file: &std::path::Path,
+) -> Result<ExportCounts, Failure> {
+    use std::io::Write;
+    const PAGE: u32 = 1000;
+    let (mut items, mut next) = client.export_page(since, until, None, Some(PAGE)).await?;
+    if items.is_empty() {
+        return Err(Failure::Local(format!(
+            "nothing was captured {}; {} not written",
+            range_words(since, until),
+            file.display()
+        )));
+    }
+    let out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(file)
+        .map_err(|e| Failure::Local(format!("cannot create {}: {e}", file.display())))?;
+    let mut out = std::io::BufWriter::new(out);
+    let mut counts = ExportCounts::default();
+    let result: Result<(), Failure> = async {
+        loop {
+            for item in &items {
+                let line = serde_json::to_string(item)
+                    .map_err(|e| Failure::Local(format!("cannot encode item {}: {e}", item.id)))?;
+                writeln!(out, "{line}")
+                    .map_err(|e| Failure::Local(format!("cannot write {}: {e}", file.display())))?;
+                counts.items += 1;
+                if item.kind.is_record() {
+                    counts.records += 1;
+                } else if item.kind == ItemKind::Photo {
+                    counts.photos += 1;
+                }
+            }
+            let Some(after) = next.take() else { break };
+            (items, next) = client
+                .export_page(since, until, Some(after), Some(PAGE))
+                .await?;
+        }
+        out.flush()
+            .and_then(|_| out.get_ref().sync_all())
+            .map_err(|e| Failure::Local(format!("cannot write {}: {e}", file.display())))
+    }
+    .await;
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(file);
+        return Err(e);
+    }
+    Ok(counts)
+}
+
+fn range_words(since: Option<i64>, until: Option<i64>) -> String {
+    match (since, until) {
+        (None, None) => "on this device".into(),
+        (Some(s), None) => format!("since {}", when(Some(s))),
+        (None, Some(u)) => format!("before {}", when(Some(u))),
+        (Some(s), Some(u)) => format!("from {} to {}", when(Some(s)), when(Some(u))),
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Edge {
+    /// A day means its first moment.
+    Start,
+    /// A day means the first moment of the next one: the day is included.
+    End,
+}
+
+/// Unix milliseconds of `s`: a day (YYYY-MM-DD) in the device's local time, or an RFC
+/// 3339 instant.
+fn instant_ms(s: &str, edge: Edge) -> Result<i64, String> {
+    if s.len() > 10 {
+        let t = humantime::parse_rfc3339(s)
+            .map_err(|e| format!("{s:?} is not a day (YYYY-MM-DD) or an RFC 3339 instant: {e}"))?;
+        let ms = t
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_err(|_| format!("{s:?} is before 1970"))?
+            .as_millis();
+        return i64::try_from(ms).map_err(|_| format!("{s:?} is too far away"));
+    }
+    let bad = || format!("{s:?} is not a day (YYYY-MM-DD) or an RFC 3339 instant");
+    let mut parts = s.splitn(3, '-').map(|p| p.parse::<i32>().ok());
+    let (Some(Some(year)), Some(Some(month)), Some(Some(day))) =
+        (parts.next(), parts.next(), parts.next())
+    else {
+        return Err(bad());
+    };
+    let start = local_midnight(year, month, day).ok_or_else(bad)?;
+    Ok(match edge {
+        Edge::Start => start,
+        // mktime carries day 32 into the next month, and so on.
+        Edge::End => local_midnight_normalized(year, month, day + 1).ok_or_else(bad)?,
+    })
+}
+
+/// The first moment of a real calendar day in local time, in Unix milliseconds.
+fn local_midnight(year: i32, month: i32, day: i32) -> Option<i64> {
+    let (ms, tm) = mktime(year, month, day)?;
+    // mktime carries 2026-02-30 over to March: such a day does not exist.
+    (tm.tm_year == year - 1900 && tm.tm_mon == month - 1 && tm.tm_mday == day).then_some(ms)
+}
+
+fn local_midnight_normalized(year: i32, month: i32, day: i32) -> Option<i64> {
+    mktime(year, month, day).map(|(ms, _)| ms)
+}
+
+/// The C library's own reading of the local time zone (TZ, /etc/localtime), so that a
+/// day means what it means everywhere else on the device.
+fn mktime(year: i32, month: i32, day: i32) -> Option<(i64, libc::tm)> {
+    if !(1970..=9999).contains(&year) || !(1..=12).contains(&month) || !(1..=32).contains(&day) {
+        return None;
+    }
+    // SAFETY: an all-zero `tm` is a valid value; mktime reads and normalizes it and
+    // touches nothing else.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    tm.tm_year = year - 1900;
+    tm.tm_mon = month - 1;
+    tm.tm_mday = day;
+    // Let the C library decide whether summer time is in force that day.
+    tm.tm_isdst = -1;
+    // SAFETY: `tm` is a valid, exclusively borrowed struct.
+    let t = unsafe { libc::mktime(&mut tm) };
+    // time_t is 32 bits wide on older 32-bit ARM images.
+    #[allow(clippy::useless_conversion)]
+    let secs = i64::from(t);
+    (t != -1).then_some((secs * 1000, tm))
 }
 
 fn print<T: serde::Serialize>(json: bool, value: &T, human: impl FnOnce(&T)) {
