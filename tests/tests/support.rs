@@ -1,10 +1,15 @@
-//! Field support's tools: exporting what was captured in a time range to a file.
+//! Field support's tools: exporting what was captured in a time range to a file, and
+//! the full resync.
 
 use std::process::Command;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use fieldsync_tests::{fieldctl_bin, photo_file, Daemon};
-use ui_bridge::{ErrorCode, Item, ItemKind, RecordBody};
+use fieldsync_tests::backoffice::BackOffice;
+use fieldsync_tests::broker::Broker;
+use fieldsync_tests::{fieldctl_bin, photo_file, Daemon, Options};
+use ui_bridge::{ErrorCode, Item, ItemKind, RecordBody, SyncState};
+
+const DEVICE: &str = "dev-support";
 
 fn note(text: &str) -> RecordBody {
     RecordBody::Note { text: text.into() }
@@ -211,4 +216,115 @@ async fn export_days_are_local_days() {
         );
         assert_eq!(run.status.code(), Some(1), "{tz}: {run:?}");
     }
+}
+
+/// Waits until `$check` (an expression that may `.await`) holds, for 20 s at most.
+macro_rules! eventually {
+    ($what:expr, $d:expr, $check:expr) => {{
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !$check {
+            assert!(Instant::now() < deadline, "{}:\n{}", $what, $d.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }};
+}
+
+/// A full resync: a damaged attachment is fetched again, the cache becomes the back
+/// office's full state, and a work order it no longer names stays while it has
+/// undelivered work. A resync the back office has not answered survives a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_replaces_the_cache_keeps_unsent_work_and_refetches_bad_files() {
+    use sha2::Digest;
+    let broker = Broker::start();
+    let bo = BackOffice::start(broker.port).await;
+    let file: Vec<u8> = (0..100 * 1024).map(|_| rand::random::<u8>()).collect();
+    let sha = hex::encode(sha2::Sha256::digest(&file));
+    let wo = |id: &str, version: u32, title: &str| serde_json::json!({"id": id, "version": version, "title": title, "stage": "new", "workflow": ["new", "done"]});
+    let mut with_drawing = wo("WO-30", 1, "With a drawing");
+    with_drawing["attachments"] =
+        serde_json::json!([{"id": "dwg", "name": "layout.pdf", "size": file.len(), "sha256": sha}]);
+    {
+        let mut st = bo.state.lock().unwrap();
+        st.attachment_files.insert(sha.clone(), file.clone());
+        st.work_orders.insert(
+            DEVICE.into(),
+            vec![with_drawing.clone(), wo("WO-31", 1, "Soon reassigned")],
+        );
+    }
+    // Changes of WO-31 are refused: they stay on the device, undelivered.
+    bo.set_refuse(Some(Box::new(|a| {
+        (a.wo == "WO-31").then(|| ("conflict".into(), "reassigned in the office".into()))
+    })));
+    let mut d = Daemon::start_with(Options {
+        work_orders: "[]".into(),
+        uplink: format!(
+            "broker = \"{}\"\ndevice_id = \"{DEVICE}\"\nreconnect_min_ms = 50\nreconnect_max_secs = 1\n",
+            broker.url()
+        ),
+        ..Options::default()
+    });
+    let mut c = d.client().await;
+    eventually!("the first full state and its attachment", d, {
+        matches!(c.work_order("WO-30").await, Ok(w) if w.attachments.iter().all(|a| a.downloaded))
+    });
+    let kept = c.add_record("WO-31", note("found a leak")).await.unwrap();
+    eventually!("the record is refused", d, {
+        matches!(c.work_order("WO-31").await, Ok(w) if w.items.iter().any(|i| i.id == kept.id && i.state == SyncState::Refused))
+    });
+    let asked = bo.state.lock().unwrap().resync_requests;
+    assert_eq!(asked, 1);
+
+    // Flash that went bad under the drawing, and a dispatcher that moved on.
+    let stored = d.state_dir.join("attachments").join(&sha);
+    std::fs::write(&stored, b"not the drawing any more").unwrap();
+    bo.state.lock().unwrap().work_orders.insert(
+        DEVICE.into(),
+        vec![
+            {
+                let mut w = with_drawing.clone();
+                w["version"] = 2.into();
+                w["title"] = "With a drawing, revised".into();
+                w
+            },
+            wo("WO-32", 1, "New today"),
+        ],
+    );
+    assert_eq!(c.resync().await.unwrap(), (1, 1));
+    eventually!("the full state replaces the cache", d, {
+        let list = c.work_orders().await.unwrap();
+        let get = |id: &str| list.iter().find(|w| w.id == id).cloned();
+        get("WO-32").is_some()
+            && get("WO-30").is_some_and(|w| w.title == "With a drawing, revised")
+            && get("WO-31").is_some_and(|w| w.withdrawn)
+    });
+    // The refused record is still there for the inspector to fix or discard.
+    let wo31 = c.work_order("WO-31").await.unwrap();
+    assert!(wo31.items.iter().any(|i| i.id == kept.id));
+    eventually!("the drawing is fetched again", d, {
+        matches!(c.work_order("WO-30").await, Ok(w) if w.attachments.iter().all(|a| a.downloaded))
+    });
+    assert_eq!(std::fs::read(&stored).unwrap(), file);
+    assert_eq!(bo.state.lock().unwrap().resync_requests, asked + 1);
+    assert!(!c.status().await.unwrap().resync_pending);
+
+    // A back office that does not answer: the wish outlives a restart, and the
+    // restarted daemon (whose broker session and cache are both there) asks again.
+    bo.state.lock().unwrap().work_orders.remove(DEVICE);
+    c.resync().await.unwrap();
+    eventually!("the request reaches the back office", d, {
+        bo.state.lock().unwrap().resync_requests == asked + 2
+    });
+    assert!(c.status().await.unwrap().resync_pending);
+    drop(c);
+    d.restart();
+    let mut c = d.client().await;
+    eventually!("the restarted daemon asks again", d, {
+        bo.state.lock().unwrap().resync_requests == asked + 3
+    });
+    assert!(c.status().await.unwrap().resync_pending);
+    let out = fieldctl(&d, "UTC", &["status"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("full state is asked for"),
+        "{out:?}"
+    );
 }

@@ -448,6 +448,18 @@ impl Client {
         }
     }
 
+    /// Starts a full resync; returns how many downloaded attachments were checked and
+    /// how many failed their check and will be fetched again.
+    pub async fn resync(&mut self) -> Result<(u32, u32), ClientError> {
+        match self.call(Request::Resync {}).await? {
+            Response::ResyncStarted {
+                attachments_checked,
+                attachments_refetched,
+            } => Ok((attachments_checked, attachments_refetched)),
+            other => Err(unexpected("resync", &other)),
+        }
+    }
+
     pub async fn subscribe(&mut self) -> Result<(), ClientError> {
         match self.call(Request::Subscribe {}).await? {
             Response::Subscribed => Ok(()),

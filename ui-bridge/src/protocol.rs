@@ -89,6 +89,11 @@ pub enum Request {
         #[serde(default)]
         limit: Option<u32>,
     },
+    /// Support's full resync: check the downloaded attachments against their SHA-256
+    /// (a file that fails is fetched again), send what waits, and ask the back office
+    /// for the whole state, which replaces the work-order cache when it comes. Unsent
+    /// work is never lost: a work order it belongs to stays until it is delivered.
+    Resync {},
     /// Change the inspector's sync switches; a field left out keeps its value. Kept
     /// across restarts. Answered with `status`.
     SetSyncSwitches {
@@ -121,6 +126,7 @@ impl Request {
         "set_sync_switches",
         "open_attachment",
         "export",
+        "resync",
     ];
 }
 
@@ -325,6 +331,14 @@ pub enum Response {
     },
     /// After `sync_now`.
     SyncStarted,
+    /// After `resync`: the full state is asked for (now if the broker is connected,
+    /// else at the next connection, even after a restart).
+    ResyncStarted {
+        /// Downloaded attachments whose bytes were checked.
+        attachments_checked: u32,
+        /// Of those, the ones that failed and will be fetched again.
+        attachments_refetched: u32,
+    },
     /// One page of an export; `next` is null on the last one.
     Exported {
         items: Vec<Item>,
@@ -414,6 +428,9 @@ pub struct Status {
     pub storage_low: bool,
     /// Set when a damaged database was found at start and moved aside to this path.
     pub damaged_store: Option<String>,
+    /// A `resync` asked for the back office's full state and it has not come yet.
+    #[serde(default)]
+    pub resync_pending: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -586,6 +603,7 @@ mod tests {
             Request::ListWorkOrders {},
             Request::Subscribe {},
             Request::Outbox { limit: None },
+            Request::Resync {},
             Request::Export {
                 since_ms: None,
                 until_ms: None,

@@ -1,5 +1,6 @@
-//! The inspector's sync switches as set from the app, kept in the store so that they
-//! outlive a restart; the config file gives only their defaults.
+//! What the device keeps of its own in the store's settings, so that it outlives a
+//! restart: the inspector's sync switches as set from the app (the config file gives
+//! only their defaults), and a full state asked for and not yet received.
 
 use rusqlite::{params, Connection};
 
@@ -39,6 +40,26 @@ pub fn save_switches(conn: &Connection, s: &Switches) -> Result<(), DomainError>
         stmt.execute(params![key, if on { "true" } else { "false" }])?;
     }
     Ok(())
+}
+
+const FULL_STATE_WANTED: &str = "resync.full_state_wanted";
+
+/// Notes that the back office's full state is wanted (a resync), or that it came.
+pub fn want_full_state(conn: &Connection, wanted: bool) -> Result<(), DomainError> {
+    if wanted {
+        conn.prepare_cached("INSERT OR REPLACE INTO settings (key, value) VALUES (?1, 'true')")?
+            .execute([FULL_STATE_WANTED])?;
+    } else {
+        conn.prepare_cached("DELETE FROM settings WHERE key = ?1")?
+            .execute([FULL_STATE_WANTED])?;
+    }
+    Ok(())
+}
+
+pub fn full_state_wanted(conn: &Connection) -> Result<bool, DomainError> {
+    Ok(conn
+        .prepare_cached("SELECT EXISTS(SELECT 1 FROM settings WHERE key = ?1)")?
+        .query_row([FULL_STATE_WANTED], |r| r.get(0))?)
 }
 
 #[cfg(test)]

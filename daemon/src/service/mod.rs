@@ -61,6 +61,9 @@ struct Inner {
     sync: std::sync::Mutex<SyncStatus>,
     /// Requests for a sync, for the uplink's scheduler.
     triggers: Triggers,
+    /// A resync asked for the full state since the uplink last looked: a session
+    /// already connected asks the back office at once.
+    resync_now: AtomicBool,
     /// Wakes the uplink within a sync already running: a window slot or a photo's
     /// operation was freed.
     more_to_send: tokio::sync::Notify,
@@ -132,6 +135,7 @@ impl Service {
                     ..SyncStatus::default()
                 }),
                 triggers: Triggers::default(),
+                resync_now: AtomicBool::new(false),
                 more_to_send: tokio::sync::Notify::new(),
                 switches: std::sync::Mutex::new(settings.sync.switches.clone()),
                 started: Arc::new(settings.clone()),
@@ -678,6 +682,13 @@ impl Service {
                     item: d.item,
                 })
             }
+            Request::Resync {} => {
+                let (checked, refetched) = self.resync().await?;
+                Ok(Response::ResyncStarted {
+                    attachments_checked: checked,
+                    attachments_refetched: refetched,
+                })
+            }
             Request::SyncNow {} => {
                 self.inner.triggers.fire(Trigger::SyncNow);
                 Ok(Response::SyncStarted)
@@ -824,7 +835,11 @@ impl Service {
     }
 
     pub async fn status(&self) -> Result<Status, DomainError> {
-        let unsent = self.inner.store.read(journal::unsent).await?;
+        let (unsent, resync_pending) = self
+            .inner
+            .store
+            .read(|c| Ok::<_, DomainError>((journal::unsent(c)?, settings::full_state_wanted(c)?)))
+            .await?;
         let free = free_bytes(self.inner.store.state_dir());
         let sync = self.sync_status();
         let switches = self.switches();
@@ -849,6 +864,7 @@ impl Service {
             storage_free_bytes: free.min((1 << 53) - 1),
             storage_low: free < self.settings().min_free_bytes,
             damaged_store: self.inner.damaged_store.clone(),
+            resync_pending,
         })
     }
 

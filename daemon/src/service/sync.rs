@@ -3,6 +3,7 @@
 //! status` and systemd's status line.
 
 use std::collections::HashSet;
+use std::sync::atomic::Ordering;
 
 use ui_bridge::{Event, WorkOrderChange};
 
@@ -10,7 +11,7 @@ use super::Service;
 use crate::config::UplinkSettings;
 use crate::domain::outbox::{self, PendingOp, StateChange};
 use crate::domain::work_orders::WorkOrderDoc;
-use crate::domain::{journal, photos, work_orders, DomainError};
+use crate::domain::{journal, photos, settings, work_orders, DomainError};
 use crate::link::{LinkClass, LinkState};
 use crate::schedule::{Switches, Triggers};
 use crate::store::now_ms;
@@ -654,6 +655,7 @@ impl Service {
                 }
                 let mut gone = remove;
                 if full {
+                    settings::want_full_state(c, false)?;
                     gone.extend(
                         work_orders::ids(c)?
                             .into_iter()
@@ -822,9 +824,64 @@ impl Service {
     pub async fn needs_full_state(&self) -> bool {
         self.inner
             .store
-            .read(|c| Ok::<_, DomainError>(work_orders::ids(c)?.is_empty()))
+            .read(|c| {
+                Ok::<_, DomainError>(
+                    work_orders::ids(c)?.is_empty() || settings::full_state_wanted(c)?,
+                )
+            })
             .await
             .unwrap_or(false)
+    }
+
+    /// Whether a resync asked for the full state since the last call: a connected
+    /// session asks at once (a new one asks anyway, through [`Service::needs_full_state`]).
+    pub fn take_resync_now(&self) -> bool {
+        self.inner.resync_now.swap(false, Ordering::AcqRel)
+    }
+
+    /// Support's full resync. The wish for the full state is stored first, so that it
+    /// survives a restart until the state comes; nothing is dropped before then, so an
+    /// inspector whose back office never answers keeps the cache. Downloaded
+    /// attachments are read again and checked against their SHA-256: one that fails is
+    /// removed, and the next sync fetches it again. Returns (checked, refetched).
+    pub async fn resync(&self) -> Result<(u32, u32), DomainError> {
+        self.change(|c| settings::want_full_state(c, true)).await?;
+        let named = self.inner.store.read(work_orders::attachments).await?;
+        let files = self.store().attachments().clone();
+        let (checked, refetched) = tokio::task::spawn_blocking(move || {
+            let mut seen = HashSet::new();
+            let (mut checked, mut refetched) = (0u32, 0u32);
+            for (work_order_id, a) in named {
+                if !seen.insert(a.sha256.clone()) || !files.is_complete(&a.sha256) {
+                    continue;
+                }
+                checked += 1;
+                match files.verify(&a.sha256) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::warn!(work_order_id = %work_order_id, attachment_id = %a.id, sha256 = %a.sha256, "a downloaded attachment no longer matches its SHA-256; it is fetched again");
+                        files.remove(&a.sha256);
+                        refetched += 1;
+                    }
+                    Err(e) => {
+                        tracing::warn!(work_order_id = %work_order_id, attachment_id = %a.id, sha256 = %a.sha256, error = %e, "a downloaded attachment cannot be read; it is fetched again");
+                        files.remove(&a.sha256);
+                        refetched += 1;
+                    }
+                }
+            }
+            (checked, refetched)
+        })
+        .await
+        .map_err(|e| DomainError::Internal(format!("the attachment check failed: {e}")))?;
+        tracing::info!(
+            attachments_checked = checked,
+            attachments_refetched = refetched,
+            "full resync asked for"
+        );
+        self.inner.resync_now.store(true, Ordering::Release);
+        self.inner.triggers.fire(crate::schedule::Trigger::SyncNow);
+        Ok((checked, refetched))
     }
 }
 

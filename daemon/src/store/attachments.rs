@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 
 use super::photos::fsync_dir;
 
+#[derive(Clone)]
 pub struct AttachmentDir {
     root: PathBuf,
     partial: PathBuf,
@@ -73,16 +74,7 @@ impl AttachmentDir {
     pub fn finish(&self, sha256: &str) -> std::io::Result<bool> {
         let path = self.partial_of(sha256);
         let mut file = File::open(&path)?;
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = file.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-        }
-        if hex::encode(hasher.finalize()) != sha256 {
+        if sha256_of(&mut file)? != sha256 {
             std::fs::remove_file(&path)?;
             return Ok(false);
         }
@@ -90,6 +82,11 @@ impl AttachmentDir {
         std::fs::rename(&path, self.path_of(sha256))?;
         fsync_dir(&self.root)?;
         Ok(true)
+    }
+
+    /// Whether a complete attachment's bytes still match its name. Blocking.
+    pub fn verify(&self, sha256: &str) -> std::io::Result<bool> {
+        Ok(sha256_of(&mut File::open(self.path_of(sha256))?)? == sha256)
     }
 
     /// The attachments on the device, complete or partial.
@@ -116,6 +113,19 @@ impl AttachmentDir {
             }
         }
     }
+}
+
+fn sha256_of(file: &mut File) -> std::io::Result<String> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
 }
 
 #[cfg(test)]

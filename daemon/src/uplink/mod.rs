@@ -477,6 +477,22 @@ impl Uplink {
         }
     }
 
+    /// Asks the back office for the device's whole state (`up/resync`). A request that
+    /// cannot be handed to the client now is asked again at the next connection, for as
+    /// long as the store still wants the state or the cache is empty.
+    fn ask_full_state(&self, client: &AsyncClient) {
+        let req =
+            serde_json::json!({"v": WIRE_VERSION, "request": uuid::Uuid::now_v7().to_string()});
+        if let Err(e) = client.try_publish(
+            self.topics.resync(),
+            QoS::AtLeastOnce,
+            false,
+            req.to_string(),
+        ) {
+            tracing::warn!(error = %e, "cannot ask for the full state now; asked again at the next connection");
+        }
+    }
+
     /// One connected session: subscribe, announce, then keep `window` batches in flight
     /// while a sync runs, within what the link policy allows. `session_present`: the
     /// broker still had the device's session, and with it what was queued for it.
@@ -501,16 +517,11 @@ impl Uplink {
         // A broker without the device's session (restarted without persistence, or it
         // expired while the device was away) dropped the work orders queued for it: only
         // the full state brings back what was pushed or removed meanwhile.
+        // A resync asked for before this session is in the store's wish, read below.
+        self.service.take_resync_now();
         if !session_present || self.service.needs_full_state().await {
             tracing::info!(session_present, "asking the back office for the full state");
-            let req =
-                serde_json::json!({"v": WIRE_VERSION, "request": uuid::Uuid::now_v7().to_string()});
-            let _ = client.try_publish(
-                self.topics.resync(),
-                QoS::AtLeastOnce,
-                false,
-                req.to_string(),
-            );
+            self.ask_full_state(client);
         }
         self.service.set_broker("up", None);
 
@@ -689,6 +700,10 @@ impl Uplink {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ended::Shutdown,
                 _ = self.service.triggers().fired() => {
+                    if self.service.take_resync_now() {
+                        tracing::info!("asking the back office for the full state (resync)");
+                        self.ask_full_state(client);
+                    }
                     if self.weigh(pending, &mut sync) {
                         more = true;
                         photos_more = true;

@@ -80,6 +80,10 @@ enum Command {
     Discard { item: String },
     /// Sync now.
     Sync,
+    /// Full resync: check the downloaded attachments, send what waits, and replace the
+    /// work-order cache with the back office's full state when it comes. Unsent work
+    /// is kept.
+    Resync,
     /// Save a downloaded attachment of a work order to a file.
     Attachment {
         work_order: String,
@@ -435,6 +439,17 @@ async fn run(cli: Cli, socket: PathBuf) -> Result<(), Failure> {
                 },
             );
         }
+        Command::Resync => {
+            let (checked, refetched) = client.resync().await?;
+            print(
+                json,
+                &serde_json::json!({"attachments_checked": checked, "attachments_refetched": refetched}),
+                |_| {
+                    println!("full state asked for; it replaces the work orders when it comes (unsent work is kept)");
+                    println!("attachments checked: {checked}, to fetch again: {refetched}");
+                },
+            );
+        }
         Command::Export {
             file,
             from,
@@ -719,6 +734,9 @@ fn print_status(s: &Status) {
     );
     if let Some(p) = &s.damaged_store {
         println!("damaged store moved aside to {p}");
+    }
+    if s.resync_pending {
+        println!("resync: the back office's full state is asked for and has not come yet");
     }
 }
 
