@@ -1,6 +1,8 @@
 //! Logging through tracing: to the journal when stderr is connected to it
 //! (`JOURNAL_STREAM`), compact text on stderr otherwise. The level can be changed while
-//! running (SIGHUP re-reads `log.level`).
+//! running (SIGHUP re-reads `log.level`). The latest warnings and errors are also kept
+//! in memory for the diagnostics report, which support reads even where the journal is
+//! out of reach.
 
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -57,6 +59,80 @@ fn journal_stream_matches(value: Option<&str>, stderr: Option<nix::sys::stat::Fi
         && ino.parse::<u64>().ok() == Some(stat.st_ino as u64)
 }
 
+/// How many warnings and errors the diagnostics report keeps, newest last.
+const RECENT_PROBLEMS: usize = 100;
+
+/// A warning or an error as it was logged.
+pub type Problem = ui_bridge::LoggedProblem;
+
+fn problems() -> &'static std::sync::Mutex<std::collections::VecDeque<Problem>> {
+    static PROBLEMS: std::sync::OnceLock<std::sync::Mutex<std::collections::VecDeque<Problem>>> =
+        std::sync::OnceLock::new();
+    PROBLEMS.get_or_init(Default::default)
+}
+
+/// The latest warnings and errors, oldest first.
+pub fn recent_problems() -> Vec<Problem> {
+    problems()
+        .lock()
+        .map(|p| p.iter().cloned().collect())
+        .unwrap_or_default()
+}
+
+/// Keeps warnings and errors for [`recent_problems`].
+struct KeepProblems;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for KeepProblems {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        let level = *event.metadata().level();
+        if level > tracing::Level::WARN {
+            return;
+        }
+        struct Fields {
+            message: String,
+            rest: Vec<String>,
+        }
+        impl tracing::field::Visit for Fields {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.message = format!("{value:?}");
+                } else {
+                    self.rest.push(format!("{}={value:?}", field.name()));
+                }
+            }
+            fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+                if field.name() == "message" {
+                    self.message = value.to_owned();
+                } else {
+                    self.rest.push(format!("{}={value}", field.name()));
+                }
+            }
+        }
+        let mut fields = Fields {
+            message: String::new(),
+            rest: Vec::new(),
+        };
+        event.record(&mut fields);
+        let problem = Problem {
+            time_ms: crate::store::now_ms(),
+            level: if level == tracing::Level::ERROR {
+                "ERROR".into()
+            } else {
+                "WARN".into()
+            },
+            target: event.metadata().target().to_owned(),
+            message: fields.message,
+            fields: fields.rest,
+        };
+        if let Ok(mut p) = problems().lock() {
+            if p.len() == RECENT_PROBLEMS {
+                p.pop_front();
+            }
+            p.push_back(problem);
+        }
+    }
+}
+
 /// Installs the global subscriber. `RUST_LOG`, when set, overrides the configured level.
 pub fn init(level: &str, format: LogFormat) -> LogLevel {
     let filter = EnvFilter::try_from_default_env()
@@ -71,7 +147,9 @@ pub fn init(level: &str, format: LogFormat) -> LogLevel {
         LogFormat::Text => false,
         LogFormat::Auto => stderr_is_journal(),
     };
-    let registry = tracing_subscriber::registry().with(filter);
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(KeepProblems);
     if want_journal {
         match tracing_journald::layer() {
             Ok(journald) => {

@@ -271,6 +271,14 @@ async fn a_resync_replaces_the_cache_keeps_unsent_work_and_refetches_bad_files()
     eventually!("the record is refused", d, {
         matches!(c.work_order("WO-31").await, Ok(w) if w.items.iter().any(|i| i.id == kept.id && i.state == SyncState::Refused))
     });
+    // Support sees it, with the back office's reason.
+    let refused = c.diagnostics().await.unwrap().refused;
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].item_id, kept.id);
+    assert!(refused[0]
+        .reason
+        .as_deref()
+        .is_some_and(|r| r.contains("reassigned in the office")));
     let asked = bo.state.lock().unwrap().resync_requests;
     assert_eq!(asked, 1);
 
@@ -327,4 +335,61 @@ async fn a_resync_replaces_the_cache_keeps_unsent_work_and_refetches_bad_files()
         String::from_utf8_lossy(&out.stdout).contains("full state is asked for"),
         "{out:?}"
     );
+}
+
+/// The diagnostics bundle: what support reads first, even where the journal is out of
+/// its reach. A broker that is not there leaves its warnings in it.
+#[tokio::test]
+async fn a_diagnostics_bundle_holds_the_figures_and_the_latest_problems() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let d = Daemon::start_with(Options {
+        uplink: format!(
+            "broker = \"mqtt://127.0.0.1:{port}\"\ndevice_id = \"{DEVICE}\"\nreconnect_min_ms = 50\nreconnect_max_secs = 1\n"
+        ),
+        ..Options::default()
+    });
+    let mut c = d.client().await;
+    c.add_record("WO-1", note("waiting")).await.unwrap();
+    eventually!("the broker's absence is logged", d, {
+        c.diagnostics()
+            .await
+            .unwrap()
+            .recent_problems
+            .iter()
+            .any(|p| p.message == "broker connection lost")
+    });
+    let report = c.diagnostics().await.unwrap();
+    assert_eq!(report.items.get("waiting"), Some(&1));
+    assert!(report.work_orders >= 1);
+    assert_eq!(report.device_id.as_deref(), Some(DEVICE));
+    assert_eq!(report.broker_address, Some(format!("127.0.0.1:{port}")));
+    assert!(report.database_bytes > 0);
+    let problem = report
+        .recent_problems
+        .iter()
+        .find(|p| p.message == "broker connection lost")
+        .unwrap();
+    assert_eq!(problem.level, "WARN");
+    assert!(
+        problem.fields.iter().any(|f| f.starts_with("error=")),
+        "{problem:?}"
+    );
+    assert!(report.refused.is_empty());
+
+    let file = d.dir.path().join("diagnostics.json");
+    let run = fieldctl(&d, "UTC", &["diagnostics", file.to_str().unwrap()]);
+    assert!(run.status.success(), "{run:?}");
+    let bundle: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(bundle["diagnostics"]["items"]["waiting"], 1);
+    assert!(
+        bundle["journal"]["lines"].is_array() || bundle["journal"]["unavailable"].is_string(),
+        "{}",
+        bundle["journal"]
+    );
+    let again = fieldctl(&d, "UTC", &["diagnostics", file.to_str().unwrap()]);
+    assert_eq!(again.status.code(), Some(1), "never over an earlier bundle");
 }

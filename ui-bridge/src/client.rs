@@ -448,6 +448,13 @@ impl Client {
         }
     }
 
+    pub async fn diagnostics(&mut self) -> Result<Diagnostics, ClientError> {
+        match self.call(Request::Diagnostics {}).await? {
+            Response::Diagnostics(d) => Ok(*d),
+            other => Err(unexpected("diagnostics", &other)),
+        }
+    }
+
     /// Starts a full resync; returns how many downloaded attachments were checked and
     /// how many failed their check and will be fetched again.
     pub async fn resync(&mut self) -> Result<(u32, u32), ClientError> {

@@ -89,6 +89,9 @@ pub enum Request {
         #[serde(default)]
         limit: Option<u32>,
     },
+    /// What support needs to see first: the status, the store's figures, changes the
+    /// back office refused, and the latest warnings and errors the daemon logged.
+    Diagnostics {},
     /// Support's full resync: check the downloaded attachments against their SHA-256
     /// (a file that fails is fetched again), send what waits, and ask the back office
     /// for the whole state, which replaces the work-order cache when it comes. Unsent
@@ -127,6 +130,7 @@ impl Request {
         "open_attachment",
         "export",
         "resync",
+        "diagnostics",
     ];
 }
 
@@ -339,11 +343,59 @@ pub enum Response {
         /// Of those, the ones that failed and will be fetched again.
         attachments_refetched: u32,
     },
+    Diagnostics(Box<Diagnostics>),
     /// One page of an export; `next` is null on the last one.
     Exported {
         items: Vec<Item>,
         next: Option<ExportCursor>,
     },
+}
+
+/// The diagnostics report (`diagnostics`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Diagnostics {
+    pub status: Status,
+    /// When this daemon process started.
+    pub started_ms: i64,
+    pub device_id: Option<String>,
+    /// `host:port`, or null when no broker is configured.
+    pub broker_address: Option<String>,
+    pub state_dir: String,
+    pub schema_version: i64,
+    /// Sizes of the database file and of its log (`-wal`).
+    pub database_bytes: u64,
+    pub log_bytes: u64,
+    pub work_orders: u64,
+    /// Items on the device by sync state (`waiting`, `in_progress`, `delivered`,
+    /// `refused`).
+    pub items: std::collections::BTreeMap<String, u64>,
+    /// Changes the back office refused, with its reason codes and words (at most 100).
+    pub refused: Vec<RefusedItem>,
+    /// Downlink messages ignored as unreadable since start.
+    pub bad_downlink_messages: u64,
+    /// The latest warnings and errors the daemon logged (at most 100), oldest first.
+    pub recent_problems: Vec<LoggedProblem>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RefusedItem {
+    pub item_id: String,
+    pub work_order_id: String,
+    pub kind: ItemKind,
+    pub reason: Option<String>,
+}
+
+/// A warning or an error as the daemon logged it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LoggedProblem {
+    pub time_ms: i64,
+    /// `WARN` or `ERROR`.
+    pub level: String,
+    /// The part of the daemon that logged it.
+    pub target: String,
+    pub message: String,
+    /// The event's other fields as `key=value`: the error, the item, the operation.
+    pub fields: Vec<String>,
 }
 
 /// Where an export's next page starts: after this item, in the export's order (by
@@ -604,6 +656,7 @@ mod tests {
             Request::Subscribe {},
             Request::Outbox { limit: None },
             Request::Resync {},
+            Request::Diagnostics {},
             Request::Export {
                 since_ms: None,
                 until_ms: None,

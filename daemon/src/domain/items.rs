@@ -14,13 +14,59 @@ use crate::store::photos::StoredPhoto;
 /// An item's columns. Its state follows its operations: "in progress" while one is out
 /// and unacknowledged, "delivered" once none is left; sending and acknowledging touch
 /// only the outbox. A stored `refused` (or `delivered`, from before) stands as it is.
-pub(crate) const ITEM_COLUMNS: &str = "id, work_order_id, kind, record_id, body,
-    CASE WHEN sync_state != 'waiting' THEN sync_state
+macro_rules! item_state {
+    () => {
+        "CASE WHEN sync_state != 'waiting' THEN sync_state
          WHEN NOT EXISTS (SELECT 1 FROM outbox o WHERE o.item_id = items.id) THEN 'delivered'
          WHEN EXISTS (SELECT 1 FROM outbox o
               WHERE o.item_id = items.id AND o.state = 'in_progress') THEN 'in_progress'
-         ELSE 'waiting' END,
-    reason, created_ms, updated_ms";
+         ELSE 'waiting' END"
+    };
+}
+pub(crate) const ITEM_COLUMNS: &str = concat!(
+    "id, work_order_id, kind, record_id, body, ",
+    item_state!(),
+    ", reason, created_ms, updated_ms"
+);
+
+/// Items on the device by sync state, and the refused ones (at most `refused_max`).
+pub fn census(
+    conn: &Connection,
+    refused_max: u32,
+) -> Result<
+    (
+        std::collections::BTreeMap<String, u64>,
+        Vec<ui_bridge::RefusedItem>,
+    ),
+    DomainError,
+> {
+    let mut by_state = std::collections::BTreeMap::new();
+    let mut stmt = conn.prepare(concat!(
+        "SELECT state, count(*) FROM (SELECT ",
+        item_state!(),
+        " AS state FROM items WHERE deleted = 0) GROUP BY state"
+    ))?;
+    for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+        let (state, n) = row?;
+        by_state.insert(state, n as u64);
+    }
+    let mut stmt = conn.prepare(
+        "SELECT id, work_order_id, kind, reason FROM items
+         WHERE deleted = 0 AND sync_state = 'refused' ORDER BY updated_ms LIMIT ?1",
+    )?;
+    let refused = stmt
+        .query_map([refused_max], |r| {
+            let kind: String = r.get(2)?;
+            Ok(ui_bridge::RefusedItem {
+                item_id: r.get(0)?,
+                work_order_id: r.get(1)?,
+                kind: ItemKind::parse(&kind).unwrap_or(ItemKind::Note),
+                reason: r.get(3)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((by_state, refused))
+}
 
 fn item_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Item> {
     let kind: String = r.get(2)?;

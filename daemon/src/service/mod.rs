@@ -64,6 +64,8 @@ struct Inner {
     /// A resync asked for the full state since the uplink last looked: a session
     /// already connected asks the back office at once.
     resync_now: AtomicBool,
+    /// When this process started, for the diagnostics report.
+    started_ms: i64,
     /// Wakes the uplink within a sync already running: a window slot or a photo's
     /// operation was freed.
     more_to_send: tokio::sync::Notify,
@@ -136,6 +138,7 @@ impl Service {
                 }),
                 triggers: Triggers::default(),
                 resync_now: AtomicBool::new(false),
+                started_ms: crate::store::now_ms(),
                 more_to_send: tokio::sync::Notify::new(),
                 switches: std::sync::Mutex::new(settings.sync.switches.clone()),
                 started: Arc::new(settings.clone()),
@@ -682,6 +685,9 @@ impl Service {
                     item: d.item,
                 })
             }
+            Request::Diagnostics {} => {
+                Ok(Response::Diagnostics(Box::new(self.diagnostics().await?)))
+            }
             Request::Resync {} => {
                 let (checked, refetched) = self.resync().await?;
                 Ok(Response::ResyncStarted {
@@ -865,6 +871,38 @@ impl Service {
             storage_low: free < self.settings().min_free_bytes,
             damaged_store: self.inner.damaged_store.clone(),
             resync_pending,
+        })
+    }
+
+    /// The report `fieldctl diagnostics` saves for support.
+    pub async fn diagnostics(&self) -> Result<ui_bridge::Diagnostics, DomainError> {
+        let status = self.status().await?;
+        let (schema_version, work_orders, (items, refused)) = self
+            .query(|c| {
+                let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+                let work_orders: i64 =
+                    c.query_row("SELECT count(*) FROM work_orders", [], |r| r.get(0))?;
+                Ok((version, work_orders as u64, items::census(c, 100)?))
+            })
+            .await?;
+        let settings = self.settings();
+        let db = self.inner.store.state_dir().join(crate::store::DB_FILE);
+        let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+        let uplink = settings.uplink.as_ref();
+        Ok(ui_bridge::Diagnostics {
+            status,
+            started_ms: self.inner.started_ms,
+            device_id: uplink.map(|u| u.device_id.clone()),
+            broker_address: uplink.map(|u| format!("{}:{}", u.host, u.port)),
+            state_dir: self.inner.store.state_dir().display().to_string(),
+            schema_version,
+            database_bytes: size(&db),
+            log_bytes: size(&db.with_extension("db-wal")),
+            work_orders,
+            items,
+            refused,
+            bad_downlink_messages: self.sync_status().bad_downlink,
+            recent_problems: crate::logging::recent_problems(),
         })
     }
 

@@ -80,6 +80,16 @@ enum Command {
     Discard { item: String },
     /// Sync now.
     Sync,
+    /// Save a diagnostics bundle for support to a new file (JSON): the daemon's status,
+    /// its store's figures, refused changes with their reason codes, its latest warnings
+    /// and errors, and the last lines of its journal where this user may read them.
+    Diagnostics {
+        /// The file to write; it must not exist yet.
+        file: PathBuf,
+        /// Journal lines to include.
+        #[arg(long, default_value_t = 2000)]
+        journal_lines: u32,
+    },
     /// Full resync: check the downloaded attachments, send what waits, and replace the
     /// work-order cache with the back office's full state when it comes. Unsent work
     /// is kept.
@@ -439,6 +449,36 @@ async fn run(cli: Cli, socket: PathBuf) -> Result<(), Failure> {
                 },
             );
         }
+        Command::Diagnostics {
+            file,
+            journal_lines,
+        } => {
+            let report = client.diagnostics().await?;
+            let problems = report.recent_problems.len();
+            let (journal, journal_words) = journal_of_daemon(journal_lines);
+            let bundle = serde_json::json!({
+                "fieldctl_version": env!("CARGO_PKG_VERSION"),
+                "generated_ms": std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+                "diagnostics": report,
+                "journal": journal,
+            });
+            write_new_file(&file, |out| {
+                serde_json::to_writer_pretty(&mut *out, &bundle).map_err(std::io::Error::other)?;
+                std::io::Write::write_all(out, b"\n")
+            })?;
+            print(
+                json,
+                &serde_json::json!({"path": file, "recent_problems": problems}),
+                |_| {
+                    println!(
+                        "saved diagnostics to {} ({problems} recent warnings and errors; journal: {journal_words})",
+                        file.display()
+                    )
+                },
+            );
+        }
         Command::Resync => {
             let (checked, refetched) = client.resync().await?;
             print(
@@ -530,6 +570,67 @@ fn guess_mime(path: &std::path::Path) -> Option<&'static str> {
         "webp" => Some("image/webp"),
         _ => None,
     }
+}
+
+/// The daemon's last journal lines, or why there are none, and words for a person.
+fn journal_of_daemon(lines: u32) -> (serde_json::Value, String) {
+    let out = std::process::Command::new("journalctl")
+        .args([
+            "--unit",
+            "fieldsyncd.service",
+            "--no-pager",
+            "--output",
+            "short-iso",
+        ])
+        .arg(format!("--lines={lines}"))
+        .stdin(std::process::Stdio::null())
+        .output();
+    match out {
+        Ok(o) if o.status.success() => {
+            let text = String::from_utf8_lossy(&o.stdout);
+            let lines: Vec<&str> = text.lines().collect();
+            let words = format!("{} lines", lines.len());
+            (serde_json::json!({ "lines": lines }), words)
+        }
+        Ok(o) => {
+            let why = format!(
+                "journalctl failed ({}): {}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+            (serde_json::json!({ "unavailable": why }), why)
+        }
+        Err(e) => {
+            let why = format!("journalctl could not run: {e}");
+            (serde_json::json!({ "unavailable": why }), why)
+        }
+    }
+}
+
+/// Creates `file`, which must not exist, and writes it whole with `write`, durably; a
+/// file an error left half-written is removed.
+fn write_new_file(
+    file: &std::path::Path,
+    write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>,
+) -> Result<(), Failure> {
+    use std::io::Write;
+    let created = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(file)
+        .map_err(|e| Failure::Local(format!("cannot create {}: {e}", file.display())))?;
+    let mut out = std::io::BufWriter::new(created);
+    let result = write(&mut out)
+        .and_then(|_| out.flush())
+        .and_then(|_| out.get_ref().sync_all());
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(file);
+        return Err(Failure::Local(format!(
+            "cannot write {}: {e}",
+            file.display()
+        )));
+    }
+    Ok(())
 }
 
 #[derive(Default)]
