@@ -11,9 +11,11 @@ use super::DomainError;
 use crate::store::now_ms;
 use crate::store::photos::StoredPhoto;
 
-/// An item's columns. Its state follows its operations: "in progress" while one is out
-/// and unacknowledged, "delivered" once none is left; sending and acknowledging touch
-/// only the outbox. A stored `refused` (or `delivered`, from before) stands as it is.
+/// An item's sync state as SQL. It follows the item's operations: "in progress" while
+/// one is out and unacknowledged, "delivered" once none is left; sending and
+/// acknowledging touch only the outbox. A stored `refused` (or `delivered`, from
+/// before) stands as it is. A macro, so that queries can be built from it at compile
+/// time.
 macro_rules! item_state {
     () => {
         "CASE WHEN sync_state != 'waiting' THEN sync_state
@@ -23,6 +25,7 @@ macro_rules! item_state {
          ELSE 'waiting' END"
     };
 }
+/// An item's columns, its sync state among them.
 pub(crate) const ITEM_COLUMNS: &str = concat!(
     "id, work_order_id, kind, record_id, body, ",
     item_state!(),
