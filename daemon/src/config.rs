@@ -58,6 +58,18 @@ pub struct Settings {
     /// keeps it in [`DEVICE_ID_FILE`] before it first connects, so that it never changes.
     pub new_device_id: Option<String>,
     pub sync: SyncSettings,
+    /// When downloaded work orders leave the cache; `None`: never.
+    pub expiry: Option<Expiry>,
+}
+
+/// The administrator's expiry of downloaded work orders (`[work_orders]`). Only the
+/// cache expires: what the inspector captured stays until it is delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expiry {
+    /// The age, from the download of the version the device has.
+    pub after: std::time::Duration,
+    /// How long before that the app is told (a `work_order` event, `expiring`).
+    pub warn_before: std::time::Duration,
 }
 
 /// The file in the state folder that holds the device id when the configuration names
@@ -139,6 +151,15 @@ struct File {
     uplink: UplinkSection,
     #[serde(default)]
     sync: SyncSection,
+    #[serde(default)]
+    work_orders: WorkOrdersSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WorkOrdersSection {
+    expire_after_secs: Option<u64>,
+    warn_before_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -459,7 +480,41 @@ fn validate(file: File, base_dir: &Path) -> Result<Settings, ConfigError> {
         uplink,
         new_device_id,
         sync: sync(file.sync)?,
+        expiry: expiry(&file.work_orders)?,
     })
+}
+
+fn expiry(w: &WorkOrdersSection) -> Result<Option<Expiry>, ConfigError> {
+    let after = match w.expire_after_secs {
+        None | Some(0) => {
+            if w.warn_before_secs.is_some() {
+                return Err(invalid(
+                    "work_orders.warn_before_secs",
+                    "has no effect without work_orders.expire_after_secs",
+                ));
+            }
+            return Ok(None);
+        }
+        Some(n) if n > 100 * 365 * 86_400 => {
+            return Err(invalid(
+                "work_orders.expire_after_secs",
+                format!("{n} is more than a hundred years; leave it out (or 0) for never"),
+            ))
+        }
+        Some(n) => n,
+    };
+    // A day's notice by default, but never from the moment a work order arrives.
+    let warn = w.warn_before_secs.unwrap_or((after / 2).min(86_400));
+    if warn >= after {
+        return Err(invalid(
+            "work_orders.warn_before_secs",
+            format!("{warn} is not less than work_orders.expire_after_secs ({after}): every work order would be expiring from the moment it arrives"),
+        ));
+    }
+    Ok(Some(Expiry {
+        after: std::time::Duration::from_secs(after),
+        warn_before: std::time::Duration::from_secs(warn),
+    }))
 }
 
 fn sync(s: SyncSection) -> Result<SyncSettings, ConfigError> {
@@ -861,6 +916,43 @@ mod tests {
         // No broker, no id.
         let offline = write(dir.path(), "offline.toml", "[store]\nstate_dir = \"t\"\n");
         assert_eq!(load(Some(&offline)).unwrap().new_device_id, None);
+    }
+
+    #[test]
+    fn work_order_expiry_is_off_by_default_and_its_notice_shorter_than_the_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let none = write(dir.path(), "a.toml", "[store]\nstate_dir = \"s\"\n");
+        assert_eq!(load(Some(&none)).unwrap().expiry, None);
+        let day = std::time::Duration::from_secs(86_400);
+        let fortnight = write(
+            dir.path(),
+            "b.toml",
+            "[store]\nstate_dir = \"s\"\n[work_orders]\nexpire_after_secs = 1209600\n",
+        );
+        assert_eq!(
+            load(Some(&fortnight)).unwrap().expiry,
+            Some(Expiry {
+                after: day * 14,
+                warn_before: day
+            })
+        );
+        for (text, key) in [
+            (
+                "expire_after_secs = 600\nwarn_before_secs = 600\n",
+                "work_orders.warn_before_secs",
+            ),
+            ("warn_before_secs = 60\n", "work_orders.warn_before_secs"),
+            ("expire_after_secs = -1\n", "expire_after_secs"),
+            ("expire_after = 5\n", "expire_after"),
+        ] {
+            let f = write(
+                dir.path(),
+                "c.toml",
+                &format!("[store]\nstate_dir = \"s\"\n[work_orders]\n{text}"),
+            );
+            let e = load(Some(&f)).unwrap_err().to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -130,6 +130,7 @@ pub async fn run(settings: Settings, reload: Reload) -> Result<(), RunError> {
     );
     systemd::ready(&format!("offline; {status} changes waiting"));
     let watchdog = tokio::spawn(systemd::watchdog(store.clone(), shutdown.clone()));
+    tokio::spawn(service.clone().expire_work_orders(shutdown.clone()));
     let link = link::spawn(settings.sync.watch_network_manager, shutdown.clone());
     let uplink = match settings.uplink.clone() {
         Some(u) => {

@@ -501,6 +501,14 @@ pub struct WorkOrderSummary {
     /// discarded, unless the dispatcher sends it again.
     #[serde(default)]
     pub withdrawn: bool,
+    /// When the device received the version it has.
+    #[serde(default)]
+    pub received_ms: i64,
+    /// When the device leaves the work order out of its cache, where the administrator
+    /// set downloaded work orders to expire (`work_orders.expire_after_secs`); null
+    /// otherwise. One with changes still undelivered stays until they are delivered.
+    #[serde(default)]
+    pub expires_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -623,6 +631,9 @@ pub enum WorkOrderChange {
     /// delivered or discarded (`withdrawn` in its summary).
     Withdrawn,
     Removed,
+    /// It expires soon (`expires_ms` in its summary): the administrator set an age
+    /// after which downloaded work orders leave the device.
+    Expiring,
 }
 
 #[cfg(test)]

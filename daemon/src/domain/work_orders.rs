@@ -206,6 +206,7 @@ struct Row {
     scheduled_for: Option<String>,
     doc: String,
     withdrawn: bool,
+    received_ms: i64,
 }
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
@@ -219,10 +220,12 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
         scheduled_for: r.get(5)?,
         doc: r.get(6)?,
         withdrawn: r.get(7)?,
+        received_ms: r.get(8)?,
     })
 }
 
-const COLUMNS: &str = "id, version, title, stage, workflow, scheduled_for, doc, withdrawn";
+const COLUMNS: &str =
+    "id, version, title, stage, workflow, scheduled_for, doc, withdrawn, received_ms";
 
 fn summary(conn: &Connection, row: &Row) -> Result<WorkOrderSummary, DomainError> {
     let unsent: i64 = conn.query_row(
@@ -239,7 +242,25 @@ fn summary(conn: &Connection, row: &Row) -> Result<WorkOrderSummary, DomainError
         scheduled_for: row.scheduled_for.clone(),
         unsent: unsent as u64,
         withdrawn: row.withdrawn,
+        received_ms: row.received_ms,
+        // The service knows the administrator's expiry.
+        expires_ms: None,
     })
+}
+
+/// The cached work orders that are not withdrawn: id, when received (the last version
+/// that arrived), and whether changes of theirs still wait on the device.
+pub fn received(conn: &Connection) -> Result<Vec<(String, i64, bool)>, DomainError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, received_ms,
+                EXISTS(SELECT 1 FROM outbox WHERE outbox.work_order_id = work_orders.id)
+             OR EXISTS(SELECT 1 FROM captures WHERE captures.work_order_id = work_orders.id)
+         FROM work_orders WHERE withdrawn = 0",
+    )?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<Result<_, _>>()?;
+    Ok(rows)
 }
 
 pub fn list(conn: &Connection) -> Result<Vec<WorkOrderSummary>, DomainError> {
@@ -398,6 +419,21 @@ pub fn remove(conn: &Connection, id: &str) -> Result<Removal, DomainError> {
     conn.execute("DELETE FROM items WHERE work_order_id = ?1", [id])?;
     conn.execute("DELETE FROM work_orders WHERE id = ?1", [id])?;
     Ok(Removal::Removed)
+}
+
+/// Removes a work order from the cache unless changes of it still wait on the device;
+/// returns whether it went.
+pub fn remove_unless_pending(conn: &Connection, id: &str) -> Result<bool, DomainError> {
+    let pending: bool = conn.query_row(
+        "SELECT EXISTS(SELECT 1 FROM outbox WHERE work_order_id = ?1)
+             OR EXISTS(SELECT 1 FROM captures WHERE work_order_id = ?1)",
+        [id],
+        |r| r.get(0),
+    )?;
+    if pending {
+        return Ok(false);
+    }
+    Ok(remove(conn, id)? == Removal::Removed)
 }
 
 /// Removes the withdrawn work orders whose last waiting change has just been delivered

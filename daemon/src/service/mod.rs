@@ -12,6 +12,7 @@ use rusqlite::Connection;
 use tokio::sync::broadcast;
 use ui_bridge::{Event, Item, Request, Response, Status, WorkOrderChange, PROTOCOL_VERSION};
 
+mod expiry;
 mod sync;
 
 pub use sync::{ChunkOutcome, Download, SyncStatus, CANNOT_SERVE, HELD};
@@ -267,7 +268,7 @@ impl Service {
     pub async fn reload(&self, new: Settings) -> Vec<&'static str> {
         let old = self.inner.started.clone();
         let mut need_restart = Vec::new();
-        let checks: [(&'static str, bool); 6] = [
+        let checks: [(&'static str, bool); 7] = [
             ("store.state_dir", old.state_dir != new.state_dir),
             (
                 "ui",
@@ -299,6 +300,7 @@ impl Service {
                 "dev.seed_work_orders",
                 old.seed_work_orders != new.seed_work_orders,
             ),
+            ("work_orders", old.expiry != new.expiry),
         ];
         for (key, changed) in checks {
             if changed {
@@ -502,7 +504,8 @@ impl Service {
         match request {
             Request::Status {} => Ok(Response::Status(self.status().await?)),
             Request::ListWorkOrders {} => {
-                let work_orders = self.query(work_orders::list).await?;
+                let mut work_orders = self.query(work_orders::list).await?;
+                work_orders.iter_mut().for_each(|w| self.set_expiry(w));
                 Ok(Response::WorkOrders { work_orders })
             }
             Request::GetWorkOrder { work_order_id } => {
@@ -510,6 +513,7 @@ impl Service {
                 let mut wo = self
                     .query(move |c| work_orders::get(c, &work_order_id))
                     .await?;
+                self.set_expiry(&mut wo.summary);
                 let problems = self.attachment_problems();
                 for a in &mut wo.attachments {
                     a.downloaded = store.attachments().is_complete(&a.sha256);
@@ -872,6 +876,17 @@ impl Service {
             damaged_store: self.inner.damaged_store.clone(),
             resync_pending,
         })
+    }
+
+    /// Fills in when the work order expires, under the administrator's expiry.
+    fn set_expiry(&self, w: &mut ui_bridge::WorkOrderSummary) {
+        // A withdrawn one goes when its changes are delivered, whatever its age.
+        w.expires_ms = self
+            .inner
+            .started
+            .expiry
+            .filter(|_| !w.withdrawn)
+            .map(|e| w.received_ms.saturating_add(e.after.as_millis() as i64));
     }
 
     /// The report `fieldctl diagnostics` saves for support.

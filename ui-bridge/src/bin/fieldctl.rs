@@ -851,9 +851,11 @@ fn print_summary(w: &WorkOrderSummary) {
         w.scheduled_for.as_deref().unwrap_or(""),
         w.title,
         if w.withdrawn {
-            " (withdrawn by the dispatcher: goes once its changes are delivered)"
+            " (withdrawn by the dispatcher: goes once its changes are delivered)".to_owned()
+        } else if let Some(at) = w.expires_ms {
+            format!(" (expires {})", when(Some(at)))
         } else {
-            ""
+            String::new()
         }
     );
 }

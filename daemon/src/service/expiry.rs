@@ -1,0 +1,138 @@
+//! Downloaded work orders that expire after the administrator's age
+//! (`[work_orders]`): the app is told ahead (a `work_order` event, `expiring`), then the
+//! work order leaves the cache. Only downloaded data expires: a work order with changes
+//! still on the device stays until they are delivered or discarded.
+//!
+//! Nothing polls: the task sleeps until the next warning or expiry is due, and looks
+//! again when work orders or items change (a push, a delivery, a delete).
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use ui_bridge::{Event, WorkOrderChange};
+
+use super::Service;
+use crate::config::Expiry;
+use crate::domain::{work_orders, DomainError};
+use crate::store::now_ms;
+
+/// How long a burst of changes (a drain's deliveries) is let settle before a look.
+const SETTLE: Duration = Duration::from_millis(500);
+/// After a failed look (the store busy or failing), the next one.
+const RETRY: Duration = Duration::from_secs(60);
+/// With nothing due, only a change wakes the task; this is a look for good measure.
+const IDLE: Duration = Duration::from_secs(24 * 3600);
+
+impl Service {
+    /// Runs the expiry until `shutdown`; returns at once when none is configured.
+    pub async fn expire_work_orders(self, shutdown: CancellationToken) {
+        let Some(expiry) = self.inner.started.expiry else {
+            return;
+        };
+        let mut events = self.subscribe();
+        // Warned of, by id and the download the warning was about.
+        let mut warned: HashSet<(String, i64)> = HashSet::new();
+        loop {
+            let wait = match self.expiry_round(expiry, &mut warned).await {
+                Ok(Some(due_ms)) => Some(Duration::from_millis(
+                    due_ms.saturating_sub(now_ms()).max(0) as u64,
+                )),
+                Ok(None) => None,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot look for expired work orders; trying again later");
+                    Some(RETRY)
+                }
+            };
+            // Until the next one is due, or something changes that may move it.
+            let sleep = tokio::time::sleep(wait.unwrap_or(IDLE));
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = &mut sleep => break,
+                    event = events.recv() => match event {
+                        Ok(Event::WorkOrder { change: WorkOrderChange::Expiring, .. }) => {}
+                        Ok(Event::WorkOrder { .. } | Event::ItemState { .. })
+                        | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                            tokio::time::sleep(SETTLE).await;
+                            events = events.resubscribe();
+                            break;
+                        }
+                        Ok(_) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    },
+                }
+            }
+        }
+    }
+
+    /// Warns of and removes what is due; returns when the next warning or expiry is.
+    async fn expiry_round(
+        &self,
+        expiry: Expiry,
+        warned: &mut HashSet<(String, i64)>,
+    ) -> Result<Option<i64>, DomainError> {
+        let after = expiry.after.as_millis() as i64;
+        let notice = expiry.warn_before.as_millis() as i64;
+        let now = now_ms();
+        let cached = self.query(work_orders::received).await?;
+        let mut next: Option<i64> = None;
+        let mut due = |at: i64| next = Some(next.map_or(at, |n| n.min(at)));
+        let mut expired = Vec::new();
+        for (id, received_ms, pending) in cached {
+            let expires = received_ms.saturating_add(after);
+            if now >= expires {
+                // What the inspector captured is never dropped: it waits for delivery,
+                // which wakes this task again.
+                if !pending {
+                    expired.push(id);
+                }
+                continue;
+            }
+            let warn_at = expires - notice;
+            if now >= warn_at {
+                if warned.insert((id.clone(), received_ms)) {
+                    tracing::info!(work_order_id = %id, expires_ms = expires, "work order expires soon");
+                    self.emit(Event::WorkOrder {
+                        work_order_id: id,
+                        change: WorkOrderChange::Expiring,
+                    });
+                }
+                due(expires);
+            } else {
+                due(warn_at);
+            }
+        }
+        if !expired.is_empty() {
+            let removed = self
+                .change(move |c| {
+                    let mut removed = Vec::new();
+                    for id in expired {
+                        // Looked at again inside the write: a capture may have come.
+                        if work_orders::remove_unless_pending(c, &id)? {
+                            removed.push(id);
+                        }
+                    }
+                    Ok(removed)
+                })
+                .await?;
+            for id in &removed {
+                tracing::info!(work_order_id = %id, "work order expired and left the cache");
+                self.emit(Event::WorkOrder {
+                    work_order_id: id.clone(),
+                    change: WorkOrderChange::Removed,
+                });
+            }
+            warned.retain(|(id, _)| !removed.contains(id));
+            if !removed.is_empty() {
+                // Its delivered photos and attachments went with it.
+                self.remove_gone_photos().await;
+                if let Err(e) = self.sweep_attachments().await {
+                    tracing::warn!(error = %e, "cannot sweep attachment files");
+                }
+            }
+        }
+        Ok(next)
+    }
+}
