@@ -4,13 +4,14 @@
 //! still on the device stays until they are delivered or discarded.
 //!
 //! Nothing polls: the task sleeps until the next warning or expiry is due, and looks
-//! again when work orders or items change (a push, a delivery, a delete).
+//! again when a work order changes or an item's change leaves the device (a push, a
+//! delivery, a delete).
 
 use std::collections::HashSet;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use ui_bridge::{Event, WorkOrderChange};
+use ui_bridge::{Event, SyncState, WorkOrderChange};
 
 use super::Service;
 use crate::config::Expiry;
@@ -23,6 +24,17 @@ const SETTLE: Duration = Duration::from_millis(500);
 const RETRY: Duration = Duration::from_secs(60);
 /// With nothing due, only a change wakes the task; this is a look for good measure.
 const IDLE: Duration = Duration::from_secs(24 * 3600);
+
+/// Whether `event` may bring a warning or an expiry closer: a work order that came,
+/// changed or went, or an item whose change left the device (delivered, deleted,
+/// discarded), which may free its work order. A capture only holds one back.
+fn may_move_expiry(event: &Event) -> bool {
+    match event {
+        Event::WorkOrder { change, .. } => *change != WorkOrderChange::Expiring,
+        Event::ItemState { state, .. } => matches!(state, None | Some(SyncState::Delivered)),
+        _ => false,
+    }
+}
 
 impl Service {
     /// Runs the expiry until `shutdown`; returns at once when none is configured.
@@ -52,14 +64,15 @@ impl Service {
                     _ = shutdown.cancelled() => return,
                     _ = &mut sleep => break,
                     event = events.recv() => match event {
-                        Ok(Event::WorkOrder { change: WorkOrderChange::Expiring, .. }) => {}
-                        Ok(Event::WorkOrder { .. } | Event::ItemState { .. })
-                        | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                            tokio::time::sleep(SETTLE).await;
+                        Ok(e) if !may_move_expiry(&e) => {}
+                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                            tokio::select! {
+                                _ = shutdown.cancelled() => return,
+                                _ = tokio::time::sleep(SETTLE) => {}
+                            }
                             events = events.resubscribe();
                             break;
                         }
-                        Ok(_) => {}
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                     },
                 }
@@ -76,7 +89,9 @@ impl Service {
         let after = expiry.after.as_millis() as i64;
         let notice = expiry.warn_before.as_millis() as i64;
         let now = now_ms();
-        let cached = self.query(work_orders::received).await?;
+        // Not through the fold: `received` reads the capture journal too, and a look
+        // must not fold a burst of captures the fold is waiting out.
+        let cached = self.inner.store.read(work_orders::received).await?;
         let mut next: Option<i64> = None;
         let mut due = |at: i64| next = Some(next.map_or(at, |n| n.min(at)));
         let mut expired = Vec::new();
