@@ -186,34 +186,19 @@ async fn export_days_are_local_days() {
             String::from_utf8(out.stdout).unwrap().trim().to_owned()
         };
         let (today, yesterday) = (date("now"), date("yesterday"));
-        let file = d.dir.path().join(format!("{tz}.jsonl"));
-        let run = fieldctl(
-            &d,
-            tz,
-            &[
-                "export",
-                file.to_str().unwrap(),
-                "--from",
-                &today,
-                "--to",
-                &today,
-            ],
-        );
+        let export_day = |day: &str| {
+            let file = d.dir.path().join(format!("{tz}-{day}.jsonl"));
+            let run = fieldctl(
+                &d,
+                tz,
+                &["export", file.to_str().unwrap(), "--from", day, "--to", day],
+            );
+            (file, run)
+        };
+        let (file, run) = export_day(&today);
         assert!(run.status.success(), "{tz}: {run:?}");
         assert_eq!(lines(&file)[0].id, record.id);
-        let file = d.dir.path().join(format!("{tz}-yesterday.jsonl"));
-        let run = fieldctl(
-            &d,
-            tz,
-            &[
-                "export",
-                file.to_str().unwrap(),
-                "--from",
-                &yesterday,
-                "--to",
-                &yesterday,
-            ],
-        );
+        let (_, run) = export_day(&yesterday);
         assert_eq!(run.status.code(), Some(1), "{tz}: {run:?}");
     }
 }

@@ -402,13 +402,7 @@ pub fn remove(conn: &Connection, id: &str) -> Result<Removal, DomainError> {
     else {
         return Ok(Removal::Unchanged);
     };
-    let pending: bool = conn.query_row(
-        "SELECT EXISTS(SELECT 1 FROM outbox WHERE work_order_id = ?1)
-             OR EXISTS(SELECT 1 FROM captures WHERE work_order_id = ?1)",
-        [id],
-        |r| r.get(0),
-    )?;
-    if pending {
+    if has_pending(conn, id)? {
         if withdrawn {
             return Ok(Removal::Unchanged);
         }
@@ -424,16 +418,18 @@ pub fn remove(conn: &Connection, id: &str) -> Result<Removal, DomainError> {
 /// Removes a work order from the cache unless changes of it still wait on the device;
 /// returns whether it went.
 pub fn remove_unless_pending(conn: &Connection, id: &str) -> Result<bool, DomainError> {
-    let pending: bool = conn.query_row(
-        "SELECT EXISTS(SELECT 1 FROM outbox WHERE work_order_id = ?1)
-             OR EXISTS(SELECT 1 FROM captures WHERE work_order_id = ?1)",
-        [id],
-        |r| r.get(0),
-    )?;
-    if pending {
-        return Ok(false);
-    }
-    Ok(remove(conn, id)? == Removal::Removed)
+    Ok(!has_pending(conn, id)? && remove(conn, id)? == Removal::Removed)
+}
+
+/// Whether changes of the work order still wait on the device: operations in the
+/// outbox, or captures not folded yet.
+fn has_pending(conn: &Connection, id: &str) -> Result<bool, DomainError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT EXISTS(SELECT 1 FROM outbox WHERE work_order_id = ?1)
+                 OR EXISTS(SELECT 1 FROM captures WHERE work_order_id = ?1)",
+        )?
+        .query_row([id], |r| r.get(0))?)
 }
 
 /// Removes the withdrawn work orders whose last waiting change has just been delivered

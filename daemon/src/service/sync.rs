@@ -845,7 +845,10 @@ impl Service {
     /// attachments are read again and checked against their SHA-256: one that fails is
     /// removed, and the next sync fetches it again. Returns (checked, refetched).
     pub async fn resync(&self) -> Result<(u32, u32), DomainError> {
-        self.change(|c| settings::want_full_state(c, true)).await?;
+        self.inner
+            .store
+            .write(|c| settings::want_full_state(c, true))
+            .await?;
         let named = self.inner.store.read(work_orders::attachments).await?;
         let files = self.store().attachments().clone();
         let (checked, refetched) = tokio::task::spawn_blocking(move || {

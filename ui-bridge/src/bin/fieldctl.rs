@@ -464,10 +464,10 @@ async fn run(cli: Cli, socket: PathBuf) -> Result<(), Failure> {
                 "diagnostics": report,
                 "journal": journal,
             });
-            write_new_file(&file, |out| {
-                serde_json::to_writer_pretty(&mut *out, &bundle).map_err(std::io::Error::other)?;
-                std::io::Write::write_all(out, b"\n")
-            })?;
+            let mut out = NewFile::create(&file)?;
+            serde_json::to_writer_pretty(&mut out.out, &bundle).map_err(|e| out.failed(e))?;
+            std::io::Write::write_all(&mut out.out, b"\n").map_err(|e| out.failed(e))?;
+            out.finish()?;
             print(
                 json,
                 &serde_json::json!({"path": file, "recent_problems": problems}),
@@ -607,30 +607,49 @@ fn journal_of_daemon(lines: u32) -> (serde_json::Value, String) {
     }
 }
 
-/// Creates `file`, which must not exist, and writes it whole with `write`, durably; a
-/// file an error left half-written is removed.
-fn write_new_file(
-    file: &std::path::Path,
-    write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>,
-) -> Result<(), Failure> {
-    use std::io::Write;
-    let created = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(file)
-        .map_err(|e| Failure::Local(format!("cannot create {}: {e}", file.display())))?;
-    let mut out = std::io::BufWriter::new(created);
-    let result = write(&mut out)
-        .and_then(|_| out.flush())
-        .and_then(|_| out.get_ref().sync_all());
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(file);
-        return Err(Failure::Local(format!(
-            "cannot write {}: {e}",
-            file.display()
-        )));
+/// A file this run creates, which must not exist yet. Until [`NewFile::finish`] has
+/// made it whole and durable, dropping it removes it: a file that exists is complete.
+struct NewFile<'a> {
+    path: &'a std::path::Path,
+    out: std::io::BufWriter<std::fs::File>,
+    done: bool,
+}
+
+impl<'a> NewFile<'a> {
+    fn create(path: &'a std::path::Path) -> Result<NewFile<'a>, Failure> {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| Failure::Local(format!("cannot create {}: {e}", path.display())))?;
+        Ok(NewFile {
+            path,
+            out: std::io::BufWriter::new(file),
+            done: false,
+        })
     }
-    Ok(())
+
+    fn failed(&self, e: impl std::fmt::Display) -> Failure {
+        Failure::Local(format!("cannot write {}: {e}", self.path.display()))
+    }
+
+    fn finish(mut self) -> Result<(), Failure> {
+        use std::io::Write;
+        self.out
+            .flush()
+            .and_then(|_| self.out.get_ref().sync_all())
+            .map_err(|e| self.failed(e))?;
+        self.done = true;
+        Ok(())
+    }
+}
+
+impl Drop for NewFile<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_file(self.path);
+        }
+    }
 }
 
 #[derive(Default)]
@@ -659,41 +678,26 @@ async fn export(
             file.display()
         )));
     }
-    let out = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(file)
-        .map_err(|e| Failure::Local(format!("cannot create {}: {e}", file.display())))?;
-    let mut out = std::io::BufWriter::new(out);
+    let mut out = NewFile::create(file)?;
     let mut counts = ExportCounts::default();
-    let result: Result<(), Failure> = async {
-        loop {
-            for item in &items {
-                let line = serde_json::to_string(item)
-                    .map_err(|e| Failure::Local(format!("cannot encode item {}: {e}", item.id)))?;
-                writeln!(out, "{line}")
-                    .map_err(|e| Failure::Local(format!("cannot write {}: {e}", file.display())))?;
-                counts.items += 1;
-                if item.kind.is_record() {
-                    counts.records += 1;
-                } else if item.kind == ItemKind::Photo {
-                    counts.photos += 1;
-                }
+    loop {
+        for item in &items {
+            let line = serde_json::to_string(item)
+                .map_err(|e| Failure::Local(format!("cannot encode item {}: {e}", item.id)))?;
+            writeln!(out.out, "{line}").map_err(|e| out.failed(e))?;
+            counts.items += 1;
+            if item.kind.is_record() {
+                counts.records += 1;
+            } else if item.kind == ItemKind::Photo {
+                counts.photos += 1;
             }
-            let Some(after) = next.take() else { break };
-            (items, next) = client
-                .export_page(since, until, Some(after), Some(PAGE))
-                .await?;
         }
-        out.flush()
-            .and_then(|_| out.get_ref().sync_all())
-            .map_err(|e| Failure::Local(format!("cannot write {}: {e}", file.display())))
+        let Some(after) = next.take() else { break };
+        (items, next) = client
+            .export_page(since, until, Some(after), Some(PAGE))
+            .await?;
     }
-    .await;
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(file);
-        return Err(e);
-    }
+    out.finish()?;
     Ok(counts)
 }
 
@@ -737,7 +741,7 @@ fn instant_ms(s: &str, edge: Edge) -> Result<i64, String> {
     Ok(match edge {
         Edge::Start => start,
         // mktime carries day 32 into the next month, and so on.
-        Edge::End => local_midnight_normalized(year, month, day + 1).ok_or_else(bad)?,
+        Edge::End => mktime(year, month, day + 1).ok_or_else(bad)?.0,
     })
 }
 
@@ -746,10 +750,6 @@ fn local_midnight(year: i32, month: i32, day: i32) -> Option<i64> {
     let (ms, tm) = mktime(year, month, day)?;
     // mktime carries 2026-02-30 over to March: such a day does not exist.
     (tm.tm_year == year - 1900 && tm.tm_mon == month - 1 && tm.tm_mday == day).then_some(ms)
-}
-
-fn local_midnight_normalized(year: i32, month: i32, day: i32) -> Option<i64> {
-    mktime(year, month, day).map(|(ms, _)| ms)
 }
 
 /// The C library's own reading of the local time zone (TZ, /etc/localtime), so that a
