@@ -55,6 +55,10 @@ async fn work_orders_expire_after_a_warning_but_not_while_their_work_waits() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let wo2 = c.work_order("WO-2").await.unwrap();
     assert!(wo2.items.iter().any(|i| i.id == record.id));
+    assert!(
+        !wo2.summary.withdrawn,
+        "kept as it is for the inspector, not shown as cancelled"
+    );
     assert_eq!(c.status().await.unwrap().unsent, 1);
 
     // Once nothing of it waits (here the record is deleted before it went), it goes.
