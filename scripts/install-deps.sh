@@ -80,6 +80,8 @@ if [ "$demo_only" -eq 0 ]; then
     need systemd-socket-activate systemd
     need mosquitto_pub mosquitto-clients
     need openssl openssl
+    # The expiry's tests set the daemon's wall clock as NTP would, under libfaketime.
+    need faketime faketime
     /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
     # The link watcher's tests: a private dbus-daemon with NetworkManager and ModemManager
     # played by python-dbusmock under Debian's own Python (tests/src/netmock.rs).

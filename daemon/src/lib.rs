@@ -1,6 +1,7 @@
 //! fieldsyncd: keeps an inspection handheld useful with no signal.
 //!
 //! - [`config`]: settings from TOML and drop-ins, validated once.
+//! - [`clock`]: stamps of the wall clock that survive its being set.
 //! - [`store`]: SQLite (WAL, full sync, group commit) and photo files.
 //! - [`domain`]: work orders, records, photos, stages, and the outbox.
 //! - [`service`]: protocol requests turned into store transactions and events.
@@ -12,6 +13,7 @@
 //! - [`systemd`], [`logging`]: the service's glue to its host.
 
 pub mod bridge;
+pub mod clock;
 pub mod config;
 pub mod domain;
 pub mod link;

@@ -97,6 +97,28 @@ pub fn system_program(name: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(name))
 }
 
+/// The environment that runs a program under libfaketime with its wall clock read
+/// from `file` ("-365d", "+0"), re-read at every call so that a test can set the clock
+/// while the program runs. Only the wall clock is faked: timers and the time since boot
+/// stay the kernel's, as when NTP sets a real clock.
+pub fn faketime_env(file: &Path) -> Vec<(String, String)> {
+    let library = std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("faketime/libfaketimeMT.so.1"))
+        .find(|p| p.is_file())
+        .expect("libfaketime (scripts/install-deps.sh installs faketime)");
+    [
+        ("LD_PRELOAD", library.display().to_string()),
+        ("FAKETIME_TIMESTAMP_FILE", file.display().to_string()),
+        ("FAKETIME_NO_CACHE", "1".into()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".into()),
+    ]
+    .map(|(k, v)| (k.to_owned(), v))
+    .to_vec()
+}
+
 /// A copy of `binary` in `dir` (which the caller opened to others), for a test that runs
 /// it as another user: the build folder may sit in a home only its owner can enter.
 pub fn copy_for_anyone(binary: &Path, dir: &Path) -> PathBuf {

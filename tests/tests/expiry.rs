@@ -66,3 +66,87 @@ async fn work_orders_expire_after_a_warning_but_not_while_their_work_waits() {
     wait_for(&mut watcher, &d, "WO-2", WorkOrderChange::Removed).await;
     assert!(c.work_orders().await.unwrap().is_empty(), "{}", d.log());
 }
+
+fn expiry_options(age_secs: u64, env: Vec<(String, String)>) -> Options {
+    Options {
+        sync: format!(
+            "{}[work_orders]\nexpire_after_secs = {age_secs}\nwarn_before_secs = 60\n",
+            Options::default().sync
+        ),
+        env,
+        ..Options::default()
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// A handheld whose clock was a year behind when its work orders came, set right by NTP
+/// since: their age counts from when they came, not from the stale stamp, while the
+/// daemon runs and after it restarts.
+#[tokio::test]
+async fn a_clock_set_after_work_orders_came_does_not_age_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = dir.path().join("clock");
+    std::fs::write(&clock, "-365d\n").unwrap();
+    let hour = 3_600_000;
+    let mut d = Daemon::start_with(expiry_options(3600, fieldsync_tests::faketime_env(&clock)));
+    let mut c = d.client().await;
+    let stale = c.work_orders().await.unwrap();
+    assert_eq!(stale.len(), 2);
+    assert!(
+        stale[0].received_ms < now_ms() - 300 * 24 * hour,
+        "the daemon's clock is a year behind: {stale:?}"
+    );
+
+    std::fs::write(&clock, "+0\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for w in c.work_orders().await.unwrap() {
+        assert!((w.received_ms - now_ms()).abs() < 60_000, "{w:?}");
+        assert_eq!(w.expires_ms, Some(w.received_ms + hour));
+    }
+
+    // A restart in the same boot looks at once: a year-old stamp would expire now.
+    d.restart();
+    let mut c = d.client().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let list = c.work_orders().await.unwrap();
+    assert_eq!(list.len(), 2, "{}", d.log());
+    for w in &list {
+        assert!((w.received_ms - now_ms()).abs() < 60_000, "{w:?}");
+    }
+    // And the corrected arrival is what the store keeps.
+    let kept: i64 = d
+        .db()
+        .query_row("SELECT min(received_ms) FROM work_orders", [], |r| r.get(0))
+        .unwrap();
+    assert!((kept - now_ms()).abs() < 60_000, "{kept}");
+}
+
+/// Work orders stamped in an earlier boot by a clock never set (1970) count their age
+/// from the first look once the clock is right, instead of expiring at once.
+#[tokio::test]
+async fn work_orders_stamped_by_an_unset_clock_count_from_when_it_was_set() {
+    let mut d = Daemon::start_with(expiry_options(3600, Vec::new()));
+    d.client().await.work_orders().await.unwrap();
+    d.stop();
+    d.db()
+        .execute(
+            "UPDATE work_orders SET received_ms = 86400000, received_boot = 'an earlier boot'",
+            [],
+        )
+        .unwrap();
+    d.spawn();
+    let mut c = d.client().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let list = c.work_orders().await.unwrap();
+    assert_eq!(list.len(), 2, "{}", d.log());
+    for w in &list {
+        assert!((w.received_ms - now_ms()).abs() < 60_000, "{w:?}");
+        assert_eq!(w.expires_ms, Some(w.received_ms + 3_600_000));
+    }
+}

@@ -10,7 +10,7 @@ use ui_bridge::{
 use super::items::{insert_item, load_items_of};
 use super::outbox::{self, Action};
 use super::{next_stage, DomainError};
-use crate::store::now_ms;
+use crate::clock::Stamp;
 
 /// A work order as the dispatcher sends it. Fields this version does not know are
 /// ignored, so that a newer back office can add some without breaking older devices.
@@ -140,10 +140,23 @@ fn store_doc(
         .map_err(|e| DomainError::InvalidWorkOrder(e.to_string()))?;
     match existing {
         None => {
+            let at = Stamp::now();
             conn.execute(
-                "INSERT INTO work_orders (id, version, title, stage, workflow, scheduled_for, doc, received_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![doc.id, doc.version, doc.title, doc.stage, workflow, doc.scheduled_for, doc_json, now_ms()],
+                "INSERT INTO work_orders (id, version, title, stage, workflow, scheduled_for, doc,
+                                          received_ms, received_boot, received_since_boot_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                params![
+                    doc.id,
+                    doc.version,
+                    doc.title,
+                    doc.stage,
+                    workflow,
+                    doc.scheduled_for,
+                    doc_json,
+                    at.wall_ms,
+                    at.boot,
+                    at.since_boot_ms
+                ],
             )?;
             Ok(Some(WorkOrderChange::Added))
         }
@@ -171,10 +184,12 @@ fn store_doc(
             } else {
                 &doc.stage
             };
+            let at = Stamp::now();
             conn.execute(
                 "UPDATE work_orders SET version = ?2, title = ?3, stage = ?4, workflow = ?5,
                         scheduled_for = ?6, doc = ?7, received_ms = ?8,
-                        withdrawn = withdrawn AND NOT ?9
+                        withdrawn = withdrawn AND NOT ?9,
+                        received_boot = ?10, received_since_boot_ms = ?11
                  WHERE id = ?1",
                 params![
                     doc.id,
@@ -184,8 +199,10 @@ fn store_doc(
                     workflow,
                     doc.scheduled_for,
                     doc_json,
-                    now_ms(),
-                    assigned_again
+                    at.wall_ms,
+                    assigned_again,
+                    at.boot,
+                    at.since_boot_ms
                 ],
             )?;
             Ok(Some(WorkOrderChange::Changed))
@@ -206,7 +223,7 @@ struct Row {
     scheduled_for: Option<String>,
     doc: String,
     withdrawn: bool,
-    received_ms: i64,
+    received: Stamp,
 }
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
@@ -220,12 +237,16 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
         scheduled_for: r.get(5)?,
         doc: r.get(6)?,
         withdrawn: r.get(7)?,
-        received_ms: r.get(8)?,
+        received: Stamp {
+            wall_ms: r.get(8)?,
+            boot: r.get(9)?,
+            since_boot_ms: r.get(10)?,
+        },
     })
 }
 
-const COLUMNS: &str =
-    "id, version, title, stage, workflow, scheduled_for, doc, withdrawn, received_ms";
+const COLUMNS: &str = "id, version, title, stage, workflow, scheduled_for, doc, withdrawn,
+     received_ms, received_boot, received_since_boot_ms";
 
 fn summary(conn: &Connection, row: &Row) -> Result<WorkOrderSummary, DomainError> {
     let unsent: i64 = conn.query_row(
@@ -242,25 +263,55 @@ fn summary(conn: &Connection, row: &Row) -> Result<WorkOrderSummary, DomainError
         scheduled_for: row.scheduled_for.clone(),
         unsent: unsent as u64,
         withdrawn: row.withdrawn,
-        received_ms: row.received_ms,
+        // As the clock reads now, should it have been set since (crate::clock).
+        received_ms: row.received.wall_now().unwrap_or(row.received.wall_ms),
         // The service knows the administrator's expiry.
         expires_ms: None,
     })
 }
 
-/// The cached work orders that are not withdrawn: id, when received (the last version
-/// that arrived), and whether changes of theirs still wait on the device.
-pub fn received(conn: &Connection) -> Result<Vec<(String, i64, bool)>, DomainError> {
+/// A cached work order as its expiry sees it.
+pub struct Received {
+    pub id: String,
+    /// When its last version arrived.
+    pub at: Stamp,
+    /// Whether changes of it still wait on the device.
+    pub pending: bool,
+}
+
+/// The cached work orders that are not withdrawn.
+pub fn received(conn: &Connection) -> Result<Vec<Received>, DomainError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT id, received_ms,
+        "SELECT id, received_ms, received_boot, received_since_boot_ms,
                 EXISTS(SELECT 1 FROM outbox WHERE outbox.work_order_id = work_orders.id)
              OR EXISTS(SELECT 1 FROM captures WHERE captures.work_order_id = work_orders.id)
          FROM work_orders WHERE withdrawn = 0",
     )?;
     let rows = stmt
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .query_map([], |r| {
+            Ok(Received {
+                id: r.get(0)?,
+                at: Stamp {
+                    wall_ms: r.get(1)?,
+                    boot: r.get(2)?,
+                    since_boot_ms: r.get(3)?,
+                },
+                pending: r.get(4)?,
+            })
+        })?
         .collect::<Result<_, _>>()?;
     Ok(rows)
+}
+
+/// Writes down when a work order arrived, as the clock now says it did, unless its
+/// last version arrived since `was_ms`.
+pub fn restamp(conn: &Connection, id: &str, was_ms: i64, at: &Stamp) -> Result<(), DomainError> {
+    conn.execute(
+        "UPDATE work_orders SET received_ms = ?3, received_boot = ?4, received_since_boot_ms = ?5
+         WHERE id = ?1 AND received_ms = ?2",
+        params![id, was_ms, at.wall_ms, at.boot, at.since_boot_ms],
+    )?;
+    Ok(())
 }
 
 pub fn list(conn: &Connection) -> Result<Vec<WorkOrderSummary>, DomainError> {

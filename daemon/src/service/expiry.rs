@@ -5,7 +5,13 @@
 //!
 //! Nothing polls: the task sleeps until the next warning or expiry is due, and looks
 //! again when a work order changes or an item's change leaves the device (a push, a
-//! delivery, a delete).
+//! delivery, a delete). Only a wall clock that has not been set yet is looked at once
+//! a minute.
+//!
+//! The age counts from when the work order came as the clock reads once it is right:
+//! one that came before NTP or the modem set the clock is not older by the step
+//! (`crate::clock`), and one stamped by a clock never set, in an earlier boot, counts
+//! from the first look after the clock was set.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -14,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use ui_bridge::{Event, SyncState, WorkOrderChange};
 
 use super::Service;
+use crate::clock::{self, Stamp};
 use crate::config::Expiry;
 use crate::domain::{work_orders, DomainError};
 use crate::store::now_ms;
@@ -22,6 +29,8 @@ use crate::store::now_ms;
 const SETTLE: Duration = Duration::from_millis(500);
 /// After a failed look (the store busy or failing), the next one.
 const RETRY: Duration = Duration::from_secs(60);
+/// While the wall clock has not been set, the next look.
+const CLOCK_UNSET: Duration = Duration::from_secs(60);
 /// With nothing due, only a change wakes the task; this is a look for good measure.
 const IDLE: Duration = Duration::from_secs(24 * 3600);
 
@@ -88,6 +97,10 @@ impl Service {
     ) -> Result<Option<i64>, DomainError> {
         let after = expiry.after.as_millis() as i64;
         let notice = expiry.warn_before.as_millis() as i64;
+        // A clock that has not been set would age nothing right: wait for it.
+        if !clock::is_set() {
+            return Ok(Some(now_ms() + CLOCK_UNSET.as_millis() as i64));
+        }
         let now = now_ms();
         // Not through the fold: `received` reads the capture journal too, and a look
         // must not fold a burst of captures the fold is waiting out.
@@ -95,7 +108,29 @@ impl Service {
         let mut next: Option<i64> = None;
         let mut due = |at: i64| next = Some(next.map_or(at, |n| n.min(at)));
         let mut expired = Vec::new();
-        for (id, received_ms, pending) in cached {
+        // Arrivals to write down as the clock now reads them: after it was set in this
+        // boot, or, stamped by a clock not yet set in another, as arriving now.
+        let mut restamped = Vec::new();
+        for work_orders::Received { id, at, pending } in cached {
+            let received_ms = match at.wall_now() {
+                Some(ms) if ms == at.wall_ms => ms,
+                Some(ms) => {
+                    tracing::info!(work_order_id = %id, was_ms = at.wall_ms, now_ms = ms, "the clock was set since the work order came: its age counts from when it came");
+                    let fixed = Stamp {
+                        wall_ms: ms,
+                        ..at.clone()
+                    };
+                    restamped.push((id.clone(), at.wall_ms, fixed));
+                    ms
+                }
+                None => {
+                    tracing::info!(work_order_id = %id, was_ms = at.wall_ms, "the work order came while the clock was not set: its age counts from now");
+                    let fixed = Stamp::now();
+                    let ms = fixed.wall_ms;
+                    restamped.push((id.clone(), at.wall_ms, fixed));
+                    ms
+                }
+            };
             let expires = received_ms.saturating_add(after);
             if now >= expires {
                 // What the inspector captured is never dropped: it waits for delivery,
@@ -118,6 +153,17 @@ impl Service {
             } else {
                 due(warn_at);
             }
+        }
+        if !restamped.is_empty() {
+            self.inner
+                .store
+                .write(move |c| {
+                    for (id, was_ms, at) in &restamped {
+                        work_orders::restamp(c, id, *was_ms, at)?;
+                    }
+                    Ok::<_, DomainError>(())
+                })
+                .await?;
         }
         if !expired.is_empty() {
             let removed = self

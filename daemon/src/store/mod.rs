@@ -512,8 +512,12 @@ impl Store {
     /// not taken for a clean one: the next start checks first and sets the file aside.
     pub fn check(&self) -> Result<(), StoreError> {
         let db = self.inner.state_dir.join(DB_FILE);
-        let result = Connection::open_with_flags(&db, OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .and_then(|c| quick_check(&c));
+        // A writer holding the log's index for a moment is no sign of damage: wait it out.
+        let result =
+            Connection::open_with_flags(&db, OpenFlags::SQLITE_OPEN_READ_ONLY).and_then(|c| {
+                c.busy_timeout(std::time::Duration::from_secs(5))?;
+                quick_check(&c)
+            });
         self.inner
             .suspect
             .store(result.is_err(), std::sync::atomic::Ordering::Release);

@@ -186,6 +186,12 @@ const MIGRATIONS: &[&str] = &[
     "
     ALTER TABLE items ADD COLUMN base_version INTEGER;
     ",
+    // 9: a work order's arrival also by the time since boot, so that the clock being set
+    // after it came (NTP, the modem) does not age it by the step (crate::clock).
+    "
+    ALTER TABLE work_orders ADD COLUMN received_boot TEXT;
+    ALTER TABLE work_orders ADD COLUMN received_since_boot_ms INTEGER;
+    ",
 ];
 
 /// Fails with [`StoreError::TooNew`] if the database at `path` was written by a newer
