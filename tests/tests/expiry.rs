@@ -85,6 +85,19 @@ fn now_ms() -> i64 {
         .as_millis() as i64
 }
 
+/// Once the daemon's first look after a start has had time to run: both work orders
+/// are still cached, as arrived about now, and expire `age_ms` after that.
+async fn assert_both_kept_from_now(d: &Daemon, age_ms: i64) {
+    let mut c = d.client().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let list = c.work_orders().await.unwrap();
+    assert_eq!(list.len(), 2, "{}", d.log());
+    for w in &list {
+        assert!((w.received_ms - now_ms()).abs() < 60_000, "{w:?}");
+        assert_eq!(w.expires_ms, Some(w.received_ms + age_ms));
+    }
+}
+
 /// A handheld whose clock was a year behind when its work orders came, set right by NTP
 /// since: their age counts from when they came, not from the stale stamp, while the
 /// daemon runs and after it restarts.
@@ -112,13 +125,7 @@ async fn a_clock_set_after_work_orders_came_does_not_age_them() {
 
     // A restart in the same boot looks at once: a year-old stamp would expire now.
     d.restart();
-    let mut c = d.client().await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let list = c.work_orders().await.unwrap();
-    assert_eq!(list.len(), 2, "{}", d.log());
-    for w in &list {
-        assert!((w.received_ms - now_ms()).abs() < 60_000, "{w:?}");
-    }
+    assert_both_kept_from_now(&d, hour).await;
     // And the corrected arrival is what the store keeps.
     let kept: i64 = d
         .db()
@@ -141,12 +148,5 @@ async fn work_orders_stamped_by_an_unset_clock_count_from_when_it_was_set() {
         )
         .unwrap();
     d.spawn();
-    let mut c = d.client().await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let list = c.work_orders().await.unwrap();
-    assert_eq!(list.len(), 2, "{}", d.log());
-    for w in &list {
-        assert!((w.received_ms - now_ms()).abs() < 60_000, "{w:?}");
-        assert_eq!(w.expires_ms, Some(w.received_ms + 3_600_000));
-    }
+    assert_both_kept_from_now(&d, 3_600_000).await;
 }
